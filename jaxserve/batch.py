@@ -1,0 +1,33 @@
+"""Batch: the scheduler's decision for one step, host-side numpy, unpadded (runner.py pads to buckets).
+
+Produced by Scheduler.schedule(), consumed by ModelRunner.execute() and Scheduler.update().
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from jaxserve.request import Sequence
+
+
+@dataclass
+class Batch:
+    seqs: list[Sequence]  # B scheduled sequences; row b of every per-sequence array
+    token_ids: np.ndarray  # i32[T] new tokens of all sequences, concatenated in seqs order
+    positions: np.ndarray  # i32[T] absolute position of each new token
+    slot_mapping: np.ndarray  # i32[T] page*page_size+offset for each new token's K/V
+    cu_q_lens: np.ndarray  # i32[B+1] cumulative new-token counts
+    kv_lens: np.ndarray  # i32[B] context length after this step (num_computed_tokens + new)
+    page_table: np.ndarray  # i32[B, M] page ids, M = max pages of any scheduled seq; pad 0
+    sample_mask: np.ndarray  # bool[B] True if the seq's last new token completes its prompt/decodes
+    num_prefill_tokens: int  # tokens belonging to prompt chunks (for stats)
+    num_decode_tokens: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_ids.shape[0])

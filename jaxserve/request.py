@@ -1,0 +1,68 @@
+"""Host-side request state: one Sequence per generated completion (n > 1 gives n sequences).
+
+Plain Python and numpy only; the scheduler and the engine's output path share these objects.
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from jaxserve.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_seq_counter = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One completion being generated. Identity semantics (eq=False): used as dict keys."""
+
+    request_id: str
+    index: int  # which of the request's n completions
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: frozenset[int] = frozenset()
+    arrival_time: float = field(default_factory=time.monotonic)
+    seq_id: int = field(default_factory=lambda: next(_seq_counter))
+    output_token_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # the stop token id or string that ended it
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache (prefix hits included)
+    page_ids: list[int] = field(default_factory=list)  # this sequence's page table
+    num_cached_prompt_tokens: int = 0  # prefix-cache hits at the last admission
+    # For n > 1: sequences with index > 0 wait until the first finished its prompt, so they find
+    # its full pages in the prefix cache instead of recomputing them.
+    parent: "Sequence | None" = None
+    # Filled by the engine's output path (not the scheduler):
+    logprobs: list = field(default_factory=list)  # per output token: {token_id: logprob}
+    prompt_logprobs: list = field(default_factory=list)  # per prompt token: None | {token_id: logprob}
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    @property
+    def in_prefill(self) -> bool:
+        """True while part of the prompt has not been computed yet."""
+        return self.num_computed_tokens < self.num_prompt_tokens

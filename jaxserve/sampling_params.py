@@ -1,0 +1,81 @@
+"""SamplingParams: what a request asks of the sampler and of the stop checks (vLLM's names)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(kw_only=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top logprobs per output token (plus the sampled one)
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    spaces_between_special_tokens: bool = True
+    stop_strings: tuple[str, ...] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if self.top_k == -1:
+            self.top_k = 0
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop_strings = tuple(self.stop or ())
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self._validate()
+
+    def _validate(self):
+        checks = [
+            (isinstance(self.n, int) and self.n >= 1, f"n must be an int >= 1, got {self.n=}"),
+            (self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature=}"),
+            (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p=}"),
+            (isinstance(self.top_k, int) and self.top_k >= 0,
+             f"top_k must be -1, 0 or a positive int, got {self.top_k=}"),
+            (0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p=}"),
+            (-2.0 <= self.presence_penalty <= 2.0,
+             f"presence_penalty must be in [-2, 2], got {self.presence_penalty=}"),
+            (-2.0 <= self.frequency_penalty <= 2.0,
+             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty=}"),
+            (self.repetition_penalty > 0.0,
+             f"repetition_penalty must be > 0, got {self.repetition_penalty=}"),
+            (self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+             f"max_tokens must be an int >= 1, got {self.max_tokens=}"),
+            (isinstance(self.min_tokens, int) and self.min_tokens >= 0,
+             f"min_tokens must be an int >= 0, got {self.min_tokens=}"),
+            (self.max_tokens is None or self.min_tokens <= self.max_tokens,
+             f"min_tokens must be <= max_tokens, got {self.min_tokens=}, {self.max_tokens=}"),
+            (self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0),
+             f"logprobs must be an int >= 0, got {self.logprobs=}"),
+            (self.prompt_logprobs is None
+             or (isinstance(self.prompt_logprobs, int) and self.prompt_logprobs >= 0),
+             f"prompt_logprobs must be an int >= 0, got {self.prompt_logprobs=}"),
+            (all(isinstance(s, str) and s for s in self.stop_strings),
+             f"stop must be non-empty strings, got {self.stop=}"),
+            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+             f"stop_token_ids must be ints >= 0, got {self.stop_token_ids=}"),
+            (self.seed is None or isinstance(self.seed, int), f"seed must be an int, got {self.seed=}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def uses_penalties(self) -> bool:
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)

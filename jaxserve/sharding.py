@@ -1,0 +1,77 @@
+"""Mesh and logical-axis sharding rules: the ONLY module that names mesh axes.
+
+Logical axis names used by models/ and kv_cache (documented here):
+  batch     sequences in a step                 tokens   flattened ragged tokens (T)
+  embed     model width D                       q_heads  query heads N
+  kv_heads  key/value heads K                   head_dim per-head width H
+  ffw       MLP hidden width F                  vocab    vocabulary V
+  pages     KV pages P                          page_slot slots in a page S
+  layers    decoder layers L                    norm     norm scales (replicated)
+Mesh axes: "data" (replicas, unused by the engine so far) and "model" (tensor parallelism).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardingRules:
+    """Logical axis -> mesh axis (None = replicated). Tensor parallelism splits heads and ffw."""
+
+    batch: str | None = None
+    tokens: str | None = None
+    embed: str | None = None
+    q_heads: str | None = "model"
+    kv_heads: str | None = "model"
+    head_dim: str | None = None
+    ffw: str | None = "model"
+    vocab: str | None = "model"
+    pages: str | None = None
+    page_slot: str | None = None
+    layers: str | None = None
+    norm: str | None = None
+
+    def as_pairs(self) -> tuple[tuple[str, str | None], ...]:
+        return tuple((k, getattr(self, k)) for k in self.__dataclass_fields__)
+
+
+def make_mesh(tensor_parallel_size: int, devices=None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    if tensor_parallel_size > len(devices):
+        raise ValueError(f"{tensor_parallel_size=} exceeds the {len(devices)} available devices")
+    grid = np.array(devices[:tensor_parallel_size]).reshape(1, tensor_parallel_size)
+    return Mesh(grid, ("data", "model"))
+
+
+def logical_to_spec(names: tuple[str | None, ...], rules: ShardingRules) -> PartitionSpec:
+    """Map logical axis names to a PartitionSpec; two dims on one mesh axis is an error."""
+    axes, used = [], set()
+    for name in names:
+        axis = None if name is None else getattr(rules, name)
+        if axis is not None and axis in used:
+            raise ValueError(f"mesh axis {axis!r} used twice in {names=}")
+        if axis is not None:
+            used.add(axis)
+        axes.append(axis)
+    return PartitionSpec(*axes)
+
+
+def named_sharding(mesh: Mesh, names: tuple[str | None, ...], rules: ShardingRules) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(names, rules))
+
+
+def kv_cache_sharding(mesh: Mesh, rules: ShardingRules) -> NamedSharding:
+    """Pages [P, S, K, H] split by kv heads."""
+    return named_sharding(mesh, ("pages", "page_slot", "kv_heads", "head_dim"), rules)
+
+
+def shard(x: jax.Array, *names: str | None) -> jax.Array:
+    """Constrain an activation's sharding by logical names; a no-op outside a mesh context."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, ShardingRules()))
