@@ -1,0 +1,55 @@
+"""Incremental detokenization: new text per step, never splitting a multi-byte UTF-8 character.
+
+Decodes a short window of recent tokens instead of the whole output each step (vLLM's prefix/read
+offsets): the text of tokens[prefix:read] is already emitted; tokens[prefix:] decoded minus that gives
+the new text, held back while it ends in an incomplete character (U+FFFD).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Prompt tokens decoded before the first output token, so space-merging tokenizers see context.
+_CONTEXT_TOKENS = 5
+
+
+@dataclass
+class DetokenizerState:
+    text: str = ""
+    prefix_offset: int = 0
+    read_offset: int = 0
+    tokens: list[int] = field(default_factory=list)
+    consumed: int = 0  # output tokens fed so far
+    stop_checked: int = 0  # text length already searched for stop strings
+
+
+class Detokenizer:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.vocab_len = len(tokenizer)
+
+    def _clamp(self, ids: list[int]) -> list[int]:
+        """Dummy-weight models may emit ids the stand-in tokenizer lacks: fold them into range."""
+        return [i if i < self.vocab_len else i % self.vocab_len for i in ids]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(self._clamp(ids), skip_special_tokens=skip_special_tokens)
+
+    def start(self, prompt_ids: list[int]) -> DetokenizerState:
+        """Seed the window with the prompt's tail so the first output token decodes in context."""
+        tail = self._clamp(prompt_ids[-_CONTEXT_TOKENS:])
+        return DetokenizerState(tokens=list(tail), prefix_offset=0, read_offset=len(tail))
+
+    def step(self, state: DetokenizerState, new_ids: list[int], skip_special_tokens: bool) -> str:
+        """Append new_ids; return the newly complete text (may be "")."""
+        state.tokens.extend(self._clamp(new_ids))
+        state.consumed += len(new_ids)
+        prefix_text = self.tokenizer.decode(state.tokens[state.prefix_offset:state.read_offset],
+                                            skip_special_tokens=skip_special_tokens)
+        full_text = self.tokenizer.decode(state.tokens[state.prefix_offset:],
+                                          skip_special_tokens=skip_special_tokens)
+        if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
+            return ""  # nothing new yet, or an incomplete UTF-8 character: wait for more tokens
+        new = full_text[len(prefix_text):]
+        state.prefix_offset, state.read_offset = state.read_offset, len(state.tokens)
+        state.text += new
+        return new

@@ -1,0 +1,249 @@
+"""LLMEngine: add_request / step / abort_request over the scheduler and the model runner.
+
+step() is schedule -> execute -> update, then output processing (detokenize, stop strings, logprobs).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from jaxserve.config import EngineConfig
+from jaxserve.detokenizer import Detokenizer, DetokenizerState
+from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxserve.request import Sequence
+from jaxserve.sampling_params import SamplingParams
+from jaxserve.scheduler import Scheduler
+
+logger = logging.getLogger("jaxserve")
+
+
+@dataclass
+class _RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detok: list[DetokenizerState]
+    arrival_time: float
+    first_token_time: float | None = None
+    emitted_text_len: list[int] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        from jaxserve.startup import build_engine_parts  # imports jax; keeps this module light
+
+        self.config = config
+        start = time.perf_counter()
+        parts = build_engine_parts(config)
+        self.model_config = parts.model_config
+        self.model_name = parts.model_name
+        self.tokenizer = parts.tokenizer
+        self.chat_template = parts.chat_template
+        self.eos_token_ids = parts.eos_token_ids
+        self.max_model_len = parts.max_model_len
+        self.runner = parts.runner
+        self.num_kv_pages = parts.num_kv_pages
+        self.scheduler = Scheduler(
+            num_pages=parts.num_kv_pages, page_size=config.page_size,
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len, enable_prefix_caching=config.enable_prefix_caching)
+        self.detokenizer = Detokenizer(self.tokenizer)
+        self._requests: dict[str, _RequestState] = {}
+        self._rng = np.random.default_rng(config.seed)
+        self.startup_seconds = time.perf_counter() - start
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
+
+    # ---- requests ------------------------------------------------------------------------------
+    def tokenize(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+
+    def add_request(self, request_id: str, prompt: str | list[int] | dict,
+                    params: SamplingParams | None = None, arrival_time: float | None = None) -> None:
+        """Validate and queue a request; raises ValueError (and queues nothing) on bad input."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        if request_id in self._requests:
+            raise ValueError(f"{request_id=} is already in use")
+        text, ids = self._prompt_ids(prompt)
+        self._validate_prompt(ids, params)
+        if params.max_tokens is None:
+            params = dataclasses.replace(params, max_tokens=max(1, self.max_model_len - len(ids)))
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        seqs = []
+        for i in range(params.n):
+            seq = Sequence(request_id=request_id, index=i, prompt_token_ids=list(ids), params=params,
+                           eos_token_ids=self.eos_token_ids, arrival_time=arrival,
+                           parent=seqs[0] if seqs else None)
+            seq.sampling_seed = self._sampling_seed(params, i)
+            seqs.append(seq)
+        state = _RequestState(request_id, text, list(ids), params, seqs,
+                              [self.detokenizer.start(ids) for _ in seqs], arrival,
+                              emitted_text_len=[0] * len(seqs))
+        self._requests[request_id] = state
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), self._check_ids(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return prompt["prompt"], self.tokenize(prompt["prompt"])
+            raise ValueError(f"prompt dict needs 'prompt' or 'prompt_token_ids', got {sorted(prompt)}")
+        if isinstance(prompt, str):
+            return prompt, self.tokenize(prompt)
+        if isinstance(prompt, (list, tuple, np.ndarray)):
+            return None, self._check_ids(prompt)
+        raise ValueError(f"prompt must be a str, a list of token ids or a dict, got {type(prompt)}")
+
+    def _check_ids(self, ids) -> list[int]:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {self.model_config.vocab_size}): "
+                             f"{bad[:5]}")
+        return ids
+
+    def _validate_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError("the prompt is empty (0 tokens)")
+        if len(ids) > self.max_model_len:
+            raise ValueError(f"prompt length {len(ids)} exceeds max_model_len={self.max_model_len}")
+        pages_needed = -(-min(len(ids) + (params.max_tokens or 1), self.max_model_len)
+                         // self.config.page_size)
+        if pages_needed > self.num_kv_pages:
+            raise ValueError(f"request needs {pages_needed} KV pages but the pool has "
+                             f"num_kv_pages={self.num_kv_pages}")
+        limit = self.config.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > limit:
+                raise ValueError(f"{name}={value} exceeds max_logprobs={limit}")
+
+    def _sampling_seed(self, params: SamplingParams, index: int) -> int:
+        if params.seed is None:
+            return int(self._rng.integers(0, 2**32))
+        return int(np.random.default_rng([params.seed & 0xFFFFFFFF, index]).integers(0, 2**32))
+
+    def abort_request(self, request_id: str | list[str]) -> None:
+        for rid in [request_id] if isinstance(request_id, str) else request_id:
+            if self._requests.pop(rid, None) is not None:
+                self.scheduler.abort(rid)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._requests)
+
+    # ---- the step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        out = self.runner.execute(batch)
+        touched = self.scheduler.update(batch, out.token_ids)
+        self.stats["steps"] += 1
+        self.stats["prompt_tokens"] += batch.num_prefill_tokens
+        self._record_logprobs(batch, out)
+        return self._process_outputs(touched)
+
+    def _record_logprobs(self, batch, out) -> None:
+        for b, seq in enumerate(batch.seqs):
+            if seq.params.logprobs is not None and batch.sample_mask[b]:
+                k = seq.params.logprobs
+                entry = {int(t): Logprob(float(lp), r + 1) for r, (t, lp) in
+                         enumerate(zip(out.top_ids[b, :k], out.top_logprobs[b, :k]))}
+                token = int(out.token_ids[b])
+                if token not in entry:
+                    rank = int((out.top_logprobs[b] > out.logprobs[b]).sum()) + 1
+                    entry[token] = Logprob(float(out.logprobs[b]), rank)
+                seq.logprobs.append((token, float(out.logprobs[b]), entry))
+            if out.prompt_logprobs is not None and seq.params.prompt_logprobs is not None:
+                self._record_prompt_logprobs(batch, b, seq, out)
+
+    @staticmethod
+    def _record_prompt_logprobs(batch, b, seq, out) -> None:
+        k = seq.params.prompt_logprobs
+        if not seq.prompt_logprobs:
+            seq.prompt_logprobs.append(None)  # the first prompt token has no logprob
+        for t in range(batch.cu_q_lens[b], batch.cu_q_lens[b + 1]):
+            nxt = int(batch.positions[t]) + 1
+            if nxt >= seq.num_prompt_tokens or len(seq.prompt_logprobs) > nxt:
+                continue
+            token = seq.prompt_token_ids[nxt]
+            entry = {int(i): Logprob(float(lp), r + 1) for r, (i, lp) in
+                     enumerate(zip(out.prompt_top_ids[t, :k], out.prompt_top_logprobs[t, :k]))}
+            entry.setdefault(token, Logprob(float(out.prompt_logprobs[t]), None))
+            seq.prompt_logprobs.append(entry)
+
+    def _process_outputs(self, touched: list[Sequence]) -> list[RequestOutput]:
+        now = time.monotonic()
+        changed: dict[str, _RequestState] = {}
+        for seq in touched:
+            state = self._requests.get(seq.request_id)
+            if state is None:
+                continue
+            if seq.output_token_ids and state.first_token_time is None:
+                state.first_token_time = now
+            self._detokenize(state, seq)
+            changed[seq.request_id] = state
+        outputs = []
+        for rid, state in changed.items():
+            outputs.append(self._request_output(state))
+            if state.finished:
+                del self._requests[rid]
+        self.stats["generation_tokens"] += sum(
+            1 for s in touched if s.output_token_ids and not s.in_prefill)
+        return outputs
+
+    def _detokenize(self, state: _RequestState, seq: Sequence) -> None:
+        detok = state.detok[seq.index]
+        self.detokenizer.step(detok, seq.output_token_ids[detok.consumed:],
+                              seq.params.skip_special_tokens)
+        for stop in seq.params.stop_strings:
+            idx = detok.text.find(stop, max(0, detok.stop_checked - len(stop) + 1))
+            if idx >= 0:
+                keep = idx + len(stop) if seq.params.include_stop_str_in_output else idx
+                detok.text = detok.text[:keep]
+                if seq.is_finished:
+                    seq.finish_reason, seq.stop_reason = "stop", stop
+                else:
+                    self.scheduler.finish(seq, "stop", stop)
+                break
+        detok.stop_checked = len(detok.text)
+
+    def _request_output(self, state: _RequestState) -> RequestOutput:
+        completions = []
+        for seq, detok in zip(state.seqs, state.detok):
+            text = detok.text
+            stops = seq.params.stop_strings
+            if stops and not seq.is_finished:  # hold back a possible stop-string prefix
+                text = text[:max(0, len(text) - max(map(len, stops)) + 1)]
+            logprobs = None
+            if seq.params.logprobs is not None:
+                logprobs = [entry for _, _, entry in seq.logprobs]
+            cumulative = sum(lp for _, lp, _ in seq.logprobs) if seq.logprobs else None
+            completions.append(CompletionOutput(
+                index=seq.index, text=text, token_ids=list(seq.output_token_ids),
+                cumulative_logprob=cumulative, logprobs=logprobs,
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+        first = state.seqs[0]
+        prompt_lp = first.prompt_logprobs if state.params.prompt_logprobs is not None else None
+        metrics = {"arrival_time": state.arrival_time, "first_token_time": state.first_token_time}
+        return RequestOutput(request_id=state.request_id, prompt=state.prompt,
+                             prompt_token_ids=state.prompt_token_ids, outputs=completions,
+                             finished=state.finished, prompt_logprobs=prompt_lp,
+                             num_cached_tokens=first.num_cached_prompt_tokens, metrics=metrics)
+

@@ -1,0 +1,92 @@
+"""Engine start-up: mesh, weights, KV-cache sizing and the model runner, in that order.
+
+The one place that turns an EngineConfig into device state; LLMEngine keeps the result.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.config import EngineConfig, ModelConfig
+from jaxserve.kv_cache import init_kv_cache, kv_cache_bytes_per_page
+from jaxserve.runner import ModelRunner
+from jaxserve.sharding import ShardingRules, kv_cache_sharding, make_mesh
+from kernels_pallas.ragged_paged_attention import default_impl
+
+logger = logging.getLogger("jaxserve")
+
+# Host memory assumed free for the KV cache when the device reports no memory stats (CPU).
+_CPU_KV_BUDGET_BYTES = 2 << 30
+
+
+@dataclass
+class EngineParts:
+    model_config: ModelConfig
+    model_name: str
+    tokenizer: object
+    chat_template: str | None
+    eos_token_ids: frozenset[int]
+    max_model_len: int
+    num_kv_pages: int
+    runner: ModelRunner
+
+
+def num_kv_pages_for(config: EngineConfig, model_config: ModelConfig, dtype, max_model_len: int,
+                     devices) -> int:
+    """Pages that fit in gpu_memory_utilization of each device after weights and activations."""
+    if config.num_kv_pages is not None:
+        return config.num_kv_pages
+    tp = config.tensor_parallel_size
+    per_page = kv_cache_bytes_per_page(model_config.num_layers, config.page_size,
+                                       model_config.num_kv_heads, model_config.head_dim, dtype) // tp
+    stats = devices[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        # Reserve room for one step's activations and logits (f32 [T, V] at worst).
+        act = config.max_num_batched_tokens * (model_config.vocab_size * 4 * 3 // tp
+                                               + model_config.intermediate_size * 8)
+        budget = stats["bytes_limit"] * config.gpu_memory_utilization - stats["bytes_in_use"] - act
+    else:
+        budget = _CPU_KV_BUDGET_BYTES * config.gpu_memory_utilization
+    pages = int(budget // per_page)
+    needed = -(-max_model_len // config.page_size)
+    if pages < needed:
+        raise ValueError(
+            f"only {pages} KV pages fit in memory (gpu_memory_utilization="
+            f"{config.gpu_memory_utilization}) but max_model_len={max_model_len} needs {needed}; "
+            f"lower max_model_len or raise gpu_memory_utilization")
+    return pages
+
+
+def build_engine_parts(config: EngineConfig) -> EngineParts:
+    from jaxserve.weights import load_model
+
+    tp = config.tensor_parallel_size
+    mesh = make_mesh(tp)
+    rules = ShardingRules()
+    loaded = load_model(config.model, load_format=config.load_format, dtype=config.dtype,
+                        tensor_parallel_size=tp, mesh=mesh, rules=rules,
+                        max_model_len=config.max_model_len, seed=config.seed)
+    mc = loaded.config
+    max_model_len = loaded.max_model_len
+    impl = default_impl(config.attention_backend)
+    devices = mesh.devices.flatten().tolist()
+    num_pages = num_kv_pages_for(config, mc, loaded.dtype, max_model_len, devices)
+    kv_dtype = jnp.dtype(loaded.dtype)
+    kv_cache = init_kv_cache(mc.num_layers, num_pages, config.page_size, mc.num_kv_heads,
+                             mc.head_dim, kv_dtype, kv_cache_sharding(mesh, rules))
+    gib = num_pages * kv_cache_bytes_per_page(mc.num_layers, config.page_size, mc.num_kv_heads,
+                                              mc.head_dim, kv_dtype) / 2**30
+    logger.info("KV cache: %d pages of %d tokens (%d tokens, %.2f GiB, %s), attention=%s, "
+                "max_model_len=%d", num_pages, config.page_size, num_pages * config.page_size, gib,
+                kv_dtype.name, impl, max_model_len)
+    runner = ModelRunner(loaded.graphdef, loaded.state, kv_cache, vocab_size=mc.vocab_size,
+                         max_num_seqs=config.max_num_seqs,
+                         max_num_batched_tokens=config.max_num_batched_tokens,
+                         max_model_len=max_model_len, attention_impl=impl,
+                         mesh=mesh, max_logprobs=config.max_logprobs)
+    return EngineParts(model_config=mc, model_name=loaded.model_name, tokenizer=loaded.tokenizer,
+                       chat_template=loaded.chat_template, eos_token_ids=loaded.eos_token_ids,
+                       max_model_len=max_model_len, num_kv_pages=num_pages, runner=runner)

@@ -1,0 +1,170 @@
+"""End to end: LLM.generate on a tiny random Llama equals a naive transformers loop, under chunked
+prefill, preemption and prefix caching; sampling, stops, logprobs and errors behave like vLLM."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jaxserve import LLM, SamplingParams
+from tests.engine.tiny import build_tiny_llama, hf_greedy, hf_logprobs
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
+    # 24 pages of 4 tokens = 96 slots: far fewer than the batch below needs, forcing preemption.
+    return LLM(str(model_dir), dtype="float32", page_size=4, num_kv_pages=24, max_num_seqs=8,
+               max_num_batched_tokens=32, max_model_len=64)
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 380, size=int(rng.integers(1, 40))).tolist() for _ in range(n)]
+
+
+def test_greedy_matches_transformers_under_preemption(llm, model_dir):
+    prompts = _prompts(12)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    sched = llm.llm_engine.scheduler
+    assert sched.num_preemptions > 0, "the small page pool should have forced preemption"
+    for prompt, out in zip(prompts, outs):
+        assert out.prompt_token_ids == prompt
+        assert out.outputs[0].token_ids == hf_greedy(model_dir, prompt, 12)
+        assert out.outputs[0].finish_reason == "length"
+    sched.allocator.check_integrity()
+    assert sched.allocator.num_free_pages == llm.llm_engine.num_kv_pages
+
+
+def test_no_recompile_after_warmup(llm):
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    llm.generate(_prompts(6, seed=1), params, use_tqdm=False)
+    runner = llm.llm_engine.runner
+    compiles, cache = runner.num_compiles, runner.jit_cache_size
+    llm.generate(_prompts(6, seed=1), params, use_tqdm=False)
+    assert (runner.num_compiles, runner.jit_cache_size) == (compiles, cache)
+
+
+def test_seed_gives_same_text_whatever_the_batch(llm):
+    p = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=10, seed=7, ignore_eos=True)
+    alone = llm.generate(["The capital of France is"], p, use_tqdm=False)[0].outputs[0].token_ids
+    other = SamplingParams(temperature=0.8, max_tokens=10, ignore_eos=True)
+    mixed = llm.generate(["Once upon a time", "The capital of France is", "def add"],
+                         [other, p, other], use_tqdm=False)[1].outputs[0].token_ids
+    assert alone == mixed
+    unseeded = llm.generate(["The capital of France is"] * 2,
+                            SamplingParams(temperature=1.0, max_tokens=10), use_tqdm=False)
+    assert unseeded[0].outputs[0].token_ids != unseeded[1].outputs[0].token_ids
+
+
+def test_n_completions_share_the_prompt(llm):
+    prompt = list(range(10, 40))  # 30 tokens: 7 full pages of 4
+    outs = llm.generate([prompt], SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=3,
+                                                 ignore_eos=True), use_tqdm=False)
+    comps = outs[0].outputs
+    assert [c.index for c in comps] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in comps}) > 1
+    assert all(len(c.token_ids) == 8 for c in comps)
+
+
+def test_stop_conditions(llm, model_dir):
+    prompt = _prompts(1, seed=5)[0]
+    ref = hf_greedy(model_dir, prompt, 10)
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=10,
+                                                stop_token_ids=[ref[3]]), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == ref[:ref.index(ref[3]) + 1]
+    assert (out.outputs[0].finish_reason, out.outputs[0].stop_reason) == ("stop", ref[3])
+    full = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    if stop.strip():
+        cut = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=10, stop=[stop],
+                                                    ignore_eos=True), use_tqdm=False)[0].outputs[0]
+        assert cut.finish_reason == "stop" and cut.stop_reason == stop
+        assert cut.text == full[:full.index(stop)]
+
+
+def test_min_tokens_bans_stop_tokens(llm, model_dir):
+    prompt = _prompts(1, seed=6)[0]
+    first = hf_greedy(model_dir, prompt, 1)[0]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6, min_tokens=3,
+                                                stop_token_ids=[first]), use_tqdm=False)[0]
+    ids = out.outputs[0].token_ids
+    assert first not in ids[:3] and len(ids) >= 3  # banned while fewer than min_tokens are out
+
+
+def test_logprobs_match_transformers(llm, model_dir):
+    prompt = _prompts(1, seed=9)[0]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, logprobs=3,
+                                                prompt_logprobs=2, ignore_eos=True),
+                       use_tqdm=False)[0]
+    comp = out.outputs[0]
+    ref = hf_logprobs(model_dir, prompt + comp.token_ids)
+    for i, (token, entry) in enumerate(zip(comp.token_ids, comp.logprobs)):
+        row = ref[len(prompt) - 1 + i]
+        assert entry[token].logprob == pytest.approx(row[token], abs=1e-4)
+        assert entry[token].rank == 1
+        top = np.argsort(-row)[:3]
+        assert set(entry) >= set(int(t) for t in top)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for p in range(1, len(prompt)):
+        assert out.prompt_logprobs[p][prompt[p]].logprob == pytest.approx(ref[p - 1][prompt[p]],
+                                                                           abs=1e-4)
+
+
+def test_repetition_penalty_matches_transformers(llm, model_dir):
+    prompt = _prompts(1, seed=11)[0]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
+                                                repetition_penalty=1.5), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == hf_greedy(model_dir, prompt, 8, repetition_penalty=1.5)
+
+
+def test_chat_uses_the_template(llm):
+    out = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(temperature=0, max_tokens=3),
+                   use_tqdm=False)[0]
+    assert out.prompt.startswith("<|im_start|>user\nhi<|im_end|>")
+    assert out.prompt.endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(max_tokens=0), "max_tokens"),
+    (dict(n=0), "n"), (dict(min_p=2), "min_p"), (dict(logprobs=-1), "logprobs"),
+])
+def test_bad_sampling_params(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_bad_requests_leave_the_engine_serving(llm):
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate([[5] * 65], SamplingParams(max_tokens=1), use_tqdm=False)
+    with pytest.raises(ValueError, match="out of range"):
+        llm.generate([[5, 100000]], SamplingParams(max_tokens=1), use_tqdm=False)
+    with pytest.raises(ValueError, match="logprobs"):
+        llm.generate(["hi"], SamplingParams(max_tokens=1, logprobs=1000), use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    out = llm.generate(["hi"], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) >= 1
+
+
+def test_bad_engine_arguments(model_dir):
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        LLM(str(model_dir), tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="does-not-exist"):
+        LLM("/does-not-exist/model")
+    with pytest.raises(ValueError, match="bogus"):
+        LLM(str(model_dir), bogus=1)
+
+
+def test_tensor_parallel_matches_single_device(model_dir, llm):
+    prompts = _prompts(4, seed=13)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    tp = LLM(str(model_dir), dtype="float32", tensor_parallel_size=4, page_size=4,
+             num_kv_pages=64, max_model_len=64)
+    got = [o.outputs[0].token_ids for o in tp.generate(prompts, params, use_tqdm=False)]
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == want
