@@ -1,0 +1,302 @@
+"""Scheduler: continuous batching with chunked prefill, prefix caching and preemption by recompute.
+
+Host side (no jax). LLMEngine.step() calls schedule() -> Batch, runs the model, then update().
+Every scheduled sequence computes K/V for tokens [num_computed_tokens, num_computed_tokens + chunk):
+a decode is a chunk of 1 (the last sampled token), a prefill a longer one, a recompute after
+preemption re-runs prompt + outputs. A sequence samples exactly when its chunk ends at num_tokens.
+"""
+from __future__ import annotations
+
+import bisect
+from collections import deque
+
+import numpy as np
+
+from jaxserve.batch import Batch
+from jaxserve.pages import PageAllocator
+from jaxserve.request import Sequence, Status
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _arrival_key(seq: Sequence) -> tuple[float, int]:
+    return seq.arrival_time, seq.seq_id
+
+
+def _token_slice(seq: Sequence, start: int, end: int) -> list[int]:
+    """seq.all_token_ids[start:end] without concatenating the whole history."""
+    prompt, n = seq.prompt_token_ids, seq.num_prompt_tokens
+    if end <= n:
+        return prompt[start:end]
+    if start >= n:
+        return seq.output_token_ids[start - n:end - n]
+    return prompt[start:] + seq.output_token_ids[:end - n]
+
+
+class Scheduler:
+    """FCFS continuous batching over a PageAllocator.
+
+    `running` is kept sorted by arrival, so the preemption victim (the most recently arrived
+    running sequence) is always `running[-1]`, and running sequences are served oldest first:
+    the oldest always makes progress, hence no livelock as long as one sequence fits the pool.
+    """
+
+    def __init__(self, *, num_pages: int, page_size: int, max_num_seqs: int,
+                 max_num_batched_tokens: int, max_model_len: int,
+                 enable_prefix_caching: bool = True):
+        self.allocator = PageAllocator(num_pages, page_size, enable_prefix_caching)
+        self.page_size = page_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.enable_prefix_caching = enable_prefix_caching
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        # Hashes of each running sequence's full pages registered so far (the prefix-hash chain).
+        self._page_hashes: dict[Sequence, list[int]] = {}
+        self.num_preemptions = 0  # stats, cumulative
+        self.num_prefix_queried_tokens = 0
+        self.num_prefix_hit_tokens = 0
+
+    # ---- queue management -------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence (FCFS). Request validation is the engine's job; these asserts
+        only guard liveness: alone in the pool, every sequence must fit, or preempting all the
+        others would not let it progress."""
+        assert seq.status is Status.WAITING and not seq.page_ids, "add() takes a fresh sequence"
+        assert seq.num_tokens <= self.max_model_len, (
+            f"prompt of {seq.num_tokens} tokens exceeds {self.max_model_len=}")
+        assert _cdiv(self._max_kv_len(seq), self.page_size) <= self.allocator.num_pages, (
+            f"a sequence of up to {self._max_kv_len(seq)} tokens does not fit the page pool")
+        self.waiting.append(seq)
+
+    def _max_kv_len(self, seq: Sequence) -> int:
+        """Most K/V slots `seq` can ever hold: its last sampled token finishes it uncomputed."""
+        max_tokens = seq.params.max_tokens or self.max_model_len
+        return min(seq.num_tokens + max_tokens - 1, max(self.max_model_len - 1, seq.num_tokens))
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        """End a sequence now (stop string, abort): frees its pages. No-op if already finished."""
+        if seq.is_finished:
+            return
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._release(seq)
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+
+    def abort(self, request_id: str) -> list[Sequence]:
+        """Finish every unfinished sequence of `request_id` with reason "abort"; returns them."""
+        seqs = [s for s in [*self.running, *self.waiting] if s.request_id == request_id]
+        for seq in seqs:
+            self.finish(seq, "abort")
+        return seqs
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.allocator.usage
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Fraction of tokens looked up at admission that were found in the prefix cache."""
+        return self.num_prefix_hit_tokens / max(self.num_prefix_queried_tokens, 1)
+
+    # ---- schedule ---------------------------------------------------------------------------
+    def schedule(self) -> Batch | None:
+        """Pick this step's sequences and chunk lengths; None when nothing can run."""
+        budget = self.max_num_batched_tokens
+        chunks: list[tuple[Sequence, int]] = []
+        preempted = self._schedule_running(chunks, budget)
+        budget -= sum(n for _, n in chunks)
+        # Admitting right after a preemption would just take back the pages we freed.
+        if not preempted:
+            self._schedule_waiting(chunks, budget)
+        return self._build_batch(chunks) if chunks else None
+
+    def _schedule_running(self, chunks: list[tuple[Sequence, int]], budget: int) -> bool:
+        """Give running sequences (oldest first) their next chunk; returns whether any was preempted."""
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self._grow_pages(seq, seq.num_computed_tokens + num_new):
+                victim = self.running[-1]  # index >= i: never a sequence already in `chunks`
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    return preempted
+            chunks.append((seq, num_new))
+            budget -= num_new
+            i += 1
+        return preempted
+
+    def _schedule_waiting(self, chunks: list[tuple[Sequence, int]], budget: int) -> None:
+        """Admit waiting sequences FCFS while seats, tokens and pages allow."""
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[i]
+            if self._waits_for_parent(seq):
+                i += 1  # n > 1 siblings let later requests pass while the first one prefills
+                continue
+            num_new = self._admit(seq, budget)
+            if num_new == 0:
+                return  # head of line does not fit: FCFS, nobody overtakes it
+            del self.waiting[i]
+            chunks.append((seq, num_new))
+            budget -= num_new
+
+    def _waits_for_parent(self, seq: Sequence) -> bool:
+        parent = seq.parent
+        if parent is None or not self.enable_prefix_caching:
+            return False
+        return not parent.is_finished and parent.num_computed_tokens < parent.num_prompt_tokens
+
+    def _admit(self, seq: Sequence, budget: int) -> int:
+        """Move `seq` to running with prefix hits and pages for its first chunk; 0 if it does not fit."""
+        ps, alloc = self.page_size, self.allocator
+        # Prompt logprobs need logits at every prompt position, so skip the cache until they exist.
+        wants_prompt_logprobs = (seq.params.prompt_logprobs is not None and seq.parent is None
+                                 and not seq.output_token_ids)
+        hits = [] if wants_prompt_logprobs else alloc.match_prefix(seq.all_token_ids)
+        num_cached = len(hits) * ps
+        num_new = min(seq.num_tokens - num_cached, budget)
+        num_needed = _cdiv(num_cached + num_new, ps) - len(hits)
+        num_revived = sum(1 for p in hits if alloc.ref_count(p) == 0)  # leave the evictable set
+        if num_needed + num_revived > alloc.num_free_pages:
+            return 0
+        alloc.acquire(hits)  # before allocate(), so eviction cannot take our hits
+        seq.page_ids = hits + alloc.allocate(num_needed)
+        seq.num_computed_tokens = num_cached
+        seq.num_cached_prompt_tokens = min(num_cached, seq.num_prompt_tokens)
+        seq.status = Status.RUNNING
+        self._page_hashes[seq] = [alloc.page_hash(p) for p in hits]
+        self.num_prefix_queried_tokens += seq.num_tokens
+        self.num_prefix_hit_tokens += num_cached
+        bisect.insort(self.running, seq, key=_arrival_key)
+        return num_new
+
+    def _grow_pages(self, seq: Sequence, num_kv_tokens: int) -> bool:
+        """Make seq.page_ids cover `num_kv_tokens` slots; False if the pool is short."""
+        num_needed = _cdiv(num_kv_tokens, self.page_size) - len(seq.page_ids)
+        if num_needed <= 0:
+            return True
+        if not self.allocator.can_allocate(num_needed):
+            return False
+        seq.page_ids.extend(self.allocator.allocate(num_needed))
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute later: free the pages (cached ones stay cached), back to the FRONT of waiting."""
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _release(self, seq: Sequence) -> None:
+        self.allocator.free(seq.page_ids)
+        seq.page_ids = []
+        seq.num_computed_tokens = 0
+        self._page_hashes.pop(seq, None)
+
+    def _build_batch(self, chunks: list[tuple[Sequence, int]]) -> Batch:
+        """Flatten (seq, chunk length) pairs into the Batch arrays (see batch.py for the fields)."""
+        ps = self.page_size
+        num_seqs = len(chunks)
+        num_cols = max(len(seq.page_ids) for seq, _ in chunks)
+        page_table = np.zeros((num_seqs, num_cols), dtype=np.int32)
+        cu_q_lens = np.zeros(num_seqs + 1, dtype=np.int32)
+        kv_lens = np.zeros(num_seqs, dtype=np.int32)
+        sample_mask = np.zeros(num_seqs, dtype=bool)
+        token_ids, positions = [], []
+        num_decode = 0
+        for b, (seq, num_new) in enumerate(chunks):
+            start = seq.num_computed_tokens
+            end = start + num_new
+            page_table[b, :len(seq.page_ids)] = seq.page_ids
+            cu_q_lens[b + 1] = cu_q_lens[b] + num_new
+            kv_lens[b] = end
+            sample_mask[b] = end == seq.num_tokens
+            token_ids.extend(_token_slice(seq, start, end))
+            positions.append(np.arange(start, end, dtype=np.int32))
+            if num_new == 1 and start >= seq.num_prompt_tokens:
+                num_decode += 1
+        positions_arr = np.concatenate(positions)
+        rows = np.repeat(np.arange(num_seqs), np.diff(cu_q_lens))
+        slot_mapping = page_table[rows, positions_arr // ps] * ps + positions_arr % ps
+        return Batch(
+            seqs=[seq for seq, _ in chunks],
+            token_ids=np.asarray(token_ids, dtype=np.int32),
+            positions=positions_arr,
+            slot_mapping=slot_mapping.astype(np.int32),
+            cu_q_lens=cu_q_lens,
+            kv_lens=kv_lens,
+            page_table=page_table,
+            sample_mask=sample_mask,
+            num_prefill_tokens=int(cu_q_lens[-1]) - num_decode,
+            num_decode_tokens=num_decode,
+        )
+
+    # ---- update -----------------------------------------------------------------------------
+    def update(self, batch: Batch, sampled_token_ids: np.ndarray) -> list[Sequence]:
+        """Apply one executed step. `sampled_token_ids`: i32[B], read only where sample_mask.
+
+        Returns the sequences that got a new token or finished, in batch order. Finished ones
+        have status FINISHED, finish_reason/stop_reason set, and their pages already freed.
+        """
+        out = []
+        for b, seq in enumerate(batch.seqs):
+            if seq.is_finished:  # finished by the engine (abort) while the step ran
+                continue
+            seq.num_computed_tokens += int(batch.cu_q_lens[b + 1] - batch.cu_q_lens[b])
+            self._register_full_pages(seq)
+            if not batch.sample_mask[b]:
+                continue
+            seq.output_token_ids.append(int(sampled_token_ids[b]))
+            stop = self._check_stop(seq)
+            if stop is not None:
+                self.finish(seq, *stop)
+            out.append(seq)
+        return out
+
+    def _register_full_pages(self, seq: Sequence) -> None:
+        if not self.enable_prefix_caching:
+            return
+        ps = self.page_size
+        hashes = self._page_hashes[seq]
+        for i in range(len(hashes), seq.num_computed_tokens // ps):
+            parent = hashes[-1] if hashes else None
+            tokens = _token_slice(seq, i * ps, (i + 1) * ps)
+            hashes.append(self.allocator.register_full_page(seq.page_ids[i], parent, tokens))
+
+    def _check_stop(self, seq: Sequence) -> tuple[str, int | None] | None:
+        """(finish_reason, stop_reason) if the token just appended ends `seq`, else None."""
+        params, token = seq.params, seq.output_token_ids[-1]
+        num_out = len(seq.output_token_ids)
+        if num_out >= params.min_tokens:
+            if token in params.stop_token_ids:
+                return "stop", token
+            if not params.ignore_eos and token in seq.eos_token_ids:
+                return "stop", None  # vLLM: EOS is not a stop_reason
+        if params.max_tokens is not None and num_out >= params.max_tokens:
+            return "length", None
+        if seq.num_tokens >= self.max_model_len:
+            return "length", None
+        return None
