@@ -1,0 +1,50 @@
+"""Model registry: HF `architectures[0]` -> our NNX class, imported lazily.
+
+Adding a model = one file under models/ plus one REGISTRY line.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from jaxserve.config import ModelConfig
+
+REGISTRY = {
+    "LlamaForCausalLM": "models.llama:Llama",
+    "MistralForCausalLM": "models.mistral:Mistral",
+    "Qwen2ForCausalLM": "models.qwen2:Qwen2",
+    "Qwen3ForCausalLM": "models.qwen3:Qwen3",
+}
+
+
+def _module(arch: str) -> tuple[ModuleType, str]:
+    if arch not in REGISTRY:
+        raise ValueError(
+            f"unsupported architecture {arch!r}; supported: {', '.join(sorted(REGISTRY))}")
+    module_name, class_name = REGISTRY[arch].split(":")
+    return importlib.import_module(module_name), class_name
+
+
+def get_model_class(arch: str) -> type:
+    """REGISTRY class for an HF architecture name; ValueError listing the supported ones."""
+    module, class_name = _module(arch)
+    return getattr(module, class_name)
+
+
+def get_weight_map(arch: str) -> dict:
+    """The architecture's WEIGHT_MAP: HF name regex -> (param path, transform)."""
+    return _module(arch)[0].WEIGHT_MAP
+
+
+def architecture_of(hf: dict) -> str:
+    archs = hf.get("architectures") or []
+    if not archs:
+        raise ValueError(f"HF config has no 'architectures'; supported: {', '.join(sorted(REGISTRY))}")
+    return archs[0]
+
+
+def config_from_hf(hf: dict, hf_overrides: dict | None = None) -> ModelConfig:
+    """HF config.json dict (with hf_overrides merged on top) -> ModelConfig."""
+    hf = {**hf, **(hf_overrides or {})}
+    module, _ = _module(architecture_of(hf))
+    return module.config_from_hf(hf)

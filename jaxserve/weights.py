@@ -1,0 +1,157 @@
+"""Weights -> placed NNX state: build the model abstractly on the mesh, then create every param
+directly on its sharding from a lazily read checkpoint tensor (or random for load_format="dummy").
+
+startup.py calls load_model once; the runner jits over (graphdef, state).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from jaxserve.checkpoint import Checkpoint, load_tokenizer, open_checkpoint
+from jaxserve.config import DTYPES, LOAD_FORMATS, ModelConfig
+from jaxserve.sharding import ShardingRules, make_mesh
+from models import architecture_of, config_from_hf, get_model_class, get_weight_map
+from models.hf import map_weight_names
+
+logger = logging.getLogger("jaxserve")
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig  # after with_kv_replication(tensor_parallel_size)
+    graphdef: nnx.GraphDef
+    state: nnx.State  # params as jax.Arrays on their NamedShardings
+    tokenizer: object  # transformers PreTrainedTokenizerFast
+    eos_token_ids: frozenset[int]
+    chat_template: str | None
+    dtype: jnp.dtype  # param (and default KV cache) dtype
+    max_model_len: int
+    model_name: str
+    mesh: Mesh
+
+
+def load_model(model: str | None, *, load_format: str = "auto", dtype: str = "auto",
+               tensor_parallel_size: int = 1, mesh: Mesh | None = None,
+               rules: ShardingRules = ShardingRules(), max_model_len: int | None = None,
+               seed: int = 0, hf_overrides=None, tokenizer: str | None = None) -> LoadedModel:
+    """Load `model` onto `mesh` (default: make_mesh(tensor_parallel_size)).
+
+    model: HF directory (config.json + safetensors), a .gguf file, a dummy preset name or HF repo
+      id from models/presets.py (random weights; the tokenizer is the embedded SmolLM2 one), or
+      None for the embedded SmolLM2-135M-Instruct GGUF.
+    load_format: "auto" | "safetensors" | "gguf" | "dummy" (random uniform(-1e-3, 1e-3) weights).
+    dtype: "auto" = the checkpoint's torch_dtype; for quantized GGUF f32 on CPU, bf16 elsewhere.
+    hf_overrides: dict (or tuple of pairs) merged over the HF config before parsing.
+    tokenizer: a directory or .gguf file to take the tokenizer from instead of the model's.
+    """
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"{load_format=} must be one of {LOAD_FORMATS}")
+    if dtype not in DTYPES:
+        raise ValueError(f"{dtype=} must be one of {DTYPES}")
+    ckpt = open_checkpoint(model, load_format)
+    overrides = dict(hf_overrides or {})
+    base = config_from_hf(ckpt.hf_config, overrides)
+    config = base.with_kv_replication(tensor_parallel_size)
+    param_dtype = resolve_dtype(dtype, ckpt)
+    mesh = mesh if mesh is not None else make_mesh(tensor_parallel_size)
+    graphdef, abstract, shardings = abstract_model(config, param_dtype, mesh, rules)
+    if load_format == "dummy" or not ckpt.tensors:
+        state = _random_state(abstract, shardings, seed)
+    else:
+        state = _checkpoint_state(ckpt, config, abstract, shardings)
+    tok = load_tokenizer(tokenizer or ckpt.tokenizer_path)
+    eos = set(ckpt.eos_token_ids)
+    if tok.eos_token_id is not None:
+        eos.add(tok.eos_token_id)
+    limit = config.max_position_embeddings
+    if max_model_len is not None and max_model_len > limit:
+        logger.warning("max_model_len=%d exceeds max_position_embeddings=%d; using %d",
+                       max_model_len, limit, limit)
+    return LoadedModel(
+        config=config, graphdef=graphdef, state=state, tokenizer=tok,
+        eos_token_ids=frozenset(eos), chat_template=ckpt.chat_template or tok.chat_template,
+        dtype=param_dtype, max_model_len=min(limit, max_model_len or limit),
+        model_name=ckpt.name, mesh=mesh)
+
+
+def resolve_dtype(dtype: str, ckpt: Checkpoint) -> jnp.dtype:
+    """dtype="auto": the checkpoint's own float dtype (bf16 when unknown); quantized GGUF -> f32 on
+    CPU (bf16 matmuls are slow there) and bf16 on accelerators."""
+    if dtype != "auto":
+        return jnp.dtype(dtype)
+    if ckpt.native_dtype is None:  # quantized GGUF
+        return jnp.dtype("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    return jnp.dtype(ckpt.native_dtype)
+
+
+def abstract_model(config: ModelConfig, dtype, mesh: Mesh, rules: ShardingRules):
+    """(graphdef, abstract state of ShapeDtypeStructs, matching state of NamedShardings)."""
+    cls = get_model_class(config.architecture)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules.as_pairs()):
+        model = nnx.eval_shape(lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
+        graphdef, abstract = nnx.split(model)
+        shardings = nnx.get_named_sharding(abstract, mesh)
+    return graphdef, abstract, shardings
+
+
+def _flat(state: nnx.State) -> list[tuple[str, nnx.Variable]]:
+    return [(".".join(str(p) for p in path), var) for path, var in nnx.to_flat_state(state)]
+
+
+def _checkpoint_state(ckpt: Checkpoint, config: ModelConfig, abstract: nnx.State,
+                      shardings: nnx.State) -> nnx.State:
+    """Each param: read its HF tensor, transform to our layout, cast, and place shard by shard."""
+    weight_map = get_weight_map(architecture_of({"architectures": [config.architecture]}))
+    mapped, unmatched = map_weight_names(ckpt.tensors, weight_map)
+    if unmatched:
+        logger.info("ignoring checkpoint tensors: %s", unmatched[:8])
+    targets = dict(_flat(shardings))
+    params = _flat(abstract)
+    missing = [path for path, _ in params if path not in mapped]
+    if missing:
+        raise ValueError(f"checkpoint {ckpt.name!r} lacks tensors for params {missing[:8]}")
+    for path, var in tqdm(params, desc="loading weights", unit="tensor"):
+        hf_name, transform = mapped[path]
+        host = transform(ckpt.tensors[hf_name](), config)
+        if tuple(host.shape) != tuple(var.value.shape):
+            raise ValueError(f"{hf_name}: shape {host.shape} after transform, param {path} "
+                             f"expects {var.value.shape}")
+        var.value = _place(host, var.value.dtype, targets[path].value)
+    return abstract
+
+
+def _place(host: np.ndarray, dtype, sharding) -> jax.Array:
+    """Create a sharded array from a host tensor; each device copies only its own slice."""
+    np_dtype = np.dtype(dtype)
+    return jax.make_array_from_callback(
+        host.shape, sharding, lambda idx: np.ascontiguousarray(host[idx], dtype=np_dtype))
+
+
+def _random_state(abstract: nnx.State, shardings: nnx.State, seed: int) -> nnx.State:
+    """vLLM-style dummy weights: uniform(-1e-3, 1e-3), norm scales 1, made on device."""
+    targets = dict(_flat(shardings))
+    key = jax.random.key(seed)
+    for i, (path, var) in enumerate(tqdm(_flat(abstract), desc="dummy weights", unit="tensor")):
+        fill = _filler(var.value.shape, var.value.dtype, targets[path].value,
+                       path.endswith(".scale"))
+        var.value = fill(jax.random.fold_in(key, i))
+    return abstract
+
+
+@functools.lru_cache(maxsize=256)
+def _filler(shape, dtype, sharding, ones: bool):
+    def fill(key):
+        if ones:
+            return jnp.ones(shape, dtype)
+        return jax.random.uniform(key, shape, jnp.float32, -1e-3, 1e-3).astype(dtype)
+
+    return jax.jit(fill, out_shardings=sharding)

@@ -1,0 +1,219 @@
+"""Shared Flax NNX blocks of the Llama-family decoders: RMSNorm, rope, Attention, GatedMLP, CausalLM.
+
+The runner calls `CausalLM(token_ids, md, kv) -> (hidden, kv)` then `compute_logits(hidden[last])`.
+Params carry logical axis names only (see jaxserve/sharding.py); weights.py places them on a mesh.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxserve.config import ModelConfig
+from jaxserve.kv_cache import AttentionMetadata, KVCache, write_kv
+from jaxserve.sharding import shard
+from kernels_pallas.ragged_paged_attention import ragged_paged_attention
+
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], dtype,
+          init: str = "normal") -> nnx.Param:
+    """A Param annotated with logical axis names; `init` is "normal" (std 0.02), "ones" or "zeros".
+
+    eager_sharding=False: the model is built abstractly (nnx.eval_shape) and weights.py places every
+    array itself, so flax must not try to shard values at construction time.
+    """
+    initializer = {"normal": nnx.initializers.normal(0.02), "ones": nnx.initializers.ones,
+                   "zeros": nnx.initializers.zeros}[init]
+    annotated = nnx.with_partitioning(initializer, names, eager_sharding=False)
+    return nnx.Param(annotated(rngs.params(), shape, dtype))
+
+
+class RMSNorm(nnx.Module):
+    """y = x / rms(x) * scale, with the statistics in f32 (HF LlamaRMSNorm)."""
+
+    def __init__(self, dim: int, eps: float, *, dtype, rngs: nnx.Rngs):
+        self.scale = param(rngs, (dim,), ("norm",), dtype, init="ones")
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., dim] -> [..., dim]
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return xf.astype(x.dtype) * self.scale[...]
+
+
+def rope_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
+    """Inverse frequencies f32[H/2] and the attention (cos/sin) scale for cfg's rope_scaling.
+
+    Plain numpy at trace time, so XLA sees constants. Follows HF's rope init functions.
+    """
+    dim = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    scaling = cfg.rope_scaling_dict or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"{rope_type=} is not supported; supported: {ROPE_TYPES}")
+    if rope_type == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif rope_type == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, scaling)
+    elif rope_type == "yarn":
+        return _yarn_inv_freq(inv_freq, scaling, cfg)
+    return inv_freq.astype(np.float32), 1.0
+
+
+def _llama3_inv_freq(inv_freq: np.ndarray, s: dict) -> np.ndarray:
+    """Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate in between."""
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return np.where(medium, smoothed, scaled)
+
+
+def _yarn_inv_freq(inv_freq: np.ndarray, s: dict, cfg: ModelConfig) -> tuple[np.ndarray, float]:
+    """YaRN (HF `_compute_yarn_parameters`, truncate=True): blend interpolation and extrapolation."""
+    factor, dim, base = s["factor"], cfg.head_dim, cfg.rope_theta
+    old_len = s.get("original_max_position_embeddings") or cfg.max_position_embeddings
+    attn_factor = s.get("attention_factor") or 0.1 * math.log(factor) + 1.0
+    beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    ramp = np.clip((np.arange(dim // 2) - low) / max(high - low, 1e-3), 0, 1)
+    extrapolation_weight = 1 - ramp
+    blended = inv_freq / factor * (1 - extrapolation_weight) + inv_freq * extrapolation_weight
+    return blended.astype(np.float32), float(attn_factor)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray,
+               attn_factor: float = 1.0) -> jax.Array:
+    """Rotate-half rope (HF layout): x [T, heads, H], positions i32[T] -> [T, heads, H]."""
+    angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]  # [T, H/2]
+    cos = (jnp.cos(angles) * attn_factor)[:, None, :]  # [T, 1, H/2]
+    sin = (jnp.sin(angles) * attn_factor)[:, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """GQA self-attention over the paged KV cache; flags cover Qwen2 (qkv_bias) and Qwen3 (qk_norm)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        D, N, K, H = cfg.hidden_size, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim
+        self.cfg = cfg
+        self.q_proj = param(rngs, (D, N, H), ("embed", "q_heads", "head_dim"), dtype)
+        self.k_proj = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dtype)
+        self.v_proj = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dtype)
+        self.o_proj = param(rngs, (N, H, D), ("q_heads", "head_dim", "embed"), dtype)
+        if cfg.qkv_bias:
+            self.q_bias = param(rngs, (N, H), ("q_heads", "head_dim"), dtype, init="zeros")
+            self.k_bias = param(rngs, (K, H), ("kv_heads", "head_dim"), dtype, init="zeros")
+            self.v_bias = param(rngs, (K, H), ("kv_heads", "head_dim"), dtype, init="zeros")
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(H, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+            self.k_norm = RMSNorm(H, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, md: AttentionMetadata, k_pages: jax.Array,
+                 v_pages: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [T, D], pages [P, S, K, H] -> (out [T, D], new k_pages, new v_pages)."""
+        cfg = self.cfg
+        q = jnp.einsum("TD,DNH->TNH", x, self.q_proj[...])
+        k = jnp.einsum("TD,DKH->TKH", x, self.k_proj[...])
+        v = jnp.einsum("TD,DKH->TKH", x, self.v_proj[...])
+        if cfg.qkv_bias:
+            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq, attn_factor = rope_frequencies(cfg)
+        q = apply_rope(q, md.positions, inv_freq, attn_factor)
+        k = apply_rope(k, md.positions, inv_freq, attn_factor)
+        k_pages = write_kv(k_pages, k, md.slot_mapping)
+        v_pages = write_kv(v_pages, v, md.slot_mapping)
+        o = ragged_paged_attention(
+            q, k_pages, v_pages, md.kv_lens, md.page_table, md.cu_q_lens, md.num_seqs,
+            sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window,
+            soft_cap=cfg.attn_logits_soft_cap, impl=md.attention_impl)  # [T, N, H]
+        return jnp.einsum("TNH,NHD->TD", o, self.o_proj[...]), k_pages, v_pages
+
+
+class GatedMLP(nnx.Module):
+    """down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        D, F = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = param(rngs, (D, F), ("embed", "ffw"), dtype)
+        self.up_proj = param(rngs, (D, F), ("embed", "ffw"), dtype)
+        self.down_proj = param(rngs, (F, D), ("ffw", "embed"), dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [T, D] -> [T, D]
+        gate = jnp.einsum("TD,DF->TF", x, self.gate_proj[...])
+        up = jnp.einsum("TD,DF->TF", x, self.up_proj[...])
+        return jnp.einsum("TF,FD->TD", jax.nn.silu(gate) * up, self.down_proj[...])
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+        self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+        self.mlp = GatedMLP(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, md: AttentionMetadata, k_pages: jax.Array,
+                 v_pages: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [T, D] -> (y [T, D], new k_pages, new v_pages)."""
+        with jax.named_scope("attn"):
+            h, k_pages, v_pages = self.attn(self.input_norm(x), md, k_pages, v_pages)
+        x = x + h
+        with jax.named_scope("mlp"):
+            x = x + self.mlp(self.post_attn_norm(x))
+        return shard(x, "tokens", "embed"), k_pages, v_pages
+
+
+class CausalLM(nnx.Module):
+    """Embedding, decoder layers, final norm and LM head. Architectures subclass it with flags only."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
+        self.layers = nnx.List(
+            [DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
+
+    def __call__(self, token_ids: jax.Array, md: AttentionMetadata,
+                 kv: KVCache) -> tuple[jax.Array, KVCache]:
+        """token_ids i32[T] -> (hidden [T, D] AFTER the final norm, new KVCache).
+
+        Positions come from md.positions. The cache is returned, never mutated.
+        """
+        x = shard(jnp.take(self.embed[...], token_ids, axis=0), "tokens", "embed")  # [T, D]
+        new_k, new_v = [], []
+        for layer, k_pages, v_pages in zip(self.layers, kv.k, kv.v):
+            x, k_pages, v_pages = layer(x, md, k_pages, v_pages)
+            new_k.append(k_pages)
+            new_v.append(v_pages)
+        return self.final_norm(x), KVCache(k=new_k, v=new_v)
+
+    def compute_logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [B, D] (already final-normed by __call__) -> f32[B, V]; tied models reuse embed."""
+        if self.cfg.tie_word_embeddings:
+            logits = jnp.einsum("BD,VD->BV", hidden, self.embed[...])
+        else:
+            logits = jnp.einsum("BD,DV->BV", hidden, self.lm_head[...])
+        return logits.astype(jnp.float32)
