@@ -1,0 +1,238 @@
+"""Kernel benchmarks: ragged paged attention (decode and prefill) on one GPU.
+
+python -m benchmarks.kernels [--out DIR] [--variants 64x2,64x3] [--quick]
+Times our Mosaic GPU kernel, JAX's old Pallas paged_attention (Triton) and the XLA reference on
+Llama-3-8B attention shapes (32 q / 8 kv heads, head_dim 128, page 16, bf16, random permuted page
+tables), next to a measured device copy bandwidth and bf16 matmul rate. Writes JSON and a PNG plot.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels_pallas.ragged_paged_attention.kernel_gpu import ragged_paged_attention_mosaic
+from kernels_pallas.ragged_paged_attention.reference import ragged_paged_attention_reference
+
+N, K, H, S = 32, 8, 128, 16
+DT = jnp.bfloat16
+
+
+def time_scan(fn, stacked, *shared, reps=5):
+    """Median seconds per call of fn(*x_i, *shared), run back to back over the stacked input sets
+    x_i (rotated so repeated calls don't hit L2) inside one jitted scan; compile + warm-up first."""
+    n = jax.tree.leaves(stacked)[0].shape[0]
+
+    @jax.jit
+    def loop(stacked, *shared):
+        def body(c, x):
+            out = fn(*x, *shared)
+            return c + out.reshape(-1)[0].astype(jnp.float32), None
+        return jax.lax.scan(body, jnp.float32(0), stacked)[0]
+
+    loop(stacked, *shared).block_until_ready()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        loop(stacked, *shared).block_until_ready()
+        ts.append((time.perf_counter() - t0) / n)
+    return statistics.median(ts)
+
+
+def copy_bandwidth():
+    x = jax.random.normal(jax.random.key(0), (1 << 30,), DT)  # 2 GiB
+    one = jnp.asarray(1, DT)
+    f = jax.jit(lambda x, c: x * c)
+    f(x, one).block_until_ready()
+    ts = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        f(x, one).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    return 2 * x.nbytes / statistics.median(ts)
+
+
+def matmul_rate(n=8192):
+    a = jax.random.normal(jax.random.key(1), (n, n), DT)
+    b = jax.random.normal(jax.random.key(2), (n, n), DT)
+    f = jax.jit(lambda a, b: a @ b)
+    f(a, b).block_until_ready()
+    ts = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / statistics.median(ts)
+
+
+def make_sets(rng, *, q_lens, kv_lens, num_sets, pool_pages):
+    """num_sets (q, page_table) sets over one shared page pool; each table is a random sample."""
+    B, M = len(q_lens), max(-(-n // S) for n in kv_lens)
+    T = int(sum(q_lens))
+    tables = np.stack([rng.permutation(pool_pages)[:B * M].reshape(B, M) for _ in range(num_sets)])
+    qs = jax.random.normal(jax.random.key(int(rng.integers(1 << 30))), (num_sets, T, N, H), DT)
+    cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    return qs, jnp.asarray(tables, jnp.int32), jnp.asarray(kv_lens, jnp.int32), cu
+
+
+def pool(pool_pages):
+    k = jax.random.normal(jax.random.key(3), (pool_pages, S, K, H), DT)
+    v = jax.random.normal(jax.random.key(4), (pool_pages, S, K, H), DT)
+    return k, v
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def bench_decode(batch, ctx, variants, rng, with_ref):
+    M = -(-ctx // S)
+    pool_pages = max(batch * M, 16384)  # >= 1 GiB of K+V, far above L2
+    num_sets = max(2, min(16, (1 << 31) // (batch * ctx * K * H * 4)))
+    k, v = pool(pool_pages)
+    qs, tables, kv_lens, cu = make_sets(rng, q_lens=[1] * batch, kv_lens=[ctx] * batch,
+                                        num_sets=num_sets, pool_pages=pool_pages)
+    ns = jnp.asarray([batch], jnp.int32)
+    kv_bytes = 2 * batch * ctx * K * H * 2
+    row = dict(batch=batch, ctx=ctx, kv_bytes=kv_bytes)
+    ref_out = ragged_paged_attention_reference(qs[0], k, v, kv_lens, tables[0], cu, ns,
+                                               sm_scale=H ** -0.5)
+    for bkv, st in variants:
+        fn = functools.partial(ragged_paged_attention_mosaic, sm_scale=H ** -0.5, block_kv=bkv,
+                               num_stages=st)
+        name = f"ours_{bkv}x{st}"
+        try:
+            row[name + "_err"] = rel_err(fn(qs[0], k, v, kv_lens, tables[0], cu, ns), ref_out)
+            t = time_scan(lambda q, tb, k, v: fn(q, k, v, kv_lens, tb, cu, ns), (qs, tables), k, v)
+            row[name + "_us"] = t * 1e6
+        except Exception as e:  # noqa: BLE001 - report and keep benchmarking the others
+            row[name + "_error"] = repr(e)[:300]
+    try:
+        from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+        kt, vt = k.transpose(2, 0, 1, 3), v.transpose(2, 0, 1, 3)  # [K, P, S, H]
+        splits = max(1, min(16, M // 8))
+        jfn = functools.partial(paged_attention, k_splits=splits, pages_per_compute_block=min(8, M))
+        row["jax_err"] = rel_err(jfn(qs[0] * H ** -0.5, kt, vt, tables[0], kv_lens), ref_out[:, :, :])
+        row["jax_us"] = 1e6 * time_scan(lambda q, tb, k, v: jfn(q * H ** -0.5, k, v, tb, kv_lens),
+                                        (qs, tables), kt, vt)
+        del kt, vt
+    except Exception as e:  # noqa: BLE001
+        row["jax_error"] = repr(e)[:300]
+    if with_ref:
+        rfn = functools.partial(ragged_paged_attention_reference, sm_scale=H ** -0.5)
+        row["xla_us"] = 1e6 * time_scan(lambda q, tb, k, v: rfn(q, k, v, kv_lens, tb, cu, ns),
+                                        (qs[:2], tables[:2]), k, v, reps=3)
+    return row
+
+
+def bench_prefill(q_len, ctx, variants, rng):
+    M = -(-ctx // S)
+    pool_pages = max(M, 4096)
+    k, v = pool(pool_pages)
+    qs, tables, kv_lens, cu = make_sets(rng, q_lens=[q_len], kv_lens=[ctx], num_sets=4,
+                                        pool_pages=pool_pages)
+    ns = jnp.asarray([1], jnp.int32)
+    pos = np.arange(ctx - q_len, ctx)
+    flops = 4 * N * H * float(np.sum(pos + 1))  # causal: QK^T and PV over visible keys only
+    row = dict(q_len=q_len, ctx=ctx, flops=flops)
+    ref_out = ragged_paged_attention_reference(qs[0], k, v, kv_lens, tables[0], cu, ns,
+                                               sm_scale=H ** -0.5)
+    for bkv, st in variants:
+        fn = functools.partial(ragged_paged_attention_mosaic, sm_scale=H ** -0.5, block_kv=bkv,
+                               num_stages=st)
+        name = f"ours_{bkv}x{st}"
+        try:
+            row[name + "_err"] = rel_err(fn(qs[0], k, v, kv_lens, tables[0], cu, ns), ref_out)
+            row[name + "_us"] = 1e6 * time_scan(lambda q, tb, k, v: fn(q, k, v, kv_lens, tb, cu, ns),
+                                                (qs, tables), k, v)
+        except Exception as e:  # noqa: BLE001
+            row[name + "_error"] = repr(e)[:300]
+    return row
+
+
+def plot(result, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = result["decode"]
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    labels = [f"b{r['batch']}\nc{r['ctx']}" for r in rows]
+    keys = sorted({k[:-3] for r in rows for k in r if k.endswith("_us")})
+    width = 0.8 / max(1, len(keys))
+    for i, key in enumerate(keys):
+        bw = [r["kv_bytes"] / r[key + "_us"] / 1e3 if key + "_us" in r else 0 for r in rows]
+        ax.bar(np.arange(len(rows)) + i * width, bw, width, label=key)
+    ax.axhline(result["copy_gbps"], color="k", ls="--", label="device copy")
+    ax.set_xticks(np.arange(len(rows)) + 0.4, labels, fontsize=7)
+    ax.set_ylabel("K/V GB/s")
+    ax.set_title(f"decode ragged paged attention, {result['device']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/out")
+    ap.add_argument("--variants", default="64x2,64x3,128x2")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    variants = [tuple(int(x) for x in v.split("x")) for v in args.variants.split(",")]
+    rng = np.random.default_rng(0)
+    result = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                  variants=args.variants)
+    result["copy_gbps"] = copy_bandwidth() / 1e9
+    result["matmul_tflops"] = matmul_rate() / 1e12
+    print(f"device {result['device']}: copy {result['copy_gbps']:.0f} GB/s, "
+          f"bf16 matmul {result['matmul_tflops']:.0f} TFLOP/s", flush=True)
+    batches, ctxs = ([8, 64], [1024]) if args.quick else ([1, 8, 64, 256], [128, 1024, 4096])
+    result["decode"] = []
+    for b in batches:
+        for c in ctxs:
+            row = bench_decode(b, c, variants, rng, with_ref=b * c <= 64 * 4096)
+            result["decode"].append(row)
+            print(json.dumps(row), flush=True)
+    result["prefill"] = []
+    for q_len, ctx in [(512, 4096), (4096, 4096)]:
+        row = bench_prefill(q_len, ctx, variants, rng)
+        result["prefill"].append(row)
+        print(json.dumps(row), flush=True)
+    with open(os.path.join(args.out, "kernels.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    try:
+        plot(result, os.path.join(args.out, "kernels_decode.png"))
+    except ImportError as e:
+        print("no plot:", e)
+    print_table(result)
+
+
+def print_table(result):
+    cp = result["copy_gbps"]
+    print(f"\n{'batch':>5} {'ctx':>5} | {'variant':>12} {'us':>9} {'GB/s':>7} {'%copy':>6} | "
+          f"{'jax us':>8} {'xla us':>9}")
+    for r in result["decode"]:
+        for key in sorted(k[:-3] for k in r if k.startswith("ours") and k.endswith("_us")):
+            gbps = r["kv_bytes"] / r[key + "_us"] / 1e3
+            print(f"{r['batch']:>5} {r['ctx']:>5} | {key:>12} {r[key + '_us']:9.1f} {gbps:7.0f} "
+                  f"{100 * gbps / cp:5.0f}% | {r.get('jax_us', float('nan')):8.1f} "
+                  f"{r.get('xla_us', float('nan')):9.1f}  err {r.get(key + '_err', -1):.1e}")
+    for r in result["prefill"]:
+        for key in sorted(k[:-3] for k in r if k.startswith("ours") and k.endswith("_us")):
+            tf = r["flops"] / r[key + "_us"] / 1e6
+            print(f"prefill q{r['q_len']} ctx{r['ctx']} {key}: {r[key + '_us']:.0f} us "
+                  f"{tf:.0f} TFLOP/s ({100 * tf / result['matmul_tflops']:.0f}% of matmul) "
+                  f"err {r.get(key + '_err', -1):.1e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Ragged paged attention for NVIDIA Hopper: Pallas on the Mosaic GPU lowering (TMA + wgmma).
+
+Called by the dispatcher in __init__.py with impl="pallas_gpu"; one call per layer over a mixed batch
+of prefill chunks and decode tokens (see reference.py for the contract).
+
+Design. The rows of one kernel tile are (token, query head of one kv group) pairs: a work item is
+`tokens_per_block = 64 // G` consecutive new tokens of one sequence times the G = N/K query heads that
+share kv head k, i.e. a [64, H] block (rows past tokens_per_block*G are zero padding). So a decode
+token fills G rows and a prefill chunk fills all 64: one kernel serves both, and every K/V page is
+read once per (work item, kv head). The grid is (work item, kv head). Each CTA (one warpgroup) streams
+its sequence's kv blocks through a `num_stages`-deep ring of shared memory filled by TMA, one copy per
+page (pages are gathered through the page table, read as scalars from GMEM), and runs wgmma for
+QK^T and PV with an online softmax in registers. The output rows of each token are stored with one
+predicated TMA per token, so a tile that overhangs the next sequence never writes its rows.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels_pallas.ragged_paged_attention import schedule as sch
+from kernels_pallas.ragged_paged_attention.reference import ragged_paged_attention_reference
+
+ROWS = 64  # wgmma M: rows of one tile
+MASK_INIT = -1e30  # finite start for the running max: fully masked rows give p = 0, never NaN
+LOG2E = math.log2(math.e)
+
+
+def _issue_kv(k_ref, v_ref, page_table_ref, k_smem, v_smem, k_bar, v_bar, *, seq, step, slot, kh,
+              block_kv, page_size, num_pages, max_pages):
+    """Start the TMA copies of kv block `step` of sequence `seq` (kv head kh) into ring slot `slot`."""
+    rows = min(block_kv, page_size)  # rows of one copy: a whole page, or a slice of a big page
+    for p in range(block_kv // rows):
+        first = step * block_kv + p * rows  # first kv position of this copy
+        page_idx = jnp.minimum(first // page_size, max_pages - 1)
+        page = jnp.clip(page_table_ref[seq, page_idx], 0, num_pages - 1)
+        src = (page, pl.ds(first % page_size if rows < page_size else 0, rows), kh)
+        dst = pl.ds(p * rows, rows)
+        plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot, dst], k_bar.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot, dst], v_bar.at[slot])
+
+
+def _softmax_step(s, carry, *, kv0, pos0, block_kv, group, sm_scale, soft_cap, sliding_window):
+    """Mask and rescale one [ROWS, block_kv] score tile; returns (p, alpha, m_new, l_new)."""
+    acc, m_i, l_i = carry
+    s = s * sm_scale
+    if soft_cap is not None:
+        s = soft_cap * jnp.tanh(s * (1.0 / soft_cap))
+    layout = plgpu.Layout.WGMMA
+    row = plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 0, layout=layout)
+    col = plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 1, layout=layout)
+    pos = pos0 + lax.div(row, jnp.int32(group))  # position of the row's token
+    kv = kv0 + col
+    mask = kv <= pos
+    if sliding_window is not None:
+        mask = mask & (kv > pos - sliding_window)
+    s = jnp.where(mask, s * LOG2E, -jnp.inf)  # log2 domain: exp2 below
+    m_new = jnp.maximum(m_i, s.max(axis=1))
+    alpha = jnp.exp2(m_i - m_new)
+    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+    l_new = l_i * alpha + p.sum(axis=1)
+    return p, alpha, m_new, l_new
+
+
+def _attention_kernel(work_ref, page_table_ref, q_ref, k_ref, v_ref,  # inputs (GMEM)
+                      o_ref,  # output (GMEM) [T, N, H]
+                      q_smem, k_smem, v_smem, o_smem, q_bar, k_bar, v_bar, p_smem=None, *, cfg):
+    # work_ref: i32[W, NUM_FIELDS]; page_table_ref: i32[B, M]; q_ref: [K, T*G + ROWS, H]
+    # k_ref, v_ref: [P, S, K, H]; q_smem, o_smem: [ROWS, H]; k_smem, v_smem: [stages, block_kv, H]
+    w = lax.axis_index("w")
+    kh = lax.axis_index("kv_head")
+    ntok = work_ref[w, sch.NTOK]
+    G, H, block_kv, stages = cfg["group"], cfg["head_dim"], cfg["block_kv"], cfg["num_stages"]
+
+    @pl.when(ntok > 0)
+    def _():
+        seq, tok0, pos0 = work_ref[w, sch.SEQ], work_ref[w, sch.TOK0], work_ref[w, sch.POS0]
+        lo, hi = work_ref[w, sch.KV_LO], work_ref[w, sch.KV_HI]
+        plgpu.copy_gmem_to_smem(q_ref.at[kh, pl.ds(tok0 * G, ROWS)], q_smem, q_bar)
+        issue = functools.partial(
+            _issue_kv, k_ref, v_ref, page_table_ref, k_smem, v_smem, k_bar, v_bar, seq=seq, kh=kh,
+            block_kv=block_kv, page_size=cfg["page_size"], num_pages=cfg["num_pages"],
+            max_pages=cfg["max_pages"])
+        for i in range(stages):
+            @pl.when(lo + i < hi)
+            def _():
+                issue(step=lo + i, slot=i)
+        plgpu.barrier_wait(q_bar)
+        softmax = functools.partial(
+            _softmax_step, pos0=pos0, block_kv=block_kv, group=G, sm_scale=cfg["sm_scale"],
+            soft_cap=cfg["soft_cap"], sliding_window=cfg["sliding_window"])
+
+        def kv_step(step, carry):
+            slot = lax.rem(step - lo, jnp.int32(stages))
+            plgpu.barrier_wait(k_bar.at[slot])
+
+            def qk(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                return acc_ref[...]
+            s = pl.run_scoped(qk, plgpu.ACC((ROWS, block_kv), jnp.float32))
+            p, alpha, m_new, l_new = softmax(s, carry, kv0=step * block_kv)
+            acc = carry[0] * lax.broadcast_in_dim(alpha, (ROWS, H), [0])
+            plgpu.barrier_wait(v_bar.at[slot])
+
+            p16 = p.astype(q_smem.dtype)
+            if p_smem is not None:  # GPU interpret mode has no wgmma with A in registers
+                p_smem[...] = p16
+                plgpu.commit_smem()
+                p16 = p_smem
+
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                return acc_ref[...]
+            acc = acc + pl.run_scoped(pv, plgpu.ACC((ROWS, H), jnp.float32))
+
+            @pl.when(step + stages < hi)
+            def _():
+                issue(step=step + stages, slot=slot)
+            return acc, m_new, l_new
+
+        layout = plgpu.Layout.WGMMA
+        init = (plgpu.layout_cast(jnp.zeros((ROWS, H), jnp.float32), layout),
+                plgpu.layout_cast(jnp.full((ROWS,), MASK_INIT, jnp.float32), layout.reduce(1)),
+                plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), layout.reduce(1)))
+        acc, _, l_i = lax.fori_loop(lo, hi, kv_step, init)
+        l_i = jnp.where(l_i > 0.0, l_i, 1.0)
+        o_smem[...] = (acc / lax.broadcast_in_dim(l_i, (ROWS, H), [0])).astype(o_smem.dtype)
+        plgpu.commit_smem()
+        for i in range(ROWS // G):  # one store per live token: never touch other sequences' rows
+            @pl.when(i < ntok)
+            def _():
+                plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(i * G, G)],
+                                        o_ref.at[tok0 + i, pl.ds(kh * G, G)])
+        plgpu.wait_smem_to_gmem(0)
+
+
+def _tile_config(head_dim: int, page_size: int) -> tuple[int, int]:
+    """(block_kv, num_stages): ~96-128 KiB of K/V ring, leaving room for 1-2 CTAs per SM."""
+    block_kv = 128 if head_dim <= 64 else 64
+    block_kv = max(block_kv, min(page_size, 128))
+    if block_kv % page_size and page_size % block_kv:
+        raise ValueError(f"{page_size=} must divide or be a multiple of {block_kv=}")
+    return block_kv, 3
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_kv",
+                                             "num_stages", "interpret"))
+def ragged_paged_attention_mosaic(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *,
+                                  sm_scale: float, sliding_window: int | None = None,
+                                  soft_cap: float | None = None, block_kv: int | None = None,
+                                  num_stages: int | None = None, interpret: bool = False):
+    """The Mosaic GPU kernel (16-bit dtypes only). Args and result as in the reference."""
+    T, N, H = q.shape
+    P, S, K, _ = k_pages.shape
+    B, M = page_table.shape
+    if N % K:
+        raise ValueError(f"num_q_heads={N} must be divisible by num_kv_heads={K}")
+    G = N // K
+    if G > ROWS:
+        raise ValueError(f"{G=} query heads per kv head must be <= {ROWS}")
+    if H % 64:
+        raise ValueError(f"head_dim={H} must be a multiple of 64")
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise TypeError(f"{q.dtype=} must be bfloat16 or float16 for the Mosaic GPU kernel")
+    dflt_kv, dflt_stages = _tile_config(H, S)
+    block_kv, num_stages = block_kv or dflt_kv, num_stages or dflt_stages
+    tpb = ROWS // G
+    work = sch.build_work_table(kv_lens, cu_q_lens, num_seqs, num_tokens=T, tokens_per_block=tpb,
+                                block_kv=block_kv, sliding_window=sliding_window)
+    W = work.shape[0]
+    # [T, N, H] -> [K, T*G (+ROWS zero rows so every tile load is in bounds), H]
+    q_t = q.reshape(T, K, G, H).transpose(1, 0, 2, 3).reshape(K, T * G, H)
+    q_t = jnp.pad(q_t, ((0, 0), (0, ROWS), (0, 0)))
+    cfg = dict(group=G, head_dim=H, block_kv=block_kv, num_stages=num_stages, page_size=S,
+               num_pages=P, max_pages=M, num_tokens=T, sm_scale=sm_scale, soft_cap=soft_cap,
+               sliding_window=sliding_window)
+    swizzle = plgpu.find_swizzle(64 * jnp.dtype(q.dtype).itemsize * 8)
+    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(swizzle))
+    kernel = plgpu.kernel(
+        functools.partial(_attention_kernel, cfg=cfg),
+        out_type=jax.ShapeDtypeStruct((T, N, H), q.dtype),
+        scratch_types=[
+            plgpu.SMEM((ROWS, H), q.dtype, transforms=transforms),
+            plgpu.SMEM((num_stages, block_kv, H), q.dtype, transforms=transforms),
+            plgpu.SMEM((num_stages, block_kv, H), q.dtype, transforms=transforms),
+            plgpu.SMEM((ROWS, H), q.dtype),
+            plgpu.Barrier(),
+            plgpu.Barrier(num_arrivals=block_kv // min(block_kv, S), num_barriers=num_stages),
+            plgpu.Barrier(num_arrivals=block_kv // min(block_kv, S), num_barriers=num_stages),
+            *([plgpu.SMEM((ROWS, block_kv), q.dtype, transforms=transforms)] if interpret else []),
+        ],
+        grid=(W, K),
+        grid_names=("w", "kv_head"),
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        kernel_name=f"ragged_paged_attention_bkv{block_kv}_st{num_stages}_g{G}",
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )
+    out = kernel(work, page_table, q_t, k_pages, v_pages)
+    # Tokens of no live sequence are never written by the kernel: zero them (the contract).
+    live_end = cu_q_lens[jnp.minimum(num_seqs[0], B)]
+    return jnp.where((jnp.arange(T) < live_end)[:, None, None], out, 0).astype(q.dtype)
+
+
+def ragged_paged_attention_gpu(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *,
+                               sm_scale: float, sliding_window: int | None = None,
+                               soft_cap: float | None = None, interpret: bool = False):
+    """Ragged paged attention on Hopper. Args as in reference.ragged_paged_attention_reference.
+
+    bf16/f16 with head_dim % 64 == 0 run the Mosaic GPU kernel; float32 (wgmma has no f32 operands
+    here) and other head dims fall back to the XLA reference.
+    """
+    H = q.shape[-1]
+    if q.dtype in (jnp.bfloat16, jnp.float16) and H % 64 == 0:
+        return ragged_paged_attention_mosaic(
+            q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, sm_scale=sm_scale,
+            sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret)
+    return ragged_paged_attention_reference(
+        q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, sm_scale=sm_scale,
+        sliding_window=sliding_window, soft_cap=soft_cap)
