@@ -122,10 +122,10 @@ def _checkpoint_state(ckpt: Checkpoint, config: ModelConfig, abstract: nnx.State
     for path, var in tqdm(params, desc="loading weights", unit="tensor"):
         hf_name, transform = mapped[path]
         host = transform(ckpt.tensors[hf_name](), config)
-        if tuple(host.shape) != tuple(var.value.shape):
+        if tuple(host.shape) != tuple(var.get_value().shape):
             raise ValueError(f"{hf_name}: shape {host.shape} after transform, param {path} "
-                             f"expects {var.value.shape}")
-        var.value = _place(host, var.value.dtype, targets[path].value)
+                             f"expects {var.get_value().shape}")
+        var.set_value(_place(host, var.get_value().dtype, targets[path].get_value()))
     return abstract
 
 
@@ -141,9 +141,9 @@ def _random_state(abstract: nnx.State, shardings: nnx.State, seed: int) -> nnx.S
     targets = dict(_flat(shardings))
     key = jax.random.key(seed)
     for i, (path, var) in enumerate(tqdm(_flat(abstract), desc="dummy weights", unit="tensor")):
-        fill = _filler(var.value.shape, var.value.dtype, targets[path].value,
+        fill = _filler(var.get_value().shape, var.get_value().dtype, targets[path].get_value(),
                        path.endswith(".scale"))
-        var.value = fill(jax.random.fold_in(key, i))
+        var.set_value(fill(jax.random.fold_in(key, i)))
     return abstract
 
 

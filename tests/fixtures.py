@@ -61,9 +61,19 @@ def hf_logits(model, ids: list[int]) -> np.ndarray:
 def hf_greedy(model, ids: list[int], num_tokens: int) -> list[int]:
     import torch
 
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=num_tokens, do_sample=False, pad_token_id=0)
+    import copy
+
+    # No EOS: generate exactly num_tokens (random tiny models emit "EOS" id 2 often).
+    gen = copy.deepcopy(model.generation_config)
+    gen.eos_token_id, gen.pad_token_id = None, 0
+    gen.max_new_tokens, gen.do_sample = num_tokens, False
+    saved, model.generation_config = model.generation_config, gen
+    try:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), generation_config=gen,
+                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+    finally:
+        model.generation_config = saved
     return out[0, len(ids):].tolist()
 
 
@@ -139,3 +149,21 @@ class Driver:
             nxt = [int(lg[0].argmax()) for lg in out]
             tokens.append(nxt)
         return prefill, decode, np.array(tokens).T.tolist()
+
+
+PROMPTS = [list(range(3, 23)), [5, 9, 200, 7, 1], [42]]  # 20 tokens, 5 tokens, 1 token
+
+
+def check_against_hf(hf_model, loaded, prompts=PROMPTS, num_tokens: int = 8, atol: float = 1e-4,
+                     driver_kw=None) -> list[list[int]]:
+    """Prefill + decode logits match transformers (no cache, full recompute) and greedy tokens match
+    hf.generate; all prompts run together as one ragged batch. Returns our greedy tokens."""
+    driver = Driver(loaded, len(prompts), **(driver_kw or {}))
+    prefill, decode, tokens = driver.greedy(prompts, num_tokens)
+    for b, ids in enumerate(prompts):
+        ref = hf_logits(hf_model, ids + tokens[b])
+        np.testing.assert_allclose(prefill[b], ref[:len(ids)], atol=atol, rtol=0)
+        for s in range(3):  # decode step s consumed the token generated at step s
+            np.testing.assert_allclose(decode[s][b], ref[len(ids) + s], atol=atol, rtol=0)
+        assert tokens[b] == hf_greedy(hf_model, ids, num_tokens), f"prompt {b}"
+    return tokens
