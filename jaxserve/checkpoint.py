@@ -17,6 +17,7 @@ from typing import Callable
 import ml_dtypes
 import numpy as np
 
+from models import architecture_of, get_model_class
 from models.presets import get_preset, preset_names
 
 logger = logging.getLogger("jaxserve")
@@ -93,6 +94,7 @@ def read_hf_dir(path: str, *, dummy: bool = False) -> Checkpoint:
         raise ValueError(f"no config.json in model directory {path!r}")
     with open(config_path) as f:
         hf = json.load(f)
+    get_model_class(architecture_of(hf))  # fail early on an unsupported architecture
     eos = _as_ids(hf.get("eos_token_id"))
     gen_path = os.path.join(path, "generation_config.json")
     if os.path.isfile(gen_path):

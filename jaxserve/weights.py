@@ -69,9 +69,9 @@ def load_model(model: str | None, *, load_format: str = "auto", dtype: str = "au
     else:
         state = _checkpoint_state(ckpt, config, abstract, shardings)
     tok = load_tokenizer(tokenizer or ckpt.tokenizer_path)
-    eos = set(ckpt.eos_token_ids)
-    if tok.eos_token_id is not None:
-        eos.add(tok.eos_token_id)
+    # The checkpoint's own eos ids win: transformers' GGUF tokenizer conversion can report the
+    # wrong eos_token (SmolLM2: <|im_start|>), so the tokenizer's is only a fallback.
+    eos = set(ckpt.eos_token_ids) or ({tok.eos_token_id} - {None})
     limit = config.max_position_embeddings
     if max_model_len is not None and max_model_len > limit:
         logger.warning("max_model_len=%d exceeds max_position_embeddings=%d; using %d",
