@@ -143,14 +143,18 @@ def bench_prefill(q_len, ctx, variants, rng):
     pos = np.arange(ctx - q_len, ctx)
     flops = 4 * N * H * float(np.sum(pos + 1))  # causal: QK^T and PV over visible keys only
     row = dict(q_len=q_len, ctx=ctx, flops=flops)
-    ref_out = ragged_paged_attention_reference(qs[0], k, v, kv_lens, tables[0], cu, ns,
-                                               sm_scale=H ** -0.5)
+    # The reference materialises [T, ctx, K, H] in f32: check only the last 256 tokens, as a chunk.
+    tail = min(q_len, 256)
+    ref_tail = ragged_paged_attention_reference(
+        qs[0][-tail:], k, v, kv_lens, tables[0], jnp.asarray([0, tail], jnp.int32), ns,
+        sm_scale=H ** -0.5)
     for bkv, st in variants:
         fn = functools.partial(ragged_paged_attention_mosaic, sm_scale=H ** -0.5, block_kv=bkv,
                                num_stages=st)
         name = f"ours_{bkv}x{st}"
         try:
-            row[name + "_err"] = rel_err(fn(qs[0], k, v, kv_lens, tables[0], cu, ns), ref_out)
+            out = fn(qs[0], k, v, kv_lens, tables[0], cu, ns)
+            row[name + "_err"] = rel_err(out[-tail:], ref_tail)
             row[name + "_us"] = 1e6 * time_scan(lambda q, tb, k, v: fn(q, k, v, kv_lens, tb, cu, ns),
                                                 (qs, tables), k, v)
         except Exception as e:  # noqa: BLE001
@@ -182,7 +186,7 @@ def plot(result, path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/out")
-    ap.add_argument("--variants", default="64x2,64x3,128x2")
+    ap.add_argument("--variants", default="64x2,64x3,64x4,128x2")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)

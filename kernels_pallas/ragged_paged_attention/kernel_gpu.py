@@ -34,14 +34,13 @@ LOG2E = math.log2(math.e)
 
 def _issue_kv(k_ref, v_ref, page_table_ref, k_smem, v_smem, k_bar, v_bar, *, seq, step, slot, kh,
               block_kv, page_size, num_pages, max_pages):
-    """Start the TMA copies of kv block `step` of sequence `seq` (kv head kh) into ring slot `slot`."""
-    rows = min(block_kv, page_size)  # rows of one copy: a whole page, or a slice of a big page
-    for p in range(block_kv // rows):
-        first = step * block_kv + p * rows  # first kv position of this copy
-        page_idx = jnp.minimum(first // page_size, max_pages - 1)
+    """Start the TMA copies of kv block `step` of sequence `seq` (kv head kh) into ring slot `slot`:
+    one copy per page (page_size <= block_kv: the wrapper splits bigger pages)."""
+    for p in range(block_kv // page_size):
+        page_idx = jnp.minimum(step * (block_kv // page_size) + p, max_pages - 1)
         page = jnp.clip(page_table_ref[seq, page_idx], 0, num_pages - 1)
-        src = (page, pl.ds(first % page_size if rows < page_size else 0, rows), kh)
-        dst = pl.ds(p * rows, rows)
+        src = (page, pl.ds(0, page_size), kh)
+        dst = pl.ds(p * page_size, page_size)
         plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot, dst], k_bar.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot, dst], v_bar.at[slot])
 
@@ -69,10 +68,12 @@ def _softmax_step(s, carry, *, kv0, pos0, block_kv, group, sm_scale, soft_cap, s
 
 
 def _attention_kernel(work_ref, page_table_ref, q_ref, k_ref, v_ref,  # inputs (GMEM)
-                      o_ref,  # output (GMEM) [T, N, H]
-                      q_smem, k_smem, v_smem, o_smem, q_bar, k_bar, v_bar, p_smem=None, *, cfg):
-    # work_ref: i32[W, NUM_FIELDS]; page_table_ref: i32[B, M]; q_ref: [K, T*G + ROWS, H]
-    # k_ref, v_ref: [P, S, K, H]; q_smem, o_smem: [ROWS, H]; k_smem, v_smem: [stages, block_kv, H]
+                      o_ref,  # output (GMEM) [T*N, H]: row t*N + head
+                      q_smem, k_smem, v_smem, io_smem, q_bar, k_bar, v_bar, p_smem=None, *, cfg):
+    # work_ref: i32[W, NUM_FIELDS]; page_table_ref: i32[B, M]; q_ref: [K*(T*G + ROWS), H]
+    # k_ref, v_ref: [P, S, K, H]; q_smem: [ROWS, H] tiled+swizzled for wgmma;
+    # io_smem: [ROWS, H] untiled staging for q and o (their GMEM rows start anywhere, so the TMA
+    # cannot target a tiled buffer); k_smem, v_smem: [stages, block_kv, H] tiled+swizzled
     w = lax.axis_index("w")
     kh = lax.axis_index("kv_head")
     ntok = work_ref[w, sch.NTOK]
@@ -82,7 +83,8 @@ def _attention_kernel(work_ref, page_table_ref, q_ref, k_ref, v_ref,  # inputs (
     def _():
         seq, tok0, pos0 = work_ref[w, sch.SEQ], work_ref[w, sch.TOK0], work_ref[w, sch.POS0]
         lo, hi = work_ref[w, sch.KV_LO], work_ref[w, sch.KV_HI]
-        plgpu.copy_gmem_to_smem(q_ref.at[kh, pl.ds(tok0 * G, ROWS)], q_smem, q_bar)
+        q_row0 = kh * (cfg["num_tokens"] * G + ROWS) + tok0 * G
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_row0, ROWS)], io_smem, q_bar)
         issue = functools.partial(
             _issue_kv, k_ref, v_ref, page_table_ref, k_smem, v_smem, k_bar, v_bar, seq=seq, kh=kh,
             block_kv=block_kv, page_size=cfg["page_size"], num_pages=cfg["num_pages"],
@@ -92,6 +94,8 @@ def _attention_kernel(work_ref, page_table_ref, q_ref, k_ref, v_ref,  # inputs (
             def _():
                 issue(step=lo + i, slot=i)
         plgpu.barrier_wait(q_bar)
+        q_smem[...] = io_smem[...]  # re-tile q through registers for wgmma
+        plgpu.commit_smem()
         softmax = functools.partial(
             _softmax_step, pos0=pos0, block_kv=block_kv, group=G, sm_scale=cfg["sm_scale"],
             soft_cap=cfg["soft_cap"], sliding_window=cfg["sliding_window"])
@@ -130,23 +134,20 @@ def _attention_kernel(work_ref, page_table_ref, q_ref, k_ref, v_ref,  # inputs (
                 plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), layout.reduce(1)))
         acc, _, l_i = lax.fori_loop(lo, hi, kv_step, init)
         l_i = jnp.where(l_i > 0.0, l_i, 1.0)
-        o_smem[...] = (acc / lax.broadcast_in_dim(l_i, (ROWS, H), [0])).astype(o_smem.dtype)
+        io_smem[...] = (acc / lax.broadcast_in_dim(l_i, (ROWS, H), [0])).astype(io_smem.dtype)
         plgpu.commit_smem()
         for i in range(ROWS // G):  # one store per live token: never touch other sequences' rows
             @pl.when(i < ntok)
             def _():
-                plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(i * G, G)],
-                                        o_ref.at[tok0 + i, pl.ds(kh * G, G)])
+                plgpu.copy_smem_to_gmem(io_smem.at[pl.ds(i * G, G)],
+                                        o_ref.at[pl.ds((tok0 + i) * cfg["num_heads"] + kh * G, G)])
         plgpu.wait_smem_to_gmem(0)
 
 
 def _tile_config(head_dim: int, page_size: int) -> tuple[int, int]:
     """(block_kv, num_stages): ~96-128 KiB of K/V ring, leaving room for 1-2 CTAs per SM."""
     block_kv = 128 if head_dim <= 64 else 64
-    block_kv = max(block_kv, min(page_size, 128))
-    if block_kv % page_size and page_size % block_kv:
-        raise ValueError(f"{page_size=} must divide or be a multiple of {block_kv=}")
-    return block_kv, 3
+    return max(block_kv, min(page_size, 128)), 3
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_kv",
@@ -170,29 +171,37 @@ def ragged_paged_attention_mosaic(q, k_pages, v_pages, kv_lens, page_table, cu_q
         raise TypeError(f"{q.dtype=} must be bfloat16 or float16 for the Mosaic GPU kernel")
     dflt_kv, dflt_stages = _tile_config(H, S)
     block_kv, num_stages = block_kv or dflt_kv, num_stages or dflt_stages
+    if block_kv % 64 or (block_kv % S and S % block_kv):
+        raise ValueError(f"{block_kv=} must be a multiple of 64 and of or divide page_size={S}")
     tpb = ROWS // G
+    if S > block_kv:  # view each page as S // block_kv pages of block_kv slots
+        split = S // block_kv
+        k_pages = k_pages.reshape(P * split, block_kv, K, H)
+        v_pages = v_pages.reshape(P * split, block_kv, K, H)
+        page_table = (page_table[:, :, None] * split + jnp.arange(split)).reshape(B, M * split)
+        P, S, M = P * split, block_kv, M * split
     work = sch.build_work_table(kv_lens, cu_q_lens, num_seqs, num_tokens=T, tokens_per_block=tpb,
                                 block_kv=block_kv, sliding_window=sliding_window)
     W = work.shape[0]
     # [T, N, H] -> [K, T*G (+ROWS zero rows so every tile load is in bounds), H]
     q_t = q.reshape(T, K, G, H).transpose(1, 0, 2, 3).reshape(K, T * G, H)
-    q_t = jnp.pad(q_t, ((0, 0), (0, ROWS), (0, 0)))
+    q_t = jnp.pad(q_t, ((0, 0), (0, ROWS), (0, 0))).reshape(K * (T * G + ROWS), H)
     cfg = dict(group=G, head_dim=H, block_kv=block_kv, num_stages=num_stages, page_size=S,
-               num_pages=P, max_pages=M, num_tokens=T, sm_scale=sm_scale, soft_cap=soft_cap,
+               num_pages=P, max_pages=M, num_tokens=T, num_heads=N, sm_scale=sm_scale, soft_cap=soft_cap,
                sliding_window=sliding_window)
     swizzle = plgpu.find_swizzle(64 * jnp.dtype(q.dtype).itemsize * 8)
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(swizzle))
     kernel = plgpu.kernel(
         functools.partial(_attention_kernel, cfg=cfg),
-        out_type=jax.ShapeDtypeStruct((T, N, H), q.dtype),
+        out_type=jax.ShapeDtypeStruct((T * N, H), q.dtype),
         scratch_types=[
             plgpu.SMEM((ROWS, H), q.dtype, transforms=transforms),
             plgpu.SMEM((num_stages, block_kv, H), q.dtype, transforms=transforms),
             plgpu.SMEM((num_stages, block_kv, H), q.dtype, transforms=transforms),
             plgpu.SMEM((ROWS, H), q.dtype),
             plgpu.Barrier(),
-            plgpu.Barrier(num_arrivals=block_kv // min(block_kv, S), num_barriers=num_stages),
-            plgpu.Barrier(num_arrivals=block_kv // min(block_kv, S), num_barriers=num_stages),
+            plgpu.Barrier(num_arrivals=block_kv // S, num_barriers=num_stages),
+            plgpu.Barrier(num_arrivals=block_kv // S, num_barriers=num_stages),
             *([plgpu.SMEM((ROWS, block_kv), q.dtype, transforms=transforms)] if interpret else []),
         ],
         grid=(W, K),
@@ -201,7 +210,7 @@ def ragged_paged_attention_mosaic(q, k_pages, v_pages, kv_lens, page_table, cu_q
         kernel_name=f"ragged_paged_attention_bkv{block_kv}_st{num_stages}_g{G}",
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
-    out = kernel(work, page_table, q_t, k_pages, v_pages)
+    out = kernel(work, page_table, q_t, k_pages, v_pages).reshape(T, N, H)
     # Tokens of no live sequence are never written by the kernel: zero them (the contract).
     live_end = cu_q_lens[jnp.minimum(num_seqs[0], B)]
     return jnp.where((jnp.arange(T) < live_end)[:, None, None], out, 0).astype(q.dtype)

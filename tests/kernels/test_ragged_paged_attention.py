@@ -81,3 +81,11 @@ def test_dispatch_reference_matches():
     a = ragged_paged_attention(**inputs, sm_scale=0.1, impl="reference")
     b = ragged_paged_attention_reference(**inputs, sm_scale=0.1)
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def test_gpu_kernel_splits_big_pages():
+    """page_size 128 > block_kv 64: the wrapper views each page as two."""
+    from kernels_pallas.ragged_paged_attention.kernel_gpu import ragged_paged_attention_mosaic
+    fn = functools.partial(ragged_paged_attention_mosaic, interpret=INTERPRET, block_kv=64,
+                           num_stages=2)
+    _check(fn, "mqa8_1_window_page128", "bf16", seed=7)
