@@ -130,10 +130,14 @@ def _checkpoint_state(ckpt: Checkpoint, config: ModelConfig, abstract: nnx.State
 
 
 def _place(host: np.ndarray, dtype, sharding) -> jax.Array:
-    """Create a sharded array from a host tensor; each device copies only its own slice."""
+    """Create a sharded array from a host tensor; each device copies only its own slice.
+
+    Always a fresh host copy: the CPU backend may alias aligned numpy buffers, and `host` can be
+    a view of a memory-mapped checkpoint file.
+    """
     np_dtype = np.dtype(dtype)
     return jax.make_array_from_callback(
-        host.shape, sharding, lambda idx: np.ascontiguousarray(host[idx], dtype=np_dtype))
+        host.shape, sharding, lambda idx: np.array(host[idx], dtype=np_dtype, order="C", copy=True))
 
 
 def _random_state(abstract: nnx.State, shardings: nnx.State, seed: int) -> nnx.State:
