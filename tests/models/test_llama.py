@@ -76,3 +76,17 @@ def test_tensor_parallel_matches_single_device(llama, loaded, tp):
         np.testing.assert_allclose(got[0][b], want[0][b], atol=1e-4, rtol=0)
     np.testing.assert_allclose(np.stack(got[1]), np.stack(want[1]), atol=1e-4, rtol=0)
     assert got[2] == want[2]
+
+
+def test_bfloat16_checkpoint_auto_dtype(llama, tmp_path):
+    import copy
+
+    import torch
+
+    hf_bf16 = copy.deepcopy(llama[0]).to(torch.bfloat16)  # the fixture model stays f32
+    loaded = load_model(save_hf_checkpoint(hf_bf16, tmp_path))
+    want = hf_bf16.state_dict()["model.layers.0.mlp.down_proj.weight"].float().numpy().T
+    assert loaded.dtype == np.dtype("bfloat16")
+    got = dict(nnx.to_flat_state(loaded.state))[("layers", 0, "mlp", "down_proj")].get_value()
+    assert got.dtype == np.dtype("bfloat16")
+    np.testing.assert_array_equal(np.asarray(got, np.float32), want)
