@@ -32,7 +32,8 @@ class Detokenizer:
         return [i if i < self.vocab_len else i % self.vocab_len for i in ids]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(self._clamp(ids), skip_special_tokens=skip_special_tokens)
+        return self.tokenizer.decode(self._clamp(ids), skip_special_tokens=skip_special_tokens,
+                                     clean_up_tokenization_spaces=False)
 
     def start(self, prompt_ids: list[int]) -> DetokenizerState:
         """Seed the window with the prompt's tail so the first output token decodes in context."""
@@ -43,10 +44,9 @@ class Detokenizer:
         """Append new_ids; return the newly complete text (may be "")."""
         state.tokens.extend(self._clamp(new_ids))
         state.consumed += len(new_ids)
-        prefix_text = self.tokenizer.decode(state.tokens[state.prefix_offset:state.read_offset],
-                                            skip_special_tokens=skip_special_tokens)
-        full_text = self.tokenizer.decode(state.tokens[state.prefix_offset:],
-                                          skip_special_tokens=skip_special_tokens)
+        prefix_text = self.decode(state.tokens[state.prefix_offset:state.read_offset],
+                                  skip_special_tokens)
+        full_text = self.decode(state.tokens[state.prefix_offset:], skip_special_tokens)
         if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
             return ""  # nothing new yet, or an incomplete UTF-8 character: wait for more tokens
         new = full_text[len(prefix_text):]

@@ -1,8 +1,8 @@
 """ModelRunner: host Batch -> padded device arrays -> one jitted step (model + sampler) -> numpy tokens.
 
-Owns the jit, the shape buckets and the KV cache. Only token counts are bucketed: the sequence rows
-follow the token bucket and the page table is always max_model_len wide, so a steady state with a
-given token bucket never recompiles. Every new compile is logged and counted.
+Owns the jit, the shape buckets and the KV cache. Token counts and page-table widths are bucketed to
+powers of two (the sequence rows follow the token bucket), so a steady state never recompiles: there
+are at most log2(max tokens) x log2(max pages) step shapes. Every new compile is logged and counted.
 """
 from __future__ import annotations
 
@@ -103,7 +103,8 @@ class ModelRunner:
         positions[:T] = batch.positions
         slots = np.full(t_pad, num_slots, np.int32)
         slots[:T] = batch.slot_mapping
-        page_table = np.zeros((b_pad, self.max_pages_per_seq), np.int32)
+        width = min(_pow2_at_least(batch.page_table.shape[1], 8), self.max_pages_per_seq)
+        page_table = np.zeros((b_pad, max(width, batch.page_table.shape[1])), np.int32)
         page_table[:B, :batch.page_table.shape[1]] = batch.page_table
         kv_lens = np.zeros(b_pad, np.int32)
         kv_lens[:B] = batch.kv_lens
@@ -181,7 +182,7 @@ class ModelRunner:
         smd = self._sampling_metadata(batch, b_pad)
         prompt_k, next_ids = self._prompt_inputs(batch, t_pad)
         md = AttentionMetadata(**md_arrays, attention_impl=self.attention_impl)
-        key = (t_pad, b_pad, prompt_k, smd.use_penalties, smd.use_top_k_p, smd.num_logprobs,
+        key = (t_pad, b_pad, md.page_table.shape[1], prompt_k, smd.use_penalties, smd.use_top_k_p, smd.num_logprobs,
                smd.banned_ids.shape[1], smd.prompt_ids.shape[1])
         start = time.perf_counter()
         out, prompt, self.kv_cache = self._run(token_ids, logits_idx, next_ids, md, smd, prompt_k)
@@ -191,8 +192,8 @@ class ModelRunner:
             self.num_compiles += 1
             seconds = time.perf_counter() - start
             self.compile_seconds += seconds
-            logger.info("compiled step #%d for tokens=%d seqs=%d variant=%s in %.1fs",
-                        self.num_compiles, t_pad, b_pad, key[2:], seconds)
+            logger.info("compiled step #%d for tokens=%d seqs=%d pages/seq=%d variant=%s in %.1fs",
+                        self.num_compiles, t_pad, b_pad, key[2], key[3:], seconds)
         return result
 
     def _run(self, token_ids, logits_idx, next_ids, md, smd, prompt_k):
