@@ -75,3 +75,18 @@ def shard(x: jax.Array, *names: str | None) -> jax.Array:
     if mesh is None or mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, ShardingRules()))
+
+
+def heads_parallel(attention_fn):
+    """Run a per-layer attention op once per tensor-parallel shard (Pallas kernels are not
+    partitioned by XLA): q [T, N, H] split on N, pages [P, S, K, H] split on K, metadata replicated.
+    Identity outside a mesh or with one model shard."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or dict(mesh.shape).get("model", 1) == 1:
+        return attention_fn
+    rules = ShardingRules()
+    q_spec = logical_to_spec(("tokens", "q_heads", "head_dim"), rules)
+    kv_spec = logical_to_spec(("pages", "page_slot", "kv_heads", "head_dim"), rules)
+    rep = PartitionSpec()
+    return jax.shard_map(attention_fn, in_specs=(q_spec, kv_spec, kv_spec, rep, rep, rep, rep),
+                         out_specs=q_spec, check_vma=False)

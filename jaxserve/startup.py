@@ -68,7 +68,8 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     rules = ShardingRules()
     loaded = load_model(config.model, load_format=config.load_format, dtype=config.dtype,
                         tensor_parallel_size=tp, mesh=mesh, rules=rules,
-                        max_model_len=config.max_model_len, seed=config.seed)
+                        max_model_len=config.max_model_len, seed=config.seed,
+                        hf_overrides=config.hf_overrides, tokenizer=config.tokenizer)
     mc = loaded.config
     max_model_len = loaded.max_model_len
     impl = default_impl(config.attention_backend)

@@ -5,6 +5,7 @@ Params carry logical axis names only (see jaxserve/sharding.py); weights.py plac
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -14,7 +15,7 @@ from flax import nnx
 
 from jaxserve.config import ModelConfig
 from jaxserve.kv_cache import AttentionMetadata, KVCache, write_kv
-from jaxserve.sharding import shard
+from jaxserve.sharding import heads_parallel, shard
 from kernels_pallas.ragged_paged_attention import ragged_paged_attention
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -142,10 +143,12 @@ class Attention(nnx.Module):
         k = apply_rope(k, md.positions, inv_freq, attn_factor)
         k_pages = write_kv(k_pages, k, md.slot_mapping)
         v_pages = write_kv(v_pages, v, md.slot_mapping)
-        o = ragged_paged_attention(
-            q, k_pages, v_pages, md.kv_lens, md.page_table, md.cu_q_lens, md.num_seqs,
-            sm_scale=cfg.head_dim ** -0.5, sliding_window=cfg.sliding_window,
-            soft_cap=cfg.attn_logits_soft_cap, impl=md.attention_impl)  # [T, N, H]
+        attend = functools.partial(
+            ragged_paged_attention, sm_scale=cfg.head_dim ** -0.5,
+            sliding_window=cfg.sliding_window, soft_cap=cfg.attn_logits_soft_cap,
+            impl=md.attention_impl)
+        o = heads_parallel(attend)(q, k_pages, v_pages, md.kv_lens, md.page_table, md.cu_q_lens,
+                                   md.num_seqs)  # [T, N, H]
         return jnp.einsum("TNH,NHD->TD", o, self.o_proj[...]), k_pages, v_pages
 
 

@@ -1,11 +1,14 @@
 """Plain-jnp ragged paged attention: the oracle for the Pallas kernels and the CPU backend.
 
-Slow and obvious: every query token gathers its sequence's whole page table.
+Slow and obvious: every query token gathers its sequence's whole page table. Tokens go through in
+chunks of _TOKEN_CHUNK so a long prefill does not materialise [T, context, K, H] at once.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+_TOKEN_CHUNK = 128
 
 
 def ragged_paged_attention_reference(
@@ -42,20 +45,33 @@ def ragged_paged_attention_reference(
 
     k = k_pages[page_table].reshape(B, M * S, K, H)  # [B, C, K, H]
     v = v_pages[page_table].reshape(B, M * S, K, H)
-    kt = k[seq].astype(jnp.float32)  # [T, C, K, H]
-    vt = v[seq].astype(jnp.float32)
-    qg = q.astype(jnp.float32).reshape(T, K, N // K, H)
-    s = jnp.einsum("TKGH,TCKH->TKGC", qg, kt) * sm_scale
-    if soft_cap is not None:
-        s = soft_cap * jnp.tanh(s / soft_cap)
-    c = jnp.arange(M * S)
-    mask = (c[None, :] <= pos[:, None]) & (c[None, :] < kv_lens[seq][:, None])
-    if sliding_window is not None:
-        mask &= c[None, :] > pos[:, None] - sliding_window
-    mask &= live[:, None]
-    s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    o = jnp.einsum("TKGC,TCKH->TKGH", p, vt) / jnp.where(denom > 0, denom, 1.0)
+    qg = q.reshape(T, K, N // K, H)
+    ctx_len = kv_lens[seq]
+
+    def attend(args):  # one chunk of tokens: [c, K, G, H], i32[c] x3, bool[c]
+        qc, seqc, posc, lenc, livec = args
+        kt = k[seqc].astype(jnp.float32)  # [c, C, K, H]
+        vt = v[seqc].astype(jnp.float32)
+        s = jnp.einsum("TKGH,TCKH->TKGC", qc.astype(jnp.float32), kt) * sm_scale
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        c = jnp.arange(M * S)
+        mask = (c[None, :] <= posc[:, None]) & (c[None, :] < lenc[:, None])
+        if sliding_window is not None:
+            mask &= c[None, :] > posc[:, None] - sliding_window
+        mask &= livec[:, None]
+        s = jnp.where(mask[:, None, None, :], s, -jnp.inf)
+        m = jnp.max(s, axis=-1, keepdims=True)
+        p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+        denom = jnp.sum(p, axis=-1, keepdims=True)
+        return jnp.einsum("TKGC,TCKH->TKGH", p, vt) / jnp.where(denom > 0, denom, 1.0)
+
+    args = (qg, seq, pos, ctx_len, live)
+    if T <= _TOKEN_CHUNK:
+        o = attend(args)
+    else:
+        pad = -T % _TOKEN_CHUNK
+        chunked = [jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(
+            -1, _TOKEN_CHUNK, *a.shape[1:]) for a in args]
+        o = jax.lax.map(attend, tuple(chunked)).reshape(T + pad, K, N // K, H)[:T]
     return o.reshape(T, N, H).astype(q.dtype)
