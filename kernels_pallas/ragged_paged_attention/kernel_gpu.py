@@ -67,13 +67,31 @@ def _softmax_step(s, carry, *, kv0, pos0, block_kv, group, sm_scale, soft_cap, s
     return p, alpha, m_new, l_new
 
 
+def _store_rows(src_smem, dst_ref, *, row0, tok0, ntok, kh, cfg):
+    """TMA the G rows of each live token of the tile to GMEM row row0 + token*N + kh*G."""
+    G = cfg["group"]
+    for i in range(ROWS // G):  # one store per live token: never touch other sequences' rows
+        @pl.when(i < ntok)
+        def _():
+            dst = pl.ds(row0 + (tok0 + i) * cfg["num_heads"] + kh * G, G)
+            plgpu.copy_smem_to_gmem(src_smem.at[pl.ds(i * G, G)], dst_ref.at[dst])
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
 def _attention_kernel(work_ref, page_table_ref, q_ref, k_ref, v_ref,  # inputs (GMEM)
-                      o_ref,  # output (GMEM) [T*N, H]: row t*N + head
-                      q_smem, k_smem, v_smem, io_smem, q_bar, k_bar, v_bar, p_smem=None, *, cfg):
+                      *refs, cfg):
     # work_ref: i32[W, NUM_FIELDS]; page_table_ref: i32[B, M]; q_ref: [K*(T*G + ROWS), H]
-    # k_ref, v_ref: [P, S, K, H]; q_smem: [ROWS, H] tiled+swizzled for wgmma;
-    # io_smem: [ROWS, H] untiled staging for q and o (their GMEM rows start anywhere, so the TMA
-    # cannot target a tiled buffer); k_smem, v_smem: [stages, block_kv, H] tiled+swizzled
+    # k_ref, v_ref: [P, S, K, H]
+    # outputs, one split: o_ref [T*N, H] (row t*N + head); several: o_ref, lse_ref f32[splits*T*N, H]
+    # q_smem: [ROWS, H] tiled+swizzled for wgmma; io_smem: [ROWS, H] untiled staging for q and o
+    # (their GMEM rows start anywhere, so the TMA cannot target a tiled buffer);
+    # k_smem, v_smem: [stages, block_kv, H] tiled+swizzled; f_smem: f32[ROWS, H] (several splits)
+    splits = cfg["num_kv_splits"]
+    if splits == 1:
+        (o_ref, q_smem, k_smem, v_smem, io_smem, q_bar, k_bar, v_bar, *rest), lse_ref = refs, None
+    else:
+        o_ref, lse_ref, q_smem, k_smem, v_smem, io_smem, q_bar, k_bar, v_bar, f_smem, *rest = refs
+    p_smem = rest[0] if rest else None
     w = lax.axis_index("w")
     kh = lax.axis_index("kv_head")
     ntok = work_ref[w, sch.NTOK]
@@ -83,6 +101,10 @@ def _attention_kernel(work_ref, page_table_ref, q_ref, k_ref, v_ref,  # inputs (
     def _():
         seq, tok0, pos0 = work_ref[w, sch.SEQ], work_ref[w, sch.TOK0], work_ref[w, sch.POS0]
         lo, hi = work_ref[w, sch.KV_LO], work_ref[w, sch.KV_HI]
+        if splits > 1:  # this CTA's share of the kv blocks
+            chunk = lax.div(hi - lo + splits - 1, jnp.int32(splits))
+            lo = lo + lax.axis_index("split") * chunk
+            hi = jnp.minimum(hi, lo + chunk)
         q_row0 = kh * (cfg["num_tokens"] * G + ROWS) + tok0 * G
         plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_row0, ROWS)], io_smem, q_bar)
         issue = functools.partial(
@@ -132,16 +154,22 @@ def _attention_kernel(work_ref, page_table_ref, q_ref, k_ref, v_ref,  # inputs (
         init = (plgpu.layout_cast(jnp.zeros((ROWS, H), jnp.float32), layout),
                 plgpu.layout_cast(jnp.full((ROWS,), MASK_INIT, jnp.float32), layout.reduce(1)),
                 plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), layout.reduce(1)))
-        acc, _, l_i = lax.fori_loop(lo, hi, kv_step, init)
-        l_i = jnp.where(l_i > 0.0, l_i, 1.0)
-        io_smem[...] = (acc / lax.broadcast_in_dim(l_i, (ROWS, H), [0])).astype(io_smem.dtype)
-        plgpu.commit_smem()
-        for i in range(ROWS // G):  # one store per live token: never touch other sequences' rows
-            @pl.when(i < ntok)
-            def _():
-                plgpu.copy_smem_to_gmem(io_smem.at[pl.ds(i * G, G)],
-                                        o_ref.at[pl.ds((tok0 + i) * cfg["num_heads"] + kh * G, G)])
-        plgpu.wait_smem_to_gmem(0)
+        acc, m_i, l_i = lax.fori_loop(lo, hi, kv_step, init)
+        o = acc / lax.broadcast_in_dim(jnp.where(l_i > 0.0, l_i, 1.0), (ROWS, H), [0])
+        store = functools.partial(_store_rows, tok0=tok0, ntok=ntok, kh=kh, cfg=cfg)
+        if splits == 1:
+            io_smem[...] = o.astype(io_smem.dtype)
+            plgpu.commit_smem()
+            store(io_smem, o_ref, row0=0)
+        else:  # partial result + log2-sum-exp per row, merged by the wrapper
+            row0 = lax.axis_index("split") * (cfg["num_tokens"] * cfg["num_heads"])
+            f_smem[...] = o
+            plgpu.commit_smem()
+            store(f_smem, o_ref, row0=row0)
+            lse = jnp.where(l_i > 0.0, m_i + jnp.log(l_i) * LOG2E, MASK_INIT)
+            f_smem[...] = lax.broadcast_in_dim(lse, (ROWS, H), [0])
+            plgpu.commit_smem()
+            store(f_smem, lse_ref, row0=row0)
 
 
 def _tile_config(head_dim: int, page_size: int) -> tuple[int, int]:
@@ -150,13 +178,24 @@ def _tile_config(head_dim: int, page_size: int) -> tuple[int, int]:
     return max(block_kv, min(page_size, 128)), 3
 
 
+def _num_kv_splits(num_ctas: int, max_kv_blocks: int) -> int:
+    """Split each sequence's kv blocks over CTAs when (work items x kv heads) can't fill the GPU."""
+    if num_ctas >= 128:
+        return 1
+    return max(1, min(16, -(-264 // num_ctas), max_kv_blocks // 2))
+
+
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_kv",
-                                             "num_stages", "interpret"))
+                                             "num_stages", "num_kv_splits", "interpret"))
 def ragged_paged_attention_mosaic(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *,
                                   sm_scale: float, sliding_window: int | None = None,
                                   soft_cap: float | None = None, block_kv: int | None = None,
-                                  num_stages: int | None = None, interpret: bool = False):
-    """The Mosaic GPU kernel (16-bit dtypes only). Args and result as in the reference."""
+                                  num_stages: int | None = None, num_kv_splits: int | None = None,
+                                  interpret: bool = False):
+    """The Mosaic GPU kernel (16-bit dtypes only). Args and result as in the reference.
+
+    block_kv, num_stages: kv tile and TMA ring depth; num_kv_splits: CTAs per (work item, kv head),
+    merged by a log-sum-exp combine (default: enough to fill the GPU at small batch)."""
     T, N, H = q.shape
     P, S, K, _ = k_pages.shape
     B, M = page_table.shape
@@ -183,17 +222,20 @@ def ragged_paged_attention_mosaic(q, k_pages, v_pages, kv_lens, page_table, cu_q
     work = sch.build_work_table(kv_lens, cu_q_lens, num_seqs, num_tokens=T, tokens_per_block=tpb,
                                 block_kv=block_kv, sliding_window=sliding_window)
     W = work.shape[0]
+    # Interpret mode runs CTAs one by one on CPU: no splitting unless asked for.
+    splits = num_kv_splits or (1 if interpret else _num_kv_splits(W * K, -(-M * S // block_kv)))
     # [T, N, H] -> [K, T*G (+ROWS zero rows so every tile load is in bounds), H]
     q_t = q.reshape(T, K, G, H).transpose(1, 0, 2, 3).reshape(K, T * G, H)
     q_t = jnp.pad(q_t, ((0, 0), (0, ROWS), (0, 0))).reshape(K * (T * G + ROWS), H)
     cfg = dict(group=G, head_dim=H, block_kv=block_kv, num_stages=num_stages, page_size=S,
                num_pages=P, max_pages=M, num_tokens=T, num_heads=N, sm_scale=sm_scale, soft_cap=soft_cap,
-               sliding_window=sliding_window)
+               sliding_window=sliding_window, num_kv_splits=splits)
     swizzle = plgpu.find_swizzle(64 * jnp.dtype(q.dtype).itemsize * 8)
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(swizzle))
     kernel = plgpu.kernel(
         functools.partial(_attention_kernel, cfg=cfg),
-        out_type=jax.ShapeDtypeStruct((T * N, H), q.dtype),
+        out_type=[jax.ShapeDtypeStruct((T * N, H), q.dtype)] if splits == 1 else
+        [jax.ShapeDtypeStruct((splits * T * N, H), jnp.float32)] * 2,
         scratch_types=[
             plgpu.SMEM((ROWS, H), q.dtype, transforms=transforms),
             plgpu.SMEM((num_stages, block_kv, H), q.dtype, transforms=transforms),
@@ -202,15 +244,24 @@ def ragged_paged_attention_mosaic(q, k_pages, v_pages, kv_lens, page_table, cu_q
             plgpu.Barrier(),
             plgpu.Barrier(num_arrivals=block_kv // S, num_barriers=num_stages),
             plgpu.Barrier(num_arrivals=block_kv // S, num_barriers=num_stages),
+            *([plgpu.SMEM((ROWS, H), jnp.float32)] if splits > 1 else []),
             *([plgpu.SMEM((ROWS, block_kv), q.dtype, transforms=transforms)] if interpret else []),
         ],
-        grid=(W, K),
-        grid_names=("w", "kv_head"),
+        grid=(W, K) if splits == 1 else (W, K, splits),
+        grid_names=("w", "kv_head") if splits == 1 else ("w", "kv_head", "split"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        kernel_name=f"ragged_paged_attention_bkv{block_kv}_st{num_stages}_g{G}",
+        kernel_name=f"ragged_paged_attention_bkv{block_kv}_st{num_stages}_g{G}_sp{splits}",
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
-    out = kernel(work, page_table, q_t, k_pages, v_pages).reshape(T, N, H)
+    outs = kernel(work, page_table, q_t, k_pages, v_pages)
+    if splits == 1:
+        out = outs[0].reshape(T, N, H)
+    else:  # merge the partial softmaxes (log2 domain)
+        o_part = outs[0].reshape(splits, T, N, H)
+        lse = outs[1].reshape(splits, T, N, H)[..., :1]
+        m = jnp.max(lse, axis=0)
+        wgt = jnp.exp2(lse - m)
+        out = jnp.sum(wgt * o_part, axis=0) / jnp.sum(wgt, axis=0)
     # Tokens of no live sequence are never written by the kernel: zero them (the contract).
     live_end = cu_q_lens[jnp.minimum(num_seqs[0], B)]
     return jnp.where((jnp.arange(T) < live_end)[:, None, None], out, 0).astype(q.dtype)

@@ -30,7 +30,9 @@ def build_work_table(kv_lens, cu_q_lens, num_seqs, *, num_tokens: int, tokens_pe
     n_blocks = -(-q_lens // tokens_per_block)  # i32[B]
     cu_blocks = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(n_blocks).astype(jnp.int32)])
     w = jnp.arange(W, dtype=jnp.int32)
-    seq = jnp.clip(jnp.searchsorted(cu_blocks[1:], w, side="right"), 0, B - 1).astype(jnp.int32)
+    # compare_all: one fused compare, not the default binary-search loop (a launch per step on GPU).
+    seq = jnp.searchsorted(cu_blocks[1:], w, side="right", method="compare_all")
+    seq = jnp.clip(seq, 0, B - 1).astype(jnp.int32)
     active = w < cu_blocks[B]
     local = (w - cu_blocks[seq]) * tokens_per_block
     tok0 = cu_q_lens[seq] + local

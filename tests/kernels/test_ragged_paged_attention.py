@@ -89,3 +89,12 @@ def test_gpu_kernel_splits_big_pages():
     fn = functools.partial(ragged_paged_attention_mosaic, interpret=INTERPRET, block_kv=64,
                            num_stages=2)
     _check(fn, "mqa8_1_window_page128", "bf16", seed=7)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_gpu_kernel_kv_splits(splits):
+    """Several CTAs per (work item, kv head), merged by log-sum-exp; and none."""
+    from kernels_pallas.ragged_paged_attention.kernel_gpu import ragged_paged_attention_mosaic
+    fn = functools.partial(ragged_paged_attention_mosaic, interpret=INTERPRET,
+                           num_kv_splits=splits)
+    _check(fn, "window_softcap_chunk" if splits == 1 else "decode_ragged_lens", "bf16", seed=11)
