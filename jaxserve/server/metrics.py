@@ -1,0 +1,106 @@
+"""Prometheus text for GET /metrics: counters and histograms fed by the engine thread.
+
+The engine thread observes (TTFT, inter-token latency, token counts) after each step; the HTTP
+side renders. One lock guards both, so a scrape never sees half an update.
+"""
+from __future__ import annotations
+
+import bisect
+import threading
+from dataclasses import dataclass, field
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
+               0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
+E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+               60.0, 120.0, 240.0)
+
+
+@dataclass
+class Histogram:
+    buckets: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)  # per bucket, not cumulative; last = +Inf
+    total: float = 0.0
+    num: int = 0
+
+    def __post_init__(self):
+        self.counts = [0] * (len(self.buckets) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.total += value
+        self.num += 1
+
+    def lines(self, name: str, labels: str) -> list[str]:
+        out, running = [], 0
+        for bound, count in zip((*self.buckets, float("inf")), self.counts):
+            running += count
+            le = "+Inf" if bound == float("inf") else repr(bound)
+            out.append(f'{name}_bucket{{{labels},le="{le}"}} {running}')
+        out.append(f"{name}_sum{{{labels}}} {self.total}")
+        out.append(f"{name}_count{{{labels}}} {self.num}")
+        return out
+
+
+class ServerMetrics:
+    """Counters and histograms under vLLM's metric names (`vllm:`), labelled with model_name."""
+
+    def __init__(self, model_name: str):
+        self.labels = f'model_name="{model_name}"'
+        self._lock = threading.Lock()
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.finished: dict[str, int] = {}
+        self.ttft = Histogram(TTFT_BUCKETS)
+        self.itl = Histogram(ITL_BUCKETS)
+        self.e2e = Histogram(E2E_BUCKETS)
+
+    def on_tokens(self, num_new: int, ttft: float | None, itl: float | None) -> None:
+        with self._lock:
+            self.generation_tokens += num_new
+            if ttft is not None:
+                self.ttft.observe(ttft)
+            if itl is not None:
+                self.itl.observe(itl)
+
+    def on_prompt(self, num_tokens: int) -> None:
+        with self._lock:
+            self.prompt_tokens += num_tokens
+
+    def on_finished(self, reasons: list[str], e2e: float) -> None:
+        with self._lock:
+            for reason in reasons:
+                self.finished[reason] = self.finished.get(reason, 0) + 1
+            self.e2e.observe(e2e)
+
+    def render(self, gauges: dict[str, float]) -> str:
+        """gauges: num_running, num_waiting, kv_cache_usage (a fraction) from the engine thread."""
+        lab = self.labels
+        lines = []
+
+        def head(name, kind, doc):
+            lines.extend([f"# HELP {name} {doc}", f"# TYPE {name} {kind}"])
+
+        for name, key, doc in (
+                ("vllm:num_requests_running", "num_running", "Sequences in the running batch."),
+                ("vllm:num_requests_waiting", "num_waiting", "Sequences waiting to be scheduled."),
+                ("vllm:kv_cache_usage_perc", "kv_cache_usage", "Fraction of KV pages in use.")):
+            head(name, "gauge", doc)
+            lines.append(f"{name}{{{lab}}} {float(gauges.get(key, 0.0))}")
+        with self._lock:
+            head("vllm:prompt_tokens_total", "counter", "Prompt tokens of admitted requests.")
+            lines.append(f"vllm:prompt_tokens_total{{{lab}}} {self.prompt_tokens}")
+            head("vllm:generation_tokens_total", "counter", "Generated tokens.")
+            lines.append(f"vllm:generation_tokens_total{{{lab}}} {self.generation_tokens}")
+            head("vllm:request_success_total", "counter", "Finished requests by finish reason.")
+            for reason, count in sorted(self.finished.items()):
+                lines.append(f'vllm:request_success_total{{{lab},finished_reason="{reason}"}} '
+                             f"{count}")
+            for name, hist, doc in (
+                    ("vllm:time_to_first_token_seconds", self.ttft, "Time to first token."),
+                    ("vllm:inter_token_latency_seconds", self.itl, "Time between tokens."),
+                    ("vllm:e2e_request_latency_seconds", self.e2e, "Arrival to finish.")):
+                head(name, "histogram", doc)
+                lines.extend(hist.lines(name, lab))
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""Tests of `jaxserve serve` over loopback: OpenAI SDKs (Python, Node), errors, load, CLI."""

@@ -1,0 +1,99 @@
+"""One in-process `jaxserve serve` (uvicorn thread on 127.0.0.1) over the tiny Llama, shared by the
+server tests; the load test's offline references are generated on the same engine before serving.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.engine.tiny import build_tiny_llama
+
+MODEL = "tiny"
+# Engine limits for every server test (also passed to the CLI in test_cli.py).
+ENGINE_KW = dict(dtype="float32", max_model_len=128, max_num_seqs=32, num_kv_pages=512,
+                 max_num_batched_tokens=256)
+LOAD_PROMPTS = [f"{head} {i}" for i in range(10) for head in (
+    "The capital of France is", "Once upon a time", "def add(a, b):", "你好，请介绍一下")]
+LOAD_MAX_TOKENS = 12
+
+
+@dataclass
+class Served:
+    base_url: str  # http://127.0.0.1:PORT
+    app: object  # the Gate (app.serving: OpenAIServing) for tests that flip limits
+    model_dir: Path
+    reference: dict[str, str]  # LOAD_PROMPTS -> greedy text from LLM.generate on this engine
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(self.base_url + path, timeout=30)
+
+    def post(self, path: str, **kw) -> httpx.Response:
+        return httpx.post(self.base_url + path, timeout=60, **kw)
+
+    def gauges(self) -> dict[str, float]:
+        """The /metrics gauges this suite checks, parsed from the Prometheus text."""
+        out = {}
+        for line in self.get("/metrics").text.splitlines():
+            for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
+                if line.startswith(f"vllm:{name}{{"):
+                    out[name] = float(line.rsplit(" ", 1)[1])
+        return out
+
+    def wait_idle(self, timeout: float = 30.0) -> dict[str, float]:
+        deadline = time.monotonic() + timeout
+        while True:
+            gauges = self.gauges()
+            if not any(gauges.values()) or time.monotonic() > deadline:
+                return gauges
+            time.sleep(0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_server_llama"))
+
+
+@pytest.fixture(scope="session")
+def served(tiny_model_dir):
+    from jaxserve import LLM, SamplingParams
+    from jaxserve.server.cli import make_server
+    from jaxserve.server.openai import build_app
+    from jaxserve.server.serving import ServerConfig
+
+    llm = LLM(str(tiny_model_dir), **ENGINE_KW)
+    params = SamplingParams(temperature=0.0, max_tokens=LOAD_MAX_TOKENS)
+    outs = llm.generate(LOAD_PROMPTS, params, use_tqdm=False)  # also compiles the batch buckets
+    reference = {p: o.outputs[0].text for p, o in zip(LOAD_PROMPTS, outs)}
+    app = build_app(llm.llm_engine, ServerConfig(served_model_names=(MODEL,)))
+    port = free_port()
+    server = make_server(app, host="127.0.0.1", port=port, drain_timeout=5,
+                         log_level="warning", access_log=False)
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    yield Served(f"http://127.0.0.1:{port}", app, tiny_model_dir, reference)
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def client(served):
+    import openai
+
+    return openai.OpenAI(base_url=served.base_url + "/v1", api_key="unused", max_retries=0,
+                         timeout=60)
