@@ -43,6 +43,7 @@ def main(argv=None):
     p.add_argument("--model", default="llama-3-8b")
     p.add_argument("--load-format", default="dummy")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the model's)")
     p.add_argument("--batch-sizes", default="1,4,16")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
@@ -52,7 +53,7 @@ def main(argv=None):
     from jaxserve import LLM
 
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype,
+    llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, tokenizer=args.tokenizer,
               max_model_len=args.input_len + args.output_len + 16, max_num_seqs=max(batches),
               max_num_batched_tokens=max(2048, args.input_len * max(batches)),
               attention_backend=args.attention_backend)
@@ -72,7 +73,7 @@ def main(argv=None):
               f"(floor {1e3 * r['tpot_floor_s']:.2f} ms, {r['tpot_s'] / r['tpot_floor_s']:.2f}x)")
     result = {"args": vars(args), "env": common.environment(), "copy_bandwidth_Bps": bw,
               "rows": rows, "compiles": engine.runner.num_compiles}
-    path = common.write_results(f"latency_{args.model}", result, args.out)
+    path = common.write_results(f"latency_{args.model.rstrip('/').split('/')[-1]}", result, args.out)
     try:
         common.bar_plot(path.with_suffix(".png"), f"TPOT {args.model}",
                         [f"b{r['batch']}" for r in rows], [1e3 * r["tpot_s"] for r in rows],

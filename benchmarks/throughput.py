@@ -48,7 +48,7 @@ def run_jaxserve(args) -> dict:
     from jaxserve import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype,
+    llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, tokenizer=args.tokenizer,
               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
               attention_backend=args.attention_backend, page_size=args.page_size)
@@ -97,6 +97,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default="llama-3-8b")
     p.add_argument("--load-format", default="dummy")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the model's)")
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=256)
@@ -151,7 +152,8 @@ def main(argv=None):
             print(f"vs transformers {name}: {b['output_tokens_per_s']:.0f} tok/s -> {ratio:.1f}x")
             labels.append(name)
             values.append(b["output_tokens_per_s"])
-    name = args.name or f"throughput_{args.model}_{args.input_len}_{args.output_len}"
+    model_tag = args.model.rstrip("/").split("/")[-1]
+    name = args.name or f"throughput_{model_tag}_{args.input_len}_{args.output_len}"
     path = common.write_results(name, result, args.out)
     try:
         common.bar_plot(path.with_suffix(".png"), name, labels, values, "output tokens/s",

@@ -74,7 +74,7 @@ def open_checkpoint(model: str | None, load_format: str) -> Checkpoint:
     preset = get_preset(model)
     if preset is not None and load_format in ("auto", "dummy"):
         return Checkpoint(name=model, hf_config=preset, tensors={},
-                          tokenizer_path=embedded_gguf_path(),
+                          tokenizer_path=None,  # the embedded SmolLM2 one, resolved on use
                           eos_token_ids=_as_ids(preset.get("eos_token_id")),
                           native_dtype=_float_dtype(preset))
     raise ValueError(f"model path {model!r} does not exist (and is not a dummy preset: "

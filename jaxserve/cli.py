@@ -8,6 +8,7 @@ import sys
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """EngineConfig flags, spelled like `vllm serve`'s."""
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir or .gguf (default: the model's)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
@@ -24,7 +25,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    keys = ("dtype", "max_model_len", "tensor_parallel_size", "gpu_memory_utilization",
+    keys = ("tokenizer", "dtype", "max_model_len", "tensor_parallel_size", "gpu_memory_utilization",
             "max_num_seqs", "max_num_batched_tokens", "page_size", "num_kv_pages", "seed",
             "load_format", "attention_backend", "enable_prefix_caching")
     return {k: getattr(args, k) for k in keys}

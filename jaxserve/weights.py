@@ -16,7 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jaxserve.checkpoint import Checkpoint, load_tokenizer, open_checkpoint
+from jaxserve.checkpoint import Checkpoint, embedded_gguf_path, load_tokenizer, open_checkpoint
 from jaxserve.config import DTYPES, LOAD_FORMATS, ModelConfig
 from jaxserve.sharding import ShardingRules, make_mesh
 from models import architecture_of, config_from_hf, get_model_class, get_weight_map
@@ -68,7 +68,7 @@ def load_model(model: str | None, *, load_format: str = "auto", dtype: str = "au
         state = _random_state(abstract, shardings, seed)
     else:
         state = _checkpoint_state(ckpt, config, abstract, shardings)
-    tok = load_tokenizer(tokenizer or ckpt.tokenizer_path)
+    tok = load_tokenizer(tokenizer or ckpt.tokenizer_path or embedded_gguf_path())
     # The checkpoint's own eos ids win: transformers' GGUF tokenizer conversion can report the
     # wrong eos_token (SmolLM2: <|im_start|>), so the tokenizer's is only a fallback.
     eos = set(ckpt.eos_token_ids) or ({tok.eos_token_id} - {None})
