@@ -173,9 +173,10 @@ def _attention_kernel(work_ref, page_table_ref, q_ref, k_ref, v_ref,  # inputs (
 
 
 def _tile_config(head_dim: int, page_size: int) -> tuple[int, int]:
-    """(block_kv, num_stages): ~96-128 KiB of K/V ring, leaving room for 1-2 CTAs per SM."""
+    """(block_kv, num_stages): a 64 KiB K/V ring, so two CTAs fit on an SM (H100: 64x2 beat 64x3,
+    64x4 and 128x2 for head_dim 128 on decode and prefill; benchmarks/KERNEL_NOTES.md)."""
     block_kv = 128 if head_dim <= 64 else 64
-    return max(block_kv, min(page_size, 128)), 3
+    return max(block_kv, min(page_size, 128)), 2
 
 
 def _num_kv_splits(num_ctas: int, max_kv_blocks: int) -> int:
