@@ -45,21 +45,25 @@ def _issue_kv(k_ref, v_ref, page_table_ref, k_smem, v_smem, k_bar, v_bar, *, seq
         plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot, dst], v_bar.at[slot])
 
 
-def _softmax_step(s, carry, *, kv0, pos0, block_kv, group, sm_scale, soft_cap, sliding_window):
-    """Mask and rescale one [ROWS, block_kv] score tile; returns (p, alpha, m_new, l_new)."""
+def _softmax_step(s, carry, *, kv0, pos0, block_kv, group, sm_scale, soft_cap, sliding_window,
+                  masked):
+    """Mask (if `masked`) and rescale one [ROWS, block_kv] score tile in the log2 domain;
+    returns (p, alpha, m_new, l_new)."""
     acc, m_i, l_i = carry
-    s = s * sm_scale
     if soft_cap is not None:
-        s = soft_cap * jnp.tanh(s * (1.0 / soft_cap))
-    layout = plgpu.Layout.WGMMA
-    row = plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 0, layout=layout)
-    col = plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 1, layout=layout)
-    pos = pos0 + lax.div(row, jnp.int32(group))  # position of the row's token
-    kv = kv0 + col
-    mask = kv <= pos
-    if sliding_window is not None:
-        mask = mask & (kv > pos - sliding_window)
-    s = jnp.where(mask, s * LOG2E, -jnp.inf)  # log2 domain: exp2 below
+        s = soft_cap * LOG2E * jnp.tanh(s * (sm_scale / soft_cap))
+    else:
+        s = s * (sm_scale * LOG2E)
+    if masked:
+        layout = plgpu.Layout.WGMMA
+        row = plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 0, layout=layout)
+        col = plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 1, layout=layout)
+        pos = pos0 + lax.div(row, jnp.int32(group))  # position of the row's token
+        kv = kv0 + col
+        mask = kv <= pos
+        if sliding_window is not None:
+            mask = mask & (kv > pos - sliding_window)
+        s = jnp.where(mask, s, -jnp.inf)
     m_new = jnp.maximum(m_i, s.max(axis=1))
     alpha = jnp.exp2(m_i - m_new)
     p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -122,7 +126,7 @@ def _attention_kernel(work_ref, page_table_ref, q_ref, k_ref, v_ref,  # inputs (
             _softmax_step, pos0=pos0, block_kv=block_kv, group=G, sm_scale=cfg["sm_scale"],
             soft_cap=cfg["soft_cap"], sliding_window=cfg["sliding_window"])
 
-        def kv_step(step, carry):
+        def kv_step(step, carry, masked):
             slot = lax.rem(step - lo, jnp.int32(stages))
             plgpu.barrier_wait(k_bar.at[slot])
 
@@ -130,7 +134,7 @@ def _attention_kernel(work_ref, page_table_ref, q_ref, k_ref, v_ref,  # inputs (
                 plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
                 return acc_ref[...]
             s = pl.run_scoped(qk, plgpu.ACC((ROWS, block_kv), jnp.float32))
-            p, alpha, m_new, l_new = softmax(s, carry, kv0=step * block_kv)
+            p, alpha, m_new, l_new = softmax(s, carry, kv0=step * block_kv, masked=masked)
             acc = carry[0] * lax.broadcast_in_dim(alpha, (ROWS, H), [0])
             plgpu.barrier_wait(v_bar.at[slot])
 
@@ -154,7 +158,12 @@ def _attention_kernel(work_ref, page_table_ref, q_ref, k_ref, v_ref,  # inputs (
         init = (plgpu.layout_cast(jnp.zeros((ROWS, H), jnp.float32), layout),
                 plgpu.layout_cast(jnp.full((ROWS,), MASK_INIT, jnp.float32), layout.reduce(1)),
                 plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), layout.reduce(1)))
-        acc, m_i, l_i = lax.fori_loop(lo, hi, kv_step, init)
+        # Blocks wholly at or before the tile's first position need no causal mask (FA3's split).
+        full_hi = jnp.clip((pos0 + 1) // block_kv, lo, hi)
+        if cfg["sliding_window"] is not None:
+            full_hi = lo
+        carry = lax.fori_loop(lo, full_hi, functools.partial(kv_step, masked=False), init)
+        acc, m_i, l_i = lax.fori_loop(full_hi, hi, functools.partial(kv_step, masked=True), carry)
         o = acc / lax.broadcast_in_dim(jnp.where(l_i > 0.0, l_i, 1.0), (ROWS, H), [0])
         store = functools.partial(_store_rows, tok0=tok0, ntok=ntok, kh=kh, cfg=cfg)
         if splits == 1:
