@@ -32,13 +32,18 @@ MASK_INIT = -1e30  # finite start for the running max: fully masked rows give p 
 LOG2E = math.log2(math.e)
 
 
-def _issue_kv(k_ref, v_ref, page_table_ref, k_smem, v_smem, k_bar, v_bar, *, seq, step, slot, kh,
-              block_kv, page_size, num_pages, max_pages):
-    """Start the TMA copies of kv block `step` of sequence `seq` (kv head kh) into ring slot `slot`:
-    one copy per page (page_size <= block_kv: the wrapper splits bigger pages)."""
-    for p in range(block_kv // page_size):
-        page_idx = jnp.minimum(step * (block_kv // page_size) + p, max_pages - 1)
-        page = jnp.clip(page_table_ref[seq, page_idx], 0, num_pages - 1)
+def _page_ids(page_table_ref, *, seq, step, cfg):
+    """Pages of kv block `step` of sequence `seq` (clamped: blocks past the end read valid pages)."""
+    ppb = cfg["block_kv"] // cfg["page_size"]
+    return tuple(
+        jnp.clip(page_table_ref[seq, jnp.minimum(step * ppb + p, cfg["max_pages"] - 1)], 0,
+                 cfg["num_pages"] - 1) for p in range(ppb))
+
+
+def _issue_kv(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, pages, *, slot, kh, page_size):
+    """Start the TMA copies of one kv block (kv head kh) into ring slot `slot`: one copy per page
+    (page_size <= block_kv: the wrapper splits bigger pages)."""
+    for p, page in enumerate(pages):
         src = (page, pl.ds(0, page_size), kh)
         dst = pl.ds(p * page_size, page_size)
         plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot, dst], k_bar.at[slot])
@@ -111,14 +116,13 @@ def _attention_kernel(work_ref, page_table_ref, q_ref, k_ref, v_ref,  # inputs (
             hi = jnp.minimum(hi, lo + chunk)
         q_row0 = kh * (cfg["num_tokens"] * G + ROWS) + tok0 * G
         plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_row0, ROWS)], io_smem, q_bar)
-        issue = functools.partial(
-            _issue_kv, k_ref, v_ref, page_table_ref, k_smem, v_smem, k_bar, v_bar, seq=seq, kh=kh,
-            block_kv=block_kv, page_size=cfg["page_size"], num_pages=cfg["num_pages"],
-            max_pages=cfg["max_pages"])
+        issue = functools.partial(_issue_kv, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, kh=kh,
+                                  page_size=cfg["page_size"])
+        page_ids = functools.partial(_page_ids, page_table_ref, seq=seq, cfg=cfg)
         for i in range(stages):
             @pl.when(lo + i < hi)
             def _():
-                issue(step=lo + i, slot=i)
+                issue(page_ids(step=lo + i), slot=i)
         plgpu.barrier_wait(q_bar)
         q_smem[...] = io_smem[...]  # re-tile q through registers for wgmma
         plgpu.commit_smem()
@@ -127,6 +131,10 @@ def _attention_kernel(work_ref, page_table_ref, q_ref, k_ref, v_ref,  # inputs (
             soft_cap=cfg["soft_cap"], sliding_window=cfg["sliding_window"])
 
         def kv_step(step, carry, masked):
+            # Page ids are loaded one step before their TMA is issued, so the GMEM latency of the
+            # page-table reads overlaps this step's waits and math instead of stalling the ring.
+            *carry, pages_next = carry
+            pages_after = page_ids(step=step + stages + 1)
             slot = lax.rem(step - lo, jnp.int32(stages))
             plgpu.barrier_wait(k_bar.at[slot])
 
@@ -151,19 +159,21 @@ def _attention_kernel(work_ref, page_table_ref, q_ref, k_ref, v_ref,  # inputs (
 
             @pl.when(step + stages < hi)
             def _():
-                issue(step=step + stages, slot=slot)
-            return acc, m_new, l_new
+                issue(pages_next, slot=slot)
+            return acc, m_new, l_new, pages_after
 
         layout = plgpu.Layout.WGMMA
         init = (plgpu.layout_cast(jnp.zeros((ROWS, H), jnp.float32), layout),
                 plgpu.layout_cast(jnp.full((ROWS,), MASK_INIT, jnp.float32), layout.reduce(1)),
-                plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), layout.reduce(1)))
+                plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), layout.reduce(1)),
+                page_ids(step=lo + stages))
         # Blocks wholly at or before the tile's first position need no causal mask (FA3's split).
         full_hi = jnp.clip((pos0 + 1) // block_kv, lo, hi)
         if cfg["sliding_window"] is not None:
             full_hi = lo
         carry = lax.fori_loop(lo, full_hi, functools.partial(kv_step, masked=False), init)
-        acc, m_i, l_i = lax.fori_loop(full_hi, hi, functools.partial(kv_step, masked=True), carry)
+        acc, m_i, l_i, _ = lax.fori_loop(full_hi, hi, functools.partial(kv_step, masked=True),
+                                         carry)
         o = acc / lax.broadcast_in_dim(jnp.where(l_i > 0.0, l_i, 1.0), (ROWS, H), [0])
         store = functools.partial(_store_rows, tok0=tok0, ntok=ntok, kh=kh, cfg=cfg)
         if splits == 1:
