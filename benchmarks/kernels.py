@@ -50,7 +50,8 @@ def copy_bandwidth():
     """Best of two streaming device copies (bytes read + written): bf16 scale and u32 xor."""
     best = 0.0
     for x, c, op in [(jax.random.normal(jax.random.key(0), (1 << 30,), DT), 1, jnp.multiply),
-                     (jax.random.bits(jax.random.key(5), (1 << 30,), jnp.uint32), 7, jnp.bitwise_xor)]:
+                     (jax.random.bits(jax.random.key(5), (1 << 30,), jnp.uint32), 7,
+                      jnp.bitwise_xor)]:
         c = jnp.asarray(c, x.dtype)
         f = jax.jit(op)
         f(x, c).block_until_ready()
@@ -125,7 +126,7 @@ def bench_decode(batch, ctx, variants, rng, with_ref):
         kt, vt = k.transpose(2, 0, 1, 3), v.transpose(2, 0, 1, 3)  # [K, P, S, H]
         splits = max(1, min(16, M // 8))
         jfn = functools.partial(paged_attention, k_splits=splits, pages_per_compute_block=min(8, M))
-        row["jax_err"] = rel_err(jfn(qs[0] * H ** -0.5, kt, vt, tables[0], kv_lens), ref_out[:, :, :])
+        row["jax_err"] = rel_err(jfn(qs[0] * H ** -0.5, kt, vt, tables[0], kv_lens), ref_out)
         row["jax_us"] = 1e6 * time_scan(lambda q, tb, k, v: jfn(q * H ** -0.5, k, v, tb, kv_lens),
                                         (qs, tables), kt, vt)
         del kt, vt
@@ -160,8 +161,8 @@ def bench_prefill(q_len, ctx, variants, rng):
         try:
             out = fn(qs[0], k, v, kv_lens, tables[0], cu, ns)
             row[name + "_err"] = rel_err(out[-tail:], ref_tail)
-            row[name + "_us"] = 1e6 * time_scan(lambda q, tb, k, v: fn(q, k, v, kv_lens, tb, cu, ns),
-                                                (qs, tables), k, v)
+            row[name + "_us"] = 1e6 * time_scan(
+                lambda q, tb, k, v: fn(q, k, v, kv_lens, tb, cu, ns), (qs, tables), k, v)
         except Exception as e:  # noqa: BLE001
             row[name + "_error"] = repr(e)[:300]
     return row

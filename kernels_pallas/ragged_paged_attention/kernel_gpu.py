@@ -1,17 +1,17 @@
 """Ragged paged attention for NVIDIA Hopper: Pallas on the Mosaic GPU lowering (TMA + wgmma).
 
-Called by the dispatcher in __init__.py with impl="pallas_gpu"; one call per layer over a mixed batch
-of prefill chunks and decode tokens (see reference.py for the contract).
+Called by the dispatcher in __init__.py with impl="pallas_gpu": one call per layer over a mixed
+batch of prefill chunks and decode tokens (see reference.py for the contract).
 
-Design. The rows of one kernel tile are (token, query head of one kv group) pairs: a work item is
-`tokens_per_block = 64 // G` consecutive new tokens of one sequence times the G = N/K query heads that
-share kv head k, i.e. a [64, H] block (rows past tokens_per_block*G are zero padding). So a decode
-token fills G rows and a prefill chunk fills all 64: one kernel serves both, and every K/V page is
-read once per (work item, kv head). The grid is (work item, kv head). Each CTA (one warpgroup) streams
-its sequence's kv blocks through a `num_stages`-deep ring of shared memory filled by TMA, one copy per
-page (pages are gathered through the page table, read as scalars from GMEM), and runs wgmma for
-QK^T and PV with an online softmax in registers. The output rows of each token are stored with one
-predicated TMA per token, so a tile that overhangs the next sequence never writes its rows.
+Design. A tile's 64 rows (wgmma M) are (token, query head) pairs: 64 // G consecutive new tokens
+of one sequence times the G = N/K query heads sharing kv head k. A decode token fills G rows, a
+prefill chunk all of them, so one kernel serves both and each K/V page is read once per (work item,
+kv head). Grid: (work item, kv head[, kv split]). Each CTA (one warpgroup) streams its sequence's kv
+blocks through a `num_stages`-deep shared-memory ring filled by TMA, one copy per page (page ids
+read from the page table in GMEM one step ahead), and runs wgmma for QK^T and PV with an online
+softmax in registers. Each token's output rows are stored by their own TMA, so a tile that overhangs
+the next sequence never writes its rows. Small batches split the kv range over several CTAs and
+merge the partial softmaxes in the wrapper (log-sum-exp).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ LOG2E = math.log2(math.e)
 
 
 def _page_ids(page_table_ref, *, seq, step, cfg):
-    """Pages of kv block `step` of sequence `seq` (clamped: blocks past the end read valid pages)."""
+    """Pages of kv block `step` of `seq`, clamped: blocks past the end read valid pages."""
     ppb = cfg["block_kv"] // cfg["page_size"]
     return tuple(
         jnp.clip(page_table_ref[seq, jnp.minimum(step * ppb + p, cfg["max_pages"] - 1)], 0,
@@ -91,7 +91,8 @@ def _attention_kernel(work_ref, page_table_ref, q_ref, k_ref, v_ref,  # inputs (
                       *refs, cfg):
     # work_ref: i32[W, NUM_FIELDS]; page_table_ref: i32[B, M]; q_ref: [K*(T*G + ROWS), H]
     # k_ref, v_ref: [P, S, K, H]
-    # outputs, one split: o_ref [T*N, H] (row t*N + head); several: o_ref, lse_ref f32[splits*T*N, H]
+    # outputs, one split: o_ref [T*N, H] (row t*N + head);
+    #   several: o_ref, lse_ref f32[splits*T*N, H] (lse broadcast along H)
     # q_smem: [ROWS, H] tiled+swizzled for wgmma; io_smem: [ROWS, H] untiled staging for q and o
     # (their GMEM rows start anywhere, so the TMA cannot target a tiled buffer);
     # k_smem, v_smem: [stages, block_kv, H] tiled+swizzled; f_smem: f32[ROWS, H] (several splits)
@@ -248,7 +249,8 @@ def ragged_paged_attention_mosaic(q, k_pages, v_pages, kv_lens, page_table, cu_q
     q_t = q.reshape(T, K, G, H).transpose(1, 0, 2, 3).reshape(K, T * G, H)
     q_t = jnp.pad(q_t, ((0, 0), (0, ROWS), (0, 0))).reshape(K * (T * G + ROWS), H)
     cfg = dict(group=G, head_dim=H, block_kv=block_kv, num_stages=num_stages, page_size=S,
-               num_pages=P, max_pages=M, num_tokens=T, num_heads=N, sm_scale=sm_scale, soft_cap=soft_cap,
+               num_pages=P, max_pages=M, num_tokens=T, num_heads=N, sm_scale=sm_scale,
+               soft_cap=soft_cap,
                sliding_window=sliding_window, num_kv_splits=splits)
     swizzle = plgpu.find_swizzle(64 * jnp.dtype(q.dtype).itemsize * 8)
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(swizzle))

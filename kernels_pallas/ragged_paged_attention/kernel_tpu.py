@@ -125,7 +125,7 @@ def ragged_paged_attention_tpu(q, k_pages, v_pages, kv_lens, page_table, cu_q_le
                                sm_scale: float, sliding_window: int | None = None,
                                soft_cap: float | None = None, pages_per_block: int | None = None,
                                interpret: bool = False):
-    """Ragged paged attention on TPU. Args and result as in reference.ragged_paged_attention_reference.
+    """Ragged paged attention on TPU; contract as in reference.ragged_paged_attention_reference.
 
     Args:
       q: [T, N, H]; k_pages, v_pages: [P, S, K, H]; kv_lens: i32[B]; page_table: i32[B, M];

@@ -39,7 +39,9 @@ def build_work_table(kv_lens, cu_q_lens, num_seqs, *, num_tokens: int, tokens_pe
     ntok = jnp.where(active, jnp.minimum(tokens_per_block, q_lens[seq] - local), 0)
     pos0 = kv_lens[seq] - q_lens[seq] + local
     last = pos0 + jnp.maximum(ntok, 1) - 1
-    lo = jnp.zeros_like(pos0) if sliding_window is None else jnp.maximum(pos0 - sliding_window + 1, 0)
+    lo = jnp.zeros_like(pos0)
+    if sliding_window is not None:
+        lo = jnp.maximum(pos0 - sliding_window + 1, 0)
     kv_lo = lo // block_kv
     kv_hi = jnp.where(active, (last + block_kv) // block_kv, kv_lo)
     cols = [seq, tok0, ntok, pos0, kv_lo, kv_hi, kv_lens[seq], jnp.zeros_like(seq)]

@@ -1,4 +1,4 @@
-"""Random inputs for ragged paged attention tests and benchmarks (shared by tests and benchmarks)."""
+"""Random inputs for the ragged paged attention kernel tests."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +9,8 @@ def make_case(rng, *, q_lens, kv_lens, num_q_heads, num_kv_heads, head_dim, page
               dtype=jnp.bfloat16, num_pad_seqs=0, extra_tokens=0, extra_pages=3):
     """Fresh random inputs; page tables are a random permutation of the page pool.
 
-    num_pad_seqs sequences beyond num_seqs get garbage lengths; extra_tokens trailing tokens belong to no
-    sequence."""
+    num_pad_seqs sequences beyond num_seqs get garbage lengths; extra_tokens trailing tokens belong
+    to no sequence."""
     q_lens, kv_lens = np.asarray(q_lens), np.asarray(kv_lens)
     B_live = len(q_lens)
     B = B_live + num_pad_seqs
