@@ -1,0 +1,130 @@
+"""benchmarks/serving.py: the metrics on synthetic records, and whole runs against a real
+`jaxserve serve` subprocess on the tiny Llama, started through the benchmark's --launch code."""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import serving
+from benchmarks.serving import RequestRecord
+from tests.engine.tiny import build_tiny_llama
+
+SERVE_ARGS = ("--dtype float32 --max-model-len 128 --max-num-seqs 32 --num-kv-pages 512 "
+              "--max-num-batched-tokens 256 --disable-uvicorn-access-log")
+NUM_PROMPTS, OUTPUT_LEN = 12, 8
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory):
+    model = build_tiny_llama(tmp_path_factory.mktemp("serving_bench_llama"))
+    log = tmp_path_factory.mktemp("serving_bench_log") / "server.log"
+    with serving.launched_server(f"{model} {SERVE_ARGS}", log, timeout=120) as url:
+        yield url
+
+
+def _args(base_url: str, out: Path, *extra: str):
+    # logprobs=0: the tiny tokenizer holds back most tokens' text (partial UTF-8), so only with
+    # logprobs does every token arrive in its own chunk
+    return serving.parse_args([
+        "--base-url", base_url, "--num-prompts", str(NUM_PROMPTS), "--random-input-len", "16",
+        "--random-output-len", str(OUTPUT_LEN), "--random-range-ratio", "0.5", "--vocab-size",
+        "384", "--ignore-eos", "--logprobs", "0", "--save-detailed", "--out", str(out),
+        "--num-warmups", "4", *extra])
+
+
+def _record(ttft: float, e2el: float, tokens: int, itl: list[float] | None = None,
+            ok: bool = True) -> RequestRecord:
+    return RequestRecord(prompt_len=10, success=ok, error="" if ok else "boom", ttft=ttft,
+                         e2el=e2el, itl=itl or [], output_tokens=tokens)
+
+
+def test_summarize_synthetic():
+    records = [_record(0.1, 1.1, 11, [0.1] * 10), _record(0.3, 0.7, 5, [0.1, 0.1, 0.1, 0.1]),
+               _record(0.2, 0.2, 1), _record(9.0, 9.0, 0, ok=False)]
+    s = serving.summarize(records, duration=2.0)
+    assert (s["completed"], s["failed"], s["errors"]) == (3, 1, ["boom"])
+    assert (s["total_input_tokens"], s["total_output_tokens"]) == (30, 17)
+    assert s["request_throughput"] == 1.5 and s["output_throughput"] == 8.5
+    assert s["total_token_throughput"] == 23.5
+    ttft = np.array([100.0, 300.0, 200.0])
+    assert s["mean_ttft_ms"] == pytest.approx(200.0)
+    assert s["median_ttft_ms"] == pytest.approx(200.0)
+    assert s["p99_ttft_ms"] == pytest.approx(np.percentile(ttft, 99))
+    assert s["std_ttft_ms"] == pytest.approx(ttft.std())
+    # TPOT skips the 1-token request: (1.1-0.1)/10 and (0.7-0.3)/4, both 100 ms
+    assert s["mean_tpot_ms"] == pytest.approx(100.0) and s["p99_tpot_ms"] == pytest.approx(100.0)
+    assert s["median_itl_ms"] == pytest.approx(100.0)
+    assert s["median_e2el_ms"] == pytest.approx(700.0)
+    assert s["tokens_per_chunk"] == pytest.approx(17 / 17)
+
+
+def test_summarize_all_failed():
+    s = serving.summarize([_record(0, 0, 0, ok=False)], duration=1.0)
+    assert s["completed"] == 0 and s["output_throughput"] == 0 and s["mean_ttft_ms"] == 0
+
+
+def test_workload_helpers():
+    args = serving.parse_args(["--num-prompts", "50", "--random-input-len", "20",
+                               "--random-output-len", "10", "--random-range-ratio", "0.5"])
+    reqs = serving.random_requests(args, vocab_size=100)
+    assert len(reqs) == 50 and all(10 <= r.prompt_len <= 30 for r in reqs)
+    assert all(5 <= r.output_len <= 15 and len(r.prompt) == r.prompt_len for r in reqs)
+    assert all(0 <= t < 100 for r in reqs for t in r.prompt)
+    assert [r.prompt for r in serving.random_requests(args, 100)] == [r.prompt for r in reqs]
+    assert not serving.arrival_gaps(5, math.inf, 0).any()
+    assert serving.arrival_gaps(20000, 4.0, 0).mean() == pytest.approx(0.25, rel=0.05)
+    assert serving.chunk_tokens({"choices": [{"text": "a", "logprobs": None}]}) == 1
+    assert serving.chunk_tokens({"choices": [{"text": "", "logprobs": {"tokens": ["x", "y"]}}]}) \
+        == 2
+    assert serving.chunk_tokens({"choices": [{"delta": {"role": "assistant", "content": ""}}]}) \
+        == 0
+    assert serving.chunk_tokens({"choices": [], "usage": {"completion_tokens": 3}}) == 0
+
+
+def _check_run(run: dict, requests: list) -> None:
+    assert run["completed"] == NUM_PROMPTS and run["failed"] == 0, run["errors"]
+    wanted = [r.output_len for r in requests]
+    assert [r["output_tokens"] for r in run["requests"]] == wanted  # ignore_eos
+    assert run["total_output_tokens"] == sum(wanted)
+    assert run["total_input_tokens"] == sum(r.prompt_len for r in requests)
+    for r in run["requests"]:
+        assert r["success"] and 0 < r["ttft"] <= r["e2el"]
+        assert len(r["itl"]) == r["output_tokens"] - 1
+        assert r["ttft"] + sum(r["itl"]) <= r["e2el"]
+    for name in serving.METRICS:
+        assert 0 < run[f"median_{name}_ms"] <= run[f"p99_{name}_ms"]
+    assert run["median_ttft_ms"] <= run["median_e2el_ms"] and run["tokens_per_chunk"] == 1.0
+
+
+@pytest.mark.parametrize("flags", [("--request-rate", "inf"),
+                                   ("--request-rate", "20", "--max-concurrency", "4")])
+def test_benchmark_against_server(base_url, tmp_path, flags):
+    args = _args(base_url, tmp_path, *flags)
+    result = asyncio.run(serving.amain(args))
+    (run,) = result["runs"]
+    assert run["request_rate"] == float(flags[1])
+    _check_run(run, serving.random_requests(args, args.vocab_size))
+    saved = json.loads(Path(result["json_path"]).read_text())
+    assert saved["runs"][0]["completed"] == NUM_PROMPTS and saved["env"]["python"]
+    assert Path(result["png_path"]).stat().st_size > 1000
+
+
+def test_main_sweep_and_failures(base_url, tmp_path):
+    result = serving.main(["--base-url", base_url, "--num-prompts", "6", "--random-input-len",
+                           "8", "--random-output-len", "4", "--vocab-size", "384",
+                           "--sweep-rates", "50,inf", "--out", str(tmp_path), "--name", "sweep",
+                           "--num-warmups", "0"])
+    assert [r["request_rate"] for r in result["runs"]] == [50.0, math.inf]
+    assert all(r["completed"] == 6 for r in result["runs"])
+    assert (tmp_path / "sweep.json").exists() and (tmp_path / "sweep.png").exists()
+    bad = serving.main(["--base-url", base_url, "--model", "nope", "--num-prompts", "3",
+                        "--random-input-len", "4", "--random-output-len", "2", "--vocab-size",
+                        "384", "--out", str(tmp_path), "--name", "bad", "--num-warmups", "0"])
+    (run,) = bad["runs"]
+    assert run["completed"] == 0 and run["failed"] == 3
+    assert "404" in run["errors"][0] and "nope" in run["errors"][0]
