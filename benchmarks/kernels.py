@@ -94,12 +94,19 @@ def pool(pool_pages):
     return k, v
 
 
+def variant_kwargs(variant: str) -> dict:
+    """"64x2" -> block_kv 64, 2 stages; a trailing "e" turns on early_k_refill."""
+    early = variant.endswith("e")
+    bkv, st = (int(x) for x in variant.rstrip("e").split("x"))
+    return dict(block_kv=bkv, num_stages=st, early_k_refill=early)
+
+
 def rel_err(a, b):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def bench_decode(batch, ctx, variants, rng, with_ref):
+def bench_decode(batch, ctx, variants, rng, with_ref, baselines=True):
     M = -(-ctx // S)
     pool_pages = max(batch * M, 16384)  # >= 1 GiB of K+V, far above L2
     num_sets = max(2, min(16, (1 << 31) // (batch * ctx * K * H * 4)))
@@ -111,16 +118,18 @@ def bench_decode(batch, ctx, variants, rng, with_ref):
     row = dict(batch=batch, ctx=ctx, kv_bytes=kv_bytes)
     ref_out = ragged_paged_attention_reference(qs[0], k, v, kv_lens, tables[0], cu, ns,
                                                sm_scale=H ** -0.5)
-    for bkv, st in variants:
-        fn = functools.partial(ragged_paged_attention_mosaic, sm_scale=H ** -0.5, block_kv=bkv,
-                               num_stages=st)
-        name = f"ours_{bkv}x{st}"
+    for variant in variants:
+        fn = functools.partial(ragged_paged_attention_mosaic, sm_scale=H ** -0.5,
+                               **variant_kwargs(variant))
+        name = f"ours_{variant}"
         try:
             row[name + "_err"] = rel_err(fn(qs[0], k, v, kv_lens, tables[0], cu, ns), ref_out)
             t = time_scan(lambda q, tb, k, v: fn(q, k, v, kv_lens, tb, cu, ns), (qs, tables), k, v)
             row[name + "_us"] = t * 1e6
         except Exception as e:  # noqa: BLE001 - report and keep benchmarking the others
             row[name + "_error"] = repr(e)[:300]
+    if not baselines:
+        return row
     try:
         from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
         kt, vt = k.transpose(2, 0, 1, 3), v.transpose(2, 0, 1, 3)  # [K, P, S, H]
@@ -154,10 +163,10 @@ def bench_prefill(q_len, ctx, variants, rng):
     ref_tail = ragged_paged_attention_reference(
         qs[0][-tail:], k, v, kv_lens, tables[0], jnp.asarray([0, tail], jnp.int32), ns,
         sm_scale=H ** -0.5)
-    for bkv, st in variants:
-        fn = functools.partial(ragged_paged_attention_mosaic, sm_scale=H ** -0.5, block_kv=bkv,
-                               num_stages=st)
-        name = f"ours_{bkv}x{st}"
+    for variant in variants:
+        fn = functools.partial(ragged_paged_attention_mosaic, sm_scale=H ** -0.5,
+                               **variant_kwargs(variant))
+        name = f"ours_{variant}"
         try:
             out = fn(qs[0], k, v, kv_lens, tables[0], cu, ns)
             row[name + "_err"] = rel_err(out[-tail:], ref_tail)
@@ -194,22 +203,32 @@ def main():
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--variants", default="64x2,64x3")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--page-size", type=int, default=S)
+    ap.add_argument("--batches", default="1,8,64,256")
+    ap.add_argument("--ctxs", default="128,1024,4096")
+    ap.add_argument("--no-baselines", action="store_true", help="skip the JAX and XLA kernels")
     args = ap.parse_args()
+    global S
+    S = args.page_size
     os.makedirs(args.out, exist_ok=True)
-    variants = [tuple(int(x) for x in v.split("x")) for v in args.variants.split(",")]
+    variants = args.variants.split(",")
     rng = np.random.default_rng(0)
     result = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                  variants=args.variants)
+                  variants=args.variants, page_size=S)
     result["copy_gbps"] = copy_bandwidth() / 1e9
     result["matmul_tflops"] = matmul_rate() / 1e12
     print(f"device {result['device']}: copy {result['copy_gbps']:.0f} GB/s, "
           f"bf16 matmul {result['matmul_tflops']:.0f} TFLOP/s", flush=True)
-    batches, ctxs = ([8, 64], [1024]) if args.quick else ([1, 8, 64, 256], [128, 1024, 4096])
+    batches = [int(b) for b in args.batches.split(",")]
+    ctxs = [int(c) for c in args.ctxs.split(",")]
+    if args.quick:
+        batches, ctxs = [8, 64], [1024]
     result["decode"] = []
     for b in batches:
         for c in ctxs:
-            row = bench_decode(b, c, variants, rng, with_ref=b * c <= 64 * 4096)
+            row = bench_decode(b, c, variants, rng, with_ref=b * c <= 64 * 4096,
+                               baselines=not args.no_baselines)
             result["decode"].append(row)
             print(json.dumps(row), flush=True)
     result["prefill"] = []

@@ -40,14 +40,13 @@ def _page_ids(page_table_ref, *, seq, step, cfg):
                  cfg["num_pages"] - 1) for p in range(ppb))
 
 
-def _issue_kv(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, pages, *, slot, kh, page_size):
-    """Start the TMA copies of one kv block (kv head kh) into ring slot `slot`: one copy per page
-    (page_size <= block_kv: the wrapper splits bigger pages)."""
+def _issue(pages_ref, smem, bar, pages, *, slot, kh, page_size):
+    """Start the TMA copies of one K (or V) block (kv head kh) into ring slot `slot`: one copy per
+    page (page_size <= block_kv: the wrapper splits bigger pages)."""
     for p, page in enumerate(pages):
         src = (page, pl.ds(0, page_size), kh)
-        dst = pl.ds(p * page_size, page_size)
-        plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot, dst], k_bar.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot, dst], v_bar.at[slot])
+        plgpu.copy_gmem_to_smem(pages_ref.at[src], smem.at[slot, pl.ds(p * page_size, page_size)],
+                                bar.at[slot])
 
 
 def _softmax_step(s, carry, *, kv0, pos0, block_kv, group, sm_scale, soft_cap, sliding_window,
@@ -117,13 +116,15 @@ def _attention_kernel(work_ref, page_table_ref, q_ref, k_ref, v_ref,  # inputs (
             hi = jnp.minimum(hi, lo + chunk)
         q_row0 = kh * (cfg["num_tokens"] * G + ROWS) + tok0 * G
         plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_row0, ROWS)], io_smem, q_bar)
-        issue = functools.partial(_issue_kv, k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, kh=kh,
-                                  page_size=cfg["page_size"])
+        issue_k = functools.partial(_issue, k_ref, k_smem, k_bar, kh=kh, page_size=cfg["page_size"])
+        issue_v = functools.partial(_issue, v_ref, v_smem, v_bar, kh=kh, page_size=cfg["page_size"])
         page_ids = functools.partial(_page_ids, page_table_ref, seq=seq, cfg=cfg)
         for i in range(stages):
             @pl.when(lo + i < hi)
             def _():
-                issue(page_ids(step=lo + i), slot=i)
+                pages = page_ids(step=lo + i)
+                issue_k(pages, slot=i)
+                issue_v(pages, slot=i)
         plgpu.barrier_wait(q_bar)
         q_smem[...] = io_smem[...]  # re-tile q through registers for wgmma
         plgpu.commit_smem()
@@ -143,6 +144,9 @@ def _attention_kernel(work_ref, page_table_ref, q_ref, k_ref, v_ref,  # inputs (
                 plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
                 return acc_ref[...]
             s = pl.run_scoped(qk, plgpu.ACC((ROWS, block_kv), jnp.float32))
+            refill = step + stages < hi
+            if cfg["early_k_refill"]:  # K's slot is free once QK^T is done: refill it now
+                pl.when(refill)(lambda: issue_k(pages_next, slot=slot))
             p, alpha, m_new, l_new = softmax(s, carry, kv0=step * block_kv, masked=masked)
             acc = carry[0] * lax.broadcast_in_dim(alpha, (ROWS, H), [0])
             plgpu.barrier_wait(v_bar.at[slot])
@@ -158,9 +162,11 @@ def _attention_kernel(work_ref, page_table_ref, q_ref, k_ref, v_ref,  # inputs (
                 return acc_ref[...]
             acc = acc + pl.run_scoped(pv, plgpu.ACC((ROWS, H), jnp.float32))
 
-            @pl.when(step + stages < hi)
+            @pl.when(refill)
             def _():
-                issue(pages_next, slot=slot)
+                if not cfg["early_k_refill"]:
+                    issue_k(pages_next, slot=slot)
+                issue_v(pages_next, slot=slot)
             return acc, m_new, l_new, pages_after
 
         layout = plgpu.Layout.WGMMA
@@ -207,16 +213,18 @@ def _num_kv_splits(num_ctas: int, max_kv_blocks: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_kv",
-                                             "num_stages", "num_kv_splits", "interpret"))
+                                             "num_stages", "num_kv_splits", "early_k_refill",
+                                             "interpret"))
 def ragged_paged_attention_mosaic(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *,
                                   sm_scale: float, sliding_window: int | None = None,
                                   soft_cap: float | None = None, block_kv: int | None = None,
                                   num_stages: int | None = None, num_kv_splits: int | None = None,
-                                  interpret: bool = False):
+                                  early_k_refill: bool = False, interpret: bool = False):
     """The Mosaic GPU kernel (16-bit dtypes only). Args and result as in the reference.
 
     block_kv, num_stages: kv tile and TMA ring depth; num_kv_splits: CTAs per (work item, kv head),
-    merged by a log-sum-exp combine (default: enough to fill the GPU at small batch)."""
+    merged by a log-sum-exp combine (default: enough to fill the GPU at small batch);
+    early_k_refill: refill a K slot right after QK^T instead of after PV."""
     T, N, H = q.shape
     P, S, K, _ = k_pages.shape
     B, M = page_table.shape
@@ -251,7 +259,8 @@ def ragged_paged_attention_mosaic(q, k_pages, v_pages, kv_lens, page_table, cu_q
     cfg = dict(group=G, head_dim=H, block_kv=block_kv, num_stages=num_stages, page_size=S,
                num_pages=P, max_pages=M, num_tokens=T, num_heads=N, sm_scale=sm_scale,
                soft_cap=soft_cap,
-               sliding_window=sliding_window, num_kv_splits=splits)
+               sliding_window=sliding_window, num_kv_splits=splits,
+               early_k_refill=early_k_refill)
     swizzle = plgpu.find_swizzle(64 * jnp.dtype(q.dtype).itemsize * 8)
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(swizzle))
     kernel = plgpu.kernel(

@@ -98,3 +98,10 @@ def test_gpu_kernel_kv_splits(splits):
     fn = functools.partial(ragged_paged_attention_mosaic, interpret=INTERPRET,
                            num_kv_splits=splits)
     _check(fn, "window_softcap_chunk" if splits == 1 else "decode_ragged_lens", "bf16", seed=11)
+
+
+def test_gpu_kernel_early_k_refill():
+    """K slots refilled right after QK^T (V after PV): a different barrier schedule."""
+    from kernels_pallas.ragged_paged_attention.kernel_gpu import ragged_paged_attention_mosaic
+    fn = functools.partial(ragged_paged_attention_mosaic, interpret=INTERPRET, early_k_refill=True)
+    _check(fn, "llama_gqa32_8_page64", "bf16", seed=5)
