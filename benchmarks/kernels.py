@@ -199,6 +199,7 @@ def plot(result, path):
 
 
 def main():
+    global S
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--variants", default="64x2,64x3")
@@ -208,7 +209,6 @@ def main():
     ap.add_argument("--ctxs", default="128,1024,4096")
     ap.add_argument("--no-baselines", action="store_true", help="skip the JAX and XLA kernels")
     args = ap.parse_args()
-    global S
     S = args.page_size
     os.makedirs(args.out, exist_ok=True)
     variants = args.variants.split(",")
