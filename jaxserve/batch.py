@@ -15,12 +15,15 @@ from jaxserve.request import Sequence
 class Batch:
     seqs: list[Sequence]  # B scheduled sequences; row b of every per-sequence array
     token_ids: np.ndarray  # i32[T] new tokens of all sequences, concatenated in seqs order
+    # i32[T] for a token not known on the host yet (sampled by the step in flight): its row in that
+    # step's sampled tokens; -1 where token_ids holds the token.
+    token_src: np.ndarray
     positions: np.ndarray  # i32[T] absolute position of each new token
     slot_mapping: np.ndarray  # i32[T] page*page_size+offset for each new token's K/V
     cu_q_lens: np.ndarray  # i32[B+1] cumulative new-token counts
     kv_lens: np.ndarray  # i32[B] context length after this step (num_computed_tokens + new)
     page_table: np.ndarray  # i32[B, M] page ids, M = max pages of any scheduled seq; pad 0
-    sample_mask: np.ndarray  # bool[B] True if the seq's last new token completes its prompt/decodes
+    sample_mask: np.ndarray  # bool[B] True if the seq's chunk ends at its last token: it samples
     num_prefill_tokens: int  # tokens belonging to prompt chunks (for stats)
     num_decode_tokens: int
 

@@ -40,14 +40,16 @@ class Detokenizer:
         tail = self._clamp(prompt_ids[-_CONTEXT_TOKENS:])
         return DetokenizerState(tokens=list(tail), prefix_offset=0, read_offset=len(tail))
 
-    def step(self, state: DetokenizerState, new_ids: list[int], skip_special_tokens: bool) -> str:
-        """Append new_ids; return the newly complete text (may be "")."""
+    def step(self, state: DetokenizerState, new_ids: list[int], skip_special_tokens: bool,
+             final: bool = False) -> str:
+        """Append new_ids; return the newly complete text (may be ""). `final` flushes an
+        incomplete trailing character as U+FFFD instead of waiting for more tokens."""
         state.tokens.extend(self._clamp(new_ids))
         state.consumed += len(new_ids)
         prefix_text = self.decode(state.tokens[state.prefix_offset:state.read_offset],
                                   skip_special_tokens)
         full_text = self.decode(state.tokens[state.prefix_offset:], skip_special_tokens)
-        if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
+        if len(full_text) <= len(prefix_text) or (full_text.endswith("\ufffd") and not final):
             return ""  # nothing new yet, or an incomplete UTF-8 character: wait for more tokens
         new = full_text[len(prefix_text):]
         state.prefix_offset, state.read_offset = state.read_offset, len(state.tokens)

@@ -15,7 +15,7 @@ from jaxserve.config import EngineConfig
 from jaxserve.detokenizer import Detokenizer, DetokenizerState
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxserve.request import Sequence
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 from jaxserve.scheduler import Scheduler
 
 logger = logging.getLogger("jaxserve")
@@ -60,6 +60,8 @@ class LLMEngine:
         self.detokenizer = Detokenizer(self.tokenizer)
         self._requests: dict[str, _RequestState] = {}
         self._rng = np.random.default_rng(config.seed)
+        self._inflight = None  # the step dispatched ahead (StepHandle), if any
+        self.async_scheduling = True
         self.startup_seconds = time.perf_counter() - start
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
 
@@ -142,22 +144,45 @@ class LLMEngine:
                 self.scheduler.abort(rid)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests)
+        """True while requests run, or a step dispatched ahead has not been read yet."""
+        return bool(self._requests) or self._inflight is not None
 
     def get_num_unfinished_requests(self) -> int:
         return len(self._requests)
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
-        if batch is None:
-            return []
-        out = self.runner.execute(batch)
+        """Run one step and return the outputs of the requests it advanced.
+
+        Async scheduling: step n+1 is scheduled and dispatched before step n's tokens are read
+        (its pending tokens are fed on device), so the host's bookkeeping for step n overlaps the
+        device's work on step n+1. A sequence that step n finishes wastes one token of step n+1,
+        which update() drops.
+        """
+        handle, self._inflight = self._inflight, None
+        if handle is None:
+            batch = self.scheduler.schedule()
+            if batch is None:
+                return []
+            handle = self.runner.dispatch(batch)
+        if self._can_schedule_ahead(handle.batch):
+            ahead = self.scheduler.schedule()
+            if ahead is not None:
+                self._inflight = self.runner.dispatch(ahead)
+        out = self.runner.fetch(handle)
+        batch = handle.batch
         touched = self.scheduler.update(batch, out.token_ids)
         self.stats["steps"] += 1
         self.stats["prompt_tokens"] += batch.num_prefill_tokens
         self._record_logprobs(batch, out)
         return self._process_outputs(touched)
+
+    def _can_schedule_ahead(self, batch) -> bool:
+        """Penalties need every output token on the host: such steps run one at a time."""
+        if not self.async_scheduling:
+            return False
+        return not any(s.params.uses_penalties for s, sampled in zip(batch.seqs, batch.sample_mask)
+                       if sampled)
 
     def _record_logprobs(self, batch, out) -> None:
         for b, seq in enumerate(batch.seqs):
@@ -197,11 +222,15 @@ class LLMEngine:
                 continue
             if seq.output_token_ids and state.first_token_time is None:
                 state.first_token_time = now
-            self._detokenize(state, seq)
+            # FINAL_ONLY requests without stop strings need their text only once, at the end.
+            if (seq.is_finished or seq.params.stop_strings
+                    or seq.params.output_kind is not RequestOutputKind.FINAL_ONLY):
+                self._detokenize(state, seq)
             changed[seq.request_id] = state
         outputs = []
         for rid, state in changed.items():
-            outputs.append(self._request_output(state))
+            if state.finished or state.params.output_kind is not RequestOutputKind.FINAL_ONLY:
+                outputs.append(self._request_output(state))
             if state.finished:
                 del self._requests[rid]
         self.stats["generation_tokens"] += sum(
@@ -211,7 +240,7 @@ class LLMEngine:
     def _detokenize(self, state: _RequestState, seq: Sequence) -> None:
         detok = state.detok[seq.index]
         self.detokenizer.step(detok, seq.output_token_ids[detok.consumed:],
-                              seq.params.skip_special_tokens)
+                              seq.params.skip_special_tokens, final=seq.is_finished)
         for stop in seq.params.stop_strings:
             idx = detok.text.find(stop, max(0, detok.stop_checked - len(stop) + 1))
             if idx >= 0:

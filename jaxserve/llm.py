@@ -1,6 +1,7 @@
 """LLM: the offline API (vLLM's `LLM`): generate() and chat() over an LLMEngine."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence as SequenceABC
 
@@ -9,7 +10,7 @@ from tqdm.auto import tqdm
 from jaxserve.config import EngineConfig
 from jaxserve.engine import LLMEngine
 from jaxserve.outputs import RequestOutput
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -37,6 +38,8 @@ class LLM:
                 raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
         else:
             params = [params] * len(prompts)
+        # Offline callers see only finished outputs: skip the per-step text work (vLLM does too).
+        params = [dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params]
         return self._run(prompts, params, use_tqdm)
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True,

@@ -39,6 +39,12 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache (prefix hits included)
     page_ids: list[int] = field(default_factory=list)  # this sequence's page table
     num_cached_prompt_tokens: int = 0  # prefix-cache hits at the last admission
+    # Tokens sampled on the device but not yet appended (the engine schedules step n+1 before it
+    # reads step n's tokens); at most 1 when schedule() runs. last_row: this sequence's row in the
+    # step that sampled that token, whose output feeds the next step's input on device.
+    num_pending: int = 0
+    last_row: int = -1
+    sampling_seed: int = 0  # per-sequence sampler seed (set by the engine)
     # For n > 1: sequences with index > 0 wait until the first finished its prompt, so they find
     # its full pages in the prefix cache instead of recomputing them.
     parent: "Sequence | None" = None
@@ -53,6 +59,10 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_tokens_with_pending(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,13 +1,20 @@
 """ModelRunner: host Batch -> padded device arrays -> one jitted step (model + sampler) -> numpy tokens.
 
-Owns the jit, the shape buckets and the KV cache. Token counts and page-table widths are bucketed to
-powers of two (the sequence rows follow the token bucket), so a steady state never recompiles: there
-are at most log2(max tokens) x log2(max pages) step shapes. Every new compile is logged and counted.
+Owns the compiled steps, the shape buckets and the KV cache. Token counts are bucketed to powers of two
+(the sequence rows follow the token bucket); the page table is max_model_len wide for the Pallas
+kernels, which read only live pages, and bucketed to powers of two for the reference, whose cost
+follows its width. Each shape is compiled ahead of time once (warmup() compiles the token buckets in
+parallel), logged and counted, so a steady state never recompiles. dispatch() returns at once and
+fetch() waits, so the engine can prepare step n+1 while step n runs; tokens sampled by step n feed
+step n+1 on device (Batch.token_src) without a trip through the host.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import jax
@@ -51,13 +58,16 @@ class StepOutput:
     prompt_top_logprobs: np.ndarray | None = None  # f32[T, k]
 
 
-def _step(graphdef, state, kv_cache: KVCache, token_ids, logits_idx, next_ids, md: AttentionMetadata,
-          smd: SamplingMetadata, prompt_logprobs_k: int):
-    """The jitted step. Returns (SamplerOutput, prompt logprob triple or None, new KVCache)."""
+def _step(graphdef, state, kv_cache: KVCache, prev_tokens, token_ids, token_src, logits_idx,
+          next_ids, md: AttentionMetadata, smd: SamplingMetadata, prompt_logprobs_k: int):
+    """The compiled step. Returns (SamplerOutput, tokens padded to prev_tokens' size, prompt logprob
+    triple or None, new KVCache). prev_tokens: the previous step's padded sampled tokens."""
     model = nnx.merge(graphdef, state)
+    token_ids = jnp.where(token_src >= 0, prev_tokens[jnp.maximum(token_src, 0)], token_ids)
     hidden, kv_cache = model(token_ids, md, kv_cache)
     logits = model.compute_logits(hidden[logits_idx])
     out = sample(logits, smd)
+    padded = jnp.zeros_like(prev_tokens).at[:out.token_ids.shape[0]].set(out.token_ids)
     prompt = None
     if prompt_logprobs_k >= 0:
         with jax.named_scope("prompt_logprobs"):
@@ -65,11 +75,20 @@ def _step(graphdef, state, kv_cache: KVCache, token_ids, logits_idx, next_ids, m
             nxt = jnp.take_along_axis(all_logprobs, next_ids[:, None], axis=-1)[:, 0]
             top_lp, top_ids = jax.lax.top_k(all_logprobs, prompt_logprobs_k)
             prompt = (nxt, top_ids.astype(jnp.int32), top_lp)
-    return out, prompt, kv_cache
+    return out, padded, prompt, kv_cache
+
+
+@dataclass
+class StepHandle:
+    """A dispatched step: device results not yet read."""
+
+    batch: Batch
+    out: SamplerOutput
+    prompt: tuple | None
 
 
 class ModelRunner:
-    """Holds the model state and KV cache; `execute(batch)` runs one step."""
+    """Holds the model state and KV cache; dispatch(batch) starts a step, fetch(handle) reads it."""
 
     def __init__(self, graphdef, state, kv_cache: KVCache, *, vocab_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, attention_impl: str,
@@ -78,15 +97,18 @@ class ModelRunner:
         self.vocab_size = vocab_size
         self.max_num_seqs = max_num_seqs
         self.buckets = token_buckets(max(max_num_batched_tokens, max_num_seqs))
+        self.max_rows = _pow2_at_least(max_num_seqs, 8)
         self.max_pages_per_seq = -(-max_model_len // kv_cache.page_size)
         self.attention_impl = attention_impl
         self.mesh = mesh
         self.max_logprobs = max_logprobs
         self.num_compiles = 0
         self.compile_seconds = 0.0
-        self._seen_shapes: set[tuple] = set()
-        self._step = jax.jit(_step, static_argnames=("graphdef", "prompt_logprobs_k"),
-                             donate_argnames=("kv_cache",))
+        self._executables: dict[tuple, object] = {}
+        self._lock = threading.Lock()
+        self._jit = jax.jit(_step, static_argnames=("graphdef", "prompt_logprobs_k"),
+                            donate_argnames=("kv_cache",))
+        self._prev_tokens = jnp.zeros(self.max_rows, jnp.int32)  # last step's sampled tokens
 
     # ---- padding -------------------------------------------------------------------------------
     def bucket_for(self, num_tokens: int) -> int:
@@ -95,26 +117,36 @@ class ModelRunner:
                 return size
         raise ValueError(f"{num_tokens=} exceeds the largest token bucket {self.buckets[-1]}")
 
-    def _attention_metadata(self, batch: Batch, t_pad: int, b_pad: int) -> tuple[dict, np.ndarray]:
-        """Host numpy arrays for AttentionMetadata, padded to (t_pad, b_pad)."""
-        num_slots = self.kv_cache.num_slots
+    def _rows_for(self, t_pad: int) -> int:
+        return min(t_pad, self.max_rows)
+
+    def _page_table_width(self, needed: int) -> int:
+        if self.attention_impl != "reference":
+            return self.max_pages_per_seq
+        return min(max(_pow2_at_least(needed, 8), needed), max(self.max_pages_per_seq, needed))
+
+    def _inputs(self, batch: Batch) -> tuple[tuple, int]:
+        """Padded host arrays for the step (everything but state, cache and prev tokens)."""
+        t_pad = self.bucket_for(batch.num_tokens)
+        b_pad = self._rows_for(t_pad)
+        assert batch.num_seqs <= b_pad, (batch.num_seqs, b_pad)
         T, B = batch.num_tokens, batch.num_seqs
-        positions = np.zeros(t_pad, np.int32)
-        positions[:T] = batch.positions
-        slots = np.full(t_pad, num_slots, np.int32)
-        slots[:T] = batch.slot_mapping
-        width = min(_pow2_at_least(batch.page_table.shape[1], 8), self.max_pages_per_seq)
-        page_table = np.zeros((b_pad, max(width, batch.page_table.shape[1])), np.int32)
+        width = self._page_table_width(batch.page_table.shape[1])
+        page_table = np.zeros((b_pad, width), np.int32)
         page_table[:B, :batch.page_table.shape[1]] = batch.page_table
-        kv_lens = np.zeros(b_pad, np.int32)
-        kv_lens[:B] = batch.kv_lens
         cu = np.full(b_pad + 1, batch.cu_q_lens[-1], np.int32)
         cu[:B + 1] = batch.cu_q_lens
-        logits_idx = np.zeros(b_pad, np.int32)
-        logits_idx[:B] = batch.cu_q_lens[1:] - 1
-        arrays = dict(positions=positions, slot_mapping=slots, page_table=page_table,
-                      kv_lens=kv_lens, cu_q_lens=cu, num_seqs=np.array([B], np.int32))
-        return arrays, logits_idx
+        md = AttentionMetadata(
+            positions=_pad(batch.positions, t_pad, 0),
+            slot_mapping=_pad(batch.slot_mapping, t_pad, self.kv_cache.num_slots),
+            page_table=page_table, kv_lens=_pad(batch.kv_lens, b_pad, 0), cu_q_lens=cu,
+            num_seqs=np.array([B], np.int32), attention_impl=self.attention_impl)
+        logits_idx = _pad(batch.cu_q_lens[1:] - 1, b_pad, 0)
+        prompt_k, next_ids = self._prompt_inputs(batch, t_pad)
+        smd = self._sampling_metadata(batch, b_pad)
+        args = (_pad(batch.token_ids, t_pad, 0), _pad(batch.token_src, t_pad, -1), logits_idx,
+                next_ids, md, smd)
+        return args, prompt_k
 
     def _sampling_metadata(self, batch: Batch, b_pad: int) -> SamplingMetadata:
         seqs = batch.seqs
@@ -129,8 +161,11 @@ class ModelRunner:
         use_pen = any(p.uses_penalties for p in params)
         use_tkp = any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params if not p.greedy)
         num_lp = min(self.max_logprobs, max([p.logprobs or 0 for p in params], default=0))
+        # Tokens the step samples are output number len(output) + num_pending (pending counted at
+        # schedule time): stop tokens are banned while that number is below min_tokens.
         banned = [sorted(s.eos_token_ids | set(s.params.stop_token_ids))
-                  if len(s.output_token_ids) < s.params.min_tokens else [] for s in seqs]
+                  if len(s.output_token_ids) + s.num_pending <= s.params.min_tokens else []
+                  for s in seqs]
         banned_arr = np.full((b_pad, _pow2_at_least(max(map(len, banned), default=1))),
                              self.vocab_size, np.int32)
         for b, ids in enumerate(banned):
@@ -143,7 +178,7 @@ class ModelRunner:
             top_p=col(lambda s: s.params.top_p, np.float32, 1.0),
             min_p=col(lambda s: s.params.min_p, np.float32, 0.0),
             seeds=col(lambda s: s.sampling_seed, np.uint32, 0),
-            counters=col(lambda s: s.num_tokens, np.int32, 0),
+            counters=_pad(batch.kv_lens, b_pad, 0),  # position of the sampled token: batch-free
             presence_penalty=col(lambda s: s.params.presence_penalty, np.float32, 0.0),
             frequency_penalty=col(lambda s: s.params.frequency_penalty, np.float32, 0.0),
             repetition_penalty=col(lambda s: s.params.repetition_penalty, np.float32, 1.0),
@@ -159,66 +194,115 @@ class ModelRunner:
 
     def _prompt_inputs(self, batch: Batch, t_pad: int) -> tuple[int, np.ndarray]:
         """(-1 if no prompt logprobs wanted else k, i32[t_pad] next prompt token of each token)."""
-        wanted = [s.params.prompt_logprobs for s in batch.seqs
-                  if s.params.prompt_logprobs is not None and s.in_prefill]
+        starts = batch.positions[batch.cu_q_lens[:-1]]
+        wanted = [s.params.prompt_logprobs for s, start in zip(batch.seqs, starts)
+                  if s.params.prompt_logprobs is not None and start < s.num_prompt_tokens]
         next_ids = np.zeros(t_pad, np.int32)
         if not wanted:
             return -1, next_ids
         for b, seq in enumerate(batch.seqs):
             start, end = batch.cu_q_lens[b], batch.cu_q_lens[b + 1]
-            pos = batch.positions[start:end] + 1
-            ids = seq.all_token_ids
-            next_ids[start:end] = [ids[p] if p < len(ids) else 0 for p in pos]
+            ids = seq.prompt_token_ids
+            next_ids[start:end] = [ids[p] if p < len(ids) else 0
+                                   for p in batch.positions[start:end] + 1]
         return min(self.max_logprobs, max(wanted)), next_ids
 
-    # ---- execution -----------------------------------------------------------------------------
-    def execute(self, batch: Batch) -> StepOutput:
-        t_pad = self.bucket_for(batch.num_tokens)
-        b_pad = min(t_pad, _pow2_at_least(self.max_num_seqs, 8))
-        assert batch.num_seqs <= b_pad, (batch.num_seqs, b_pad)
-        md_arrays, logits_idx = self._attention_metadata(batch, t_pad, b_pad)
-        token_ids = np.zeros(t_pad, np.int32)
-        token_ids[:batch.num_tokens] = batch.token_ids
-        smd = self._sampling_metadata(batch, b_pad)
-        prompt_k, next_ids = self._prompt_inputs(batch, t_pad)
-        md = AttentionMetadata(**md_arrays, attention_impl=self.attention_impl)
-        key = (t_pad, b_pad, md.page_table.shape[1], prompt_k, smd.use_penalties, smd.use_top_k_p, smd.num_logprobs,
-               smd.banned_ids.shape[1], smd.prompt_ids.shape[1])
-        start = time.perf_counter()
-        out, prompt, self.kv_cache = self._run(token_ids, logits_idx, next_ids, md, smd, prompt_k)
-        result = self._to_host(out, prompt, batch)
-        if key not in self._seen_shapes:
-            self._seen_shapes.add(key)
-            self.num_compiles += 1
-            seconds = time.perf_counter() - start
-            self.compile_seconds += seconds
-            logger.info("compiled step #%d for tokens=%d seqs=%d pages/seq=%d variant=%s in %.1fs",
-                        self.num_compiles, t_pad, b_pad, key[2], key[3:], seconds)
-        return result
-
-    def _run(self, token_ids, logits_idx, next_ids, md, smd, prompt_k):
-        if self.mesh is not None:
-            with jax.set_mesh(self.mesh):
-                return self._step(self.graphdef, self.state, self.kv_cache, token_ids, logits_idx,
-                                  next_ids, md, smd, prompt_k)
-        return self._step(self.graphdef, self.state, self.kv_cache, token_ids, logits_idx, next_ids,
-                          md, smd, prompt_k)
-
+    # ---- compilation ---------------------------------------------------------------------------
     @staticmethod
-    def _to_host(out: SamplerOutput, prompt, batch: Batch) -> StepOutput:
-        B, T = batch.num_seqs, batch.num_tokens
-        out = jax.device_get(out)
+    def _key(args: tuple, prompt_k: int) -> tuple:
+        return (prompt_k,) + tuple((tuple(x.shape), str(x.dtype)) if hasattr(x, "shape") else x
+                                   for x in jax.tree.leaves(args)) + (
+            args[4].attention_impl, args[5].use_penalties, args[5].use_top_k_p,
+            args[5].num_logprobs)
+
+    def _lower(self, args: tuple, prompt_k: int):
+        with self._mesh_context():
+            return self._jit.lower(self.graphdef, self.state, self.kv_cache, self._prev_tokens,
+                                   *args, prompt_k)
+
+    def _compile(self, key: tuple, lowered) -> object:
+        start = time.perf_counter()
+        exe = lowered.compile()
+        seconds = time.perf_counter() - start
+        with self._lock:
+            self._executables[key] = exe
+            self.num_compiles += 1
+            self.compile_seconds += seconds
+            logger.info("compiled step #%d (%d tokens, page table %s, %s) in %.1fs",
+                        self.num_compiles, key[1][0][0], key[7][0],
+                        "prompt logprobs" if key[0] >= 0 else "plain", seconds)
+        return exe
+
+    def warmup(self, max_workers: int = 8) -> None:
+        """Compile the plain variant of every token bucket, in parallel (XLA compiles off the GIL)."""
+        from jaxserve.batch import Batch as _Batch
+
+        start = time.perf_counter()
+        pending = []
+        for t in self.buckets:
+            empty = _Batch(seqs=[], token_ids=np.zeros(0, np.int32),
+                           token_src=np.zeros(0, np.int32), positions=np.zeros(0, np.int32),
+                           slot_mapping=np.zeros(0, np.int32), cu_q_lens=np.zeros(1, np.int32),
+                           kv_lens=np.zeros(0, np.int32),
+                           page_table=np.zeros((0, self.max_pages_per_seq), np.int32),
+                           sample_mask=np.zeros(0, bool), num_prefill_tokens=0,
+                           num_decode_tokens=0)
+            args, prompt_k = self._inputs_for_bucket(empty, t)
+            key = self._key(args, prompt_k)
+            if key not in self._executables:
+                pending.append((key, self._lower(args, prompt_k)))
+        with ThreadPoolExecutor(max_workers=max_workers) as pool:
+            list(pool.map(lambda kl: self._compile(*kl), pending))
+        logger.info("warm-up: %d step shapes compiled in %.1fs", len(pending),
+                    time.perf_counter() - start)
+
+    def _inputs_for_bucket(self, empty: Batch, t_pad: int) -> tuple[tuple, int]:
+        """Inputs of an all-padding step of t_pad tokens (for ahead-of-time compilation)."""
+        empty.token_ids = np.zeros(t_pad, np.int32)
+        empty.token_src = np.full(t_pad, -1, np.int32)
+        empty.positions = np.zeros(t_pad, np.int32)
+        empty.slot_mapping = np.full(t_pad, self.kv_cache.num_slots, np.int32)
+        empty.cu_q_lens = np.zeros(1, np.int32)
+        args, prompt_k = self._inputs(empty)
+        return args, prompt_k
+
+    # ---- execution -----------------------------------------------------------------------------
+    def dispatch(self, batch: Batch) -> StepHandle:
+        """Start the step on the device and return without waiting for it."""
+        args, prompt_k = self._inputs(batch)
+        key = self._key(args, prompt_k)
+        exe = self._executables.get(key) or self._compile(key, self._lower(args, prompt_k))
+        out, self._prev_tokens, prompt, self.kv_cache = exe(
+            self.state, self.kv_cache, self._prev_tokens, *args)
+        return StepHandle(batch, out, prompt)
+
+    def fetch(self, handle: StepHandle) -> StepOutput:
+        """Wait for a dispatched step and copy its results to the host."""
+        B, T = handle.batch.num_seqs, handle.batch.num_tokens
+        out = jax.device_get(handle.out)
         result = StepOutput(token_ids=np.asarray(out.token_ids[:B]),
                             logprobs=np.asarray(out.logprobs[:B]),
                             top_ids=np.asarray(out.top_ids[:B]),
                             top_logprobs=np.asarray(out.top_logprobs[:B]))
-        if prompt is not None:
-            nxt, ids, lps = jax.device_get(prompt)
+        if handle.prompt is not None:
+            nxt, ids, lps = jax.device_get(handle.prompt)
             result.prompt_logprobs = np.asarray(nxt[:T])
             result.prompt_top_ids = np.asarray(ids[:T])
             result.prompt_top_logprobs = np.asarray(lps[:T])
         return result
 
+    def execute(self, batch: Batch) -> StepOutput:
+        return self.fetch(self.dispatch(batch))
+
+    def _mesh_context(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
     @property
     def jit_cache_size(self) -> int:
-        return self._step._cache_size()
+        return len(self._executables)
+
+
+def _pad(a: np.ndarray, size: int, value) -> np.ndarray:
+    out = np.full(size, value, np.int32)
+    out[:len(a)] = a
+    return out

@@ -1,7 +1,15 @@
 """SamplingParams: what a request asks of the sampler and of the stop checks (vLLM's names)."""
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
+
+
+class RequestOutputKind(enum.Enum):
+    """What step() reports for a request (vLLM's names): the text so far, or only the end."""
+
+    CUMULATIVE = 0
+    FINAL_ONLY = 2
 
 
 @dataclass(kw_only=True)
@@ -25,6 +33,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     spaces_between_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self):

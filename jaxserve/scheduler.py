@@ -3,7 +3,10 @@
 Host side (no jax). LLMEngine.step() calls schedule() -> Batch, runs the model, then update().
 Every scheduled sequence computes K/V for tokens [num_computed_tokens, num_computed_tokens + chunk):
 a decode is a chunk of 1 (the last sampled token), a prefill a longer one, a recompute after
-preemption re-runs prompt + outputs. A sequence samples exactly when its chunk ends at num_tokens.
+preemption re-runs prompt + outputs. A sequence samples exactly when its chunk ends at its last token.
+schedule() advances num_computed_tokens at once and counts a sampled token as pending until update()
+appends it, so the engine may schedule step n+1 while step n runs: a pending token is then read on
+device from step n's output (Batch.token_src).
 """
 from __future__ import annotations
 
@@ -135,7 +138,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = min(seq.num_tokens_with_pending - seq.num_computed_tokens, budget)
+            if num_new <= 0 or self._ends_with_pending(seq):
+                i += 1
+                continue
             while not self._grow_pages(seq, seq.num_computed_tokens + num_new):
                 victim = self.running[-1]  # index >= i: never a sequence already in `chunks`
                 self._preempt(victim)
@@ -152,7 +158,7 @@ class Scheduler:
         i = 0
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[i]
-            if self._waits_for_parent(seq):
+            if seq.num_pending or self._waits_for_parent(seq):
                 i += 1  # n > 1 siblings let later requests pass while the first one prefills
                 continue
             num_new = self._admit(seq, budget)
@@ -161,6 +167,15 @@ class Scheduler:
             del self.waiting[i]
             chunks.append((seq, num_new))
             budget -= num_new
+
+    def _ends_with_pending(self, seq: Sequence) -> bool:
+        """True if the token in flight is certain to finish `seq` (max_tokens or max_model_len):
+        scheduling it again would compute a token that update() throws away."""
+        if not seq.num_pending:
+            return False
+        max_tokens = seq.params.max_tokens or self.max_model_len
+        return (len(seq.output_token_ids) + seq.num_pending >= max_tokens
+                or seq.num_tokens_with_pending >= self.max_model_len)
 
     def _waits_for_parent(self, seq: Sequence) -> bool:
         parent = seq.parent
@@ -226,6 +241,7 @@ class Scheduler:
         kv_lens = np.zeros(num_seqs, dtype=np.int32)
         sample_mask = np.zeros(num_seqs, dtype=bool)
         token_ids, positions = [], []
+        token_src = np.full(int(sum(n for _, n in chunks)), -1, dtype=np.int32)
         num_decode = 0
         for b, (seq, num_new) in enumerate(chunks):
             start = seq.num_computed_tokens
@@ -233,17 +249,26 @@ class Scheduler:
             page_table[b, :len(seq.page_ids)] = seq.page_ids
             cu_q_lens[b + 1] = cu_q_lens[b] + num_new
             kv_lens[b] = end
-            sample_mask[b] = end == seq.num_tokens
-            token_ids.extend(_token_slice(seq, start, end))
+            sample_mask[b] = end == seq.num_tokens_with_pending
+            known = _token_slice(seq, start, min(end, seq.num_tokens))
+            token_ids.extend(known + [0] * (num_new - len(known)))
+            if len(known) < num_new:  # the pending token: read from the step in flight
+                assert num_new - len(known) == 1 and seq.last_row >= 0, (seq, num_new, known)
+                token_src[cu_q_lens[b + 1] - 1] = seq.last_row
             positions.append(np.arange(start, end, dtype=np.int32))
             if num_new == 1 and start >= seq.num_prompt_tokens:
                 num_decode += 1
+            seq.num_computed_tokens = end
+            if sample_mask[b]:
+                seq.num_pending += 1
+                seq.last_row = b
         positions_arr = np.concatenate(positions)
         rows = np.repeat(np.arange(num_seqs), np.diff(cu_q_lens))
         slot_mapping = page_table[rows, positions_arr // ps] * ps + positions_arr % ps
         return Batch(
             seqs=[seq for seq, _ in chunks],
             token_ids=np.asarray(token_ids, dtype=np.int32),
+            token_src=token_src,
             positions=positions_arr,
             slot_mapping=slot_mapping.astype(np.int32),
             cu_q_lens=cu_q_lens,
@@ -263,13 +288,14 @@ class Scheduler:
         """
         out = []
         for b, seq in enumerate(batch.seqs):
-            if seq.is_finished:  # finished by the engine (abort) while the step ran
+            if seq.is_finished:  # finished (abort, stop string, stop one step ago) while it ran
                 continue
-            seq.num_computed_tokens += int(batch.cu_q_lens[b + 1] - batch.cu_q_lens[b])
+            if batch.sample_mask[b]:
+                seq.num_pending -= 1
+                seq.output_token_ids.append(int(sampled_token_ids[b]))
             self._register_full_pages(seq)
             if not batch.sample_mask[b]:
                 continue
-            seq.output_token_ids.append(int(sampled_token_ids[b]))
             stop = self._check_stop(seq)
             if stop is not None:
                 self.finish(seq, *stop)
@@ -280,8 +306,10 @@ class Scheduler:
         if not self.enable_prefix_caching:
             return
         ps = self.page_size
-        hashes = self._page_hashes[seq]
-        for i in range(len(hashes), seq.num_computed_tokens // ps):
+        hashes = self._page_hashes.get(seq)
+        if hashes is None:  # preempted since it was scheduled: its pages are gone
+            return
+        for i in range(len(hashes), min(seq.num_computed_tokens, seq.num_tokens) // ps):
             parent = hashes[-1] if hashes else None
             tokens = _token_slice(seq, i * ps, (i + 1) * ps)
             hashes.append(self.allocator.register_full_page(seq.page_ids[i], parent, tokens))

@@ -88,6 +88,8 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
                          max_num_batched_tokens=config.max_num_batched_tokens,
                          max_model_len=max_model_len, attention_impl=impl,
                          mesh=mesh, max_logprobs=config.max_logprobs)
+    if not config.enforce_eager and jax.default_backend() != "cpu":
+        runner.warmup()  # every token bucket compiled now, in parallel, not mid-run
     return EngineParts(model_config=mc, model_name=loaded.model_name, tokenizer=loaded.tokenizer,
                        chat_template=loaded.chat_template, eos_token_ids=loaded.eos_token_ids,
                        max_model_len=max_model_len, num_kv_pages=num_pages, runner=runner)

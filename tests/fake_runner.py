@@ -71,7 +71,8 @@ class FakeRunner:
         for b, seq in enumerate(batch.seqs):
             lo, hi = batch.cu_q_lens[b], batch.cu_q_lens[b + 1]
             positions = batch.positions[lo:hi]
-            assert hi > lo and positions[0] == seq.num_computed_tokens
+            # schedule() has already advanced num_computed_tokens past this chunk.
+            assert hi > lo and positions[-1] == seq.num_computed_tokens - 1
             assert batch.kv_lens[b] == positions[-1] + 1
             assert batch.sample_mask[b] == (batch.kv_lens[b] == seq.num_tokens)
             history = seq.all_token_ids

@@ -168,3 +168,39 @@ def test_tensor_parallel_matches_single_device(model_dir, llm):
     got = [o.outputs[0].token_ids for o in tp.generate(prompts, params, use_tqdm=False)]
     want = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert got == want
+
+
+def test_async_scheduling_gives_the_same_outputs(llm):
+    prompts = _prompts(10, seed=21)
+    params = [SamplingParams(temperature=0.9, top_p=0.95, max_tokens=int(4 + i % 5), seed=i,
+                             min_tokens=i % 3, stop=["e"] if i % 4 == 0 else None)
+              for i in range(len(prompts))]
+    engine = llm.llm_engine
+    runner = engine.runner
+    dispatch, fetch = runner.dispatch, runner.fetch
+    in_flight = {"now": 0, "max": 0}
+
+    def counting_dispatch(batch):
+        in_flight["now"] += 1
+        in_flight["max"] = max(in_flight["max"], in_flight["now"])
+        return dispatch(batch)
+
+    def counting_fetch(handle):
+        in_flight["now"] -= 1
+        return fetch(handle)
+
+    runner.dispatch, runner.fetch = counting_dispatch, counting_fetch
+    try:
+        engine.async_scheduling = False
+        sync = llm.generate(prompts, params, use_tqdm=False)
+        assert in_flight["max"] == 1
+        engine.async_scheduling = True
+        asyn = llm.generate(prompts, params, use_tqdm=False)
+        assert in_flight["max"] == 2  # step n+1 was dispatched before step n was read
+    finally:
+        runner.dispatch, runner.fetch = dispatch, fetch
+    for a, b in zip(sync, asyn):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert (a.outputs[0].text, a.outputs[0].finish_reason) == (b.outputs[0].text,
+                                                                  b.outputs[0].finish_reason)
+    engine.scheduler.allocator.check_integrity()
