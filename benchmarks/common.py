@@ -113,3 +113,8 @@ def bar_plot(path: Path, title: str, labels: list[str], values: list[float], yla
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
+
+
+def model_tag(model: str) -> str:
+    """A file-name-safe tag for a model path or preset name."""
+    return model.rstrip("/").split("/")[-1]

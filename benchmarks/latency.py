@@ -59,7 +59,7 @@ def main(argv=None):
               attention_backend=args.attention_backend)
     engine = llm.llm_engine
     for b in batches:  # warm-up: compile every bucket the timed runs touch
-        measure(engine, b, args.input_len, 4, seed=-b - 1)
+        measure(engine, b, args.input_len, 4, seed=1000 + b)
     bw = common.measure_copy_bandwidth()
     mc, itemsize = engine.model_config, 2 if args.dtype == "bfloat16" else 4
     w_bytes = common.param_count(mc) * itemsize
@@ -73,7 +73,7 @@ def main(argv=None):
               f"(floor {1e3 * r['tpot_floor_s']:.2f} ms, {r['tpot_s'] / r['tpot_floor_s']:.2f}x)")
     result = {"args": vars(args), "env": common.environment(), "copy_bandwidth_Bps": bw,
               "rows": rows, "compiles": engine.runner.num_compiles}
-    path = common.write_results(f"latency_{args.model.rstrip('/').split('/')[-1]}", result, args.out)
+    path = common.write_results(f"latency_{common.model_tag(args.model)}", result, args.out)
     try:
         common.bar_plot(path.with_suffix(".png"), f"TPOT {args.model}",
                         [f"b{r['batch']}" for r in rows], [1e3 * r["tpot_s"] for r in rows],

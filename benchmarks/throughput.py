@@ -152,8 +152,7 @@ def main(argv=None):
             print(f"vs transformers {name}: {b['output_tokens_per_s']:.0f} tok/s -> {ratio:.1f}x")
             labels.append(name)
             values.append(b["output_tokens_per_s"])
-    model_tag = args.model.rstrip("/").split("/")[-1]
-    name = args.name or f"throughput_{model_tag}_{args.input_len}_{args.output_len}"
+    name = args.name or f"throughput_{common.model_tag(args.model)}_{args.input_len}_{args.output_len}"
     path = common.write_results(name, result, args.out)
     try:
         common.bar_plot(path.with_suffix(".png"), name, labels, values, "output tokens/s",

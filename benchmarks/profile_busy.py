@@ -1,0 +1,92 @@
+"""How busy the device is during generation: a jax.profiler trace of a decode-heavy run, reduced to
+the fraction of wall time in which any GPU kernel runs (union of kernel intervals / trace span).
+
+python -m benchmarks.profile_busy --model llama-3-8b --load-format dummy --num-prompts 256 \
+    --input-len 128 --output-len 128
+Writes the Perfetto trace and a JSON summary (busy fraction, top kernels by time) to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import json
+import os
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from benchmarks import common
+
+
+def busy_fraction(trace_path: str) -> dict:
+    """Union of device-side op intervals over their span, from a Chrome/Perfetto trace JSON."""
+    with gzip.open(trace_path, "rt") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    names = {e["pid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device_pids = {pid for pid, name in names.items() if "/device:" in name and "CPU" not in name}
+    spans, per_name = [], defaultdict(float)
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in device_pids and e.get("dur", 0) > 0:
+            spans.append((e["ts"], e["ts"] + e["dur"]))
+            per_name[e.get("name", "?")] += e["dur"]
+    if not spans:
+        return {"busy_fraction": None, "device_processes": sorted(names.values())}
+    spans.sort()
+    busy, (cur_start, cur_end) = 0.0, spans[0]
+    for start, end in spans[1:]:
+        if start > cur_end:
+            busy += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    busy += cur_end - cur_start
+    span = spans[-1][1] - spans[0][0]
+    top = sorted(per_name.items(), key=lambda kv: -kv[1])[:15]
+    return {"busy_fraction": busy / span, "span_ms": span / 1e3, "busy_ms": busy / 1e3,
+            "num_device_events": len(spans), "top_ops_ms": [(n, d / 1e3) for n, d in top]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="llama-3-8b")
+    p.add_argument("--load-format", default="dummy")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    import jax
+
+    from jaxserve import LLM, SamplingParams
+
+    llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, tokenizer=args.tokenizer,
+              max_model_len=args.input_len + args.output_len + 16, max_num_seqs=args.num_prompts,
+              max_num_batched_tokens=args.max_num_batched_tokens)
+    rng = np.random.default_rng(0)
+    vocab = llm.llm_engine.model_config.vocab_size
+    prompts = [rng.integers(0, vocab, size=args.input_len).tolist() for _ in range(args.num_prompts)]
+    params = SamplingParams(temperature=1.0, max_tokens=args.output_len, ignore_eos=True)
+    llm.generate(prompts, SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True),
+                 use_tqdm=False)  # compile outside the trace
+    trace_dir = os.path.join(args.out, "profile_trace")
+    start = time.perf_counter()
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - start
+    traces = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
+    summary = busy_fraction(traces[-1]) if traces else {"busy_fraction": None}
+    summary.update(wall_s=wall, env=common.environment(), args=vars(args),
+                   output_tok_s=args.num_prompts * args.output_len / wall)
+    print(json.dumps({k: v for k, v in summary.items() if k != "env"}, indent=1, default=str))
+    common.write_results(f"profile_busy_{common.model_tag(args.model)}", summary, args.out)
+
+
+if __name__ == "__main__":
+    main()
