@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import time
@@ -78,9 +79,10 @@ def workload_floor(mc, itemsize: int, *, num_prompts: int, input_len: int, outpu
 
 def environment() -> dict:
     try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                         stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):  # a copy without .git (the GPU machine)
+        commit = os.environ.get("JAXSERVE_COMMIT", "unknown")
     dev = jax.devices()[0]
     return {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform,
             "num_devices": jax.device_count(), "jax": jax.__version__, "python": platform.python_version(),
