@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Downloads the wheels `jaxserve serve` needs beyond the GPU image (Python 3.12, manylinux x86_64)
 # into .whl/, pinned to the versions installed in .venv, so the server runs there offline:
-#   bash scripts/build_server_wheels.sh
+#   bash scripts/build_server_wheels.sh [--with-client]   # --with-client: also the openai SDK
 #   # on the GPU machine (carry .whl):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
@@ -11,6 +11,9 @@ py=.venv/bin/python
 # The import closure of fastapi + uvicorn (h11 protocol, asyncio loop) + pydantic.
 names=(fastapi starlette pydantic pydantic-core annotated-types annotated-doc typing-inspection
        typing-extensions opentelemetry-api anyio sniffio idna uvicorn h11 click)
+if [ "${1:-}" = --with-client ]; then
+  names+=(openai jiter httpx2 httpcore2 truststore httpx httpcore certifi)
+fi
 rm -rf .whl && mkdir -p .whl  # /.whl/ is in .gitignore
 specs=()
 for name in "${names[@]}"; do
