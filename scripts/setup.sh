@@ -14,8 +14,12 @@ for arg in "$@"; do
   esac
 done
 py=""
-for cand in python3.12 /root/.pyenv/versions/3.12.*/bin/python3.12 "$HOME"/.pyenv/versions/3.12.*/bin/python3.12; do
-  if command -v "$cand" >/dev/null 2>&1; then py="$(command -v "$cand")"; break; fi
+# A pyenv shim may exist and still fail to run, so each candidate must actually start.
+for cand in /root/.pyenv/versions/3.12.*/bin/python3.12 "$HOME"/.pyenv/versions/3.12.*/bin/python3.12 \
+            python3.12 python3.13 python3; do
+  if "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1; then
+    py="$(command -v "$cand")"; break
+  fi
 done
 if [ -z "$py" ]; then echo "Python 3.12 not found (JAX 0.11 needs Python >= 3.12)" >&2; exit 1; fi
 [ -x .venv/bin/python ] || "$py" -m venv .venv
