@@ -49,7 +49,10 @@ def _online_softmax_step(q, k, v, carry, *, kv0, pos0, cfg):
     """One kv block: scores, mask, and the running (acc, m, l) update, all in f32."""
     acc, m_i, l_i = carry
     rows, block_kv = q.shape[0], k.shape[0]
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    # f32 inputs: full-precision MXU passes (the default would round operands to bf16 on TPU).
+    prec = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
+                        preferred_element_type=jnp.float32)
     s = s * cfg["sm_scale"]
     if cfg["soft_cap"] is not None:
         s = cfg["soft_cap"] * jnp.tanh(s / cfg["soft_cap"])
@@ -65,7 +68,7 @@ def _online_softmax_step(q, k, v, carry, *, kv0, pos0, cfg):
     alpha = jnp.exp(m_i - m_new)
     p = jnp.exp(s - m_new)
     l_new = alpha * l_i + p.sum(axis=1, keepdims=True)
-    pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    pv = jnp.dot(p.astype(v.dtype), v, precision=prec, preferred_element_type=jnp.float32)
     return acc * alpha + pv, m_new, l_new
 
 
