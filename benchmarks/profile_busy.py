@@ -76,14 +76,18 @@ def main(argv=None):
     llm.generate(prompts, SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True),
                  use_tqdm=False)  # compile outside the trace
     trace_dir = os.path.join(args.out, "profile_trace")
-    start = time.perf_counter()
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    options = jax.profiler.ProfileOptions()
+    options.host_tracer_level = 0  # device activity only: host tracing would slow the host loop
+    options.python_tracer_level = 0
+    with jax.profiler.trace(trace_dir, profiler_options=options):
+        start = time.perf_counter()
         llm.generate(prompts, params, use_tqdm=False)
-    wall = time.perf_counter() - start
+        wall = time.perf_counter() - start
     traces = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
     summary = busy_fraction(traces[-1]) if traces else {"busy_fraction": None}
     summary.update(wall_s=wall, env=common.environment(), args=vars(args),
-                   output_tok_s=args.num_prompts * args.output_len / wall)
+                   output_tok_s=args.num_prompts * args.output_len / wall,
+                   busy_of_wall=(summary.get("busy_ms") or 0) / 1e3 / wall)
     print(json.dumps({k: v for k, v in summary.items() if k != "env"}, indent=1, default=str))
     common.write_results(f"profile_busy_{common.model_tag(args.model)}", summary, args.out)
 

@@ -214,27 +214,29 @@ class LLMEngine:
             seq.prompt_logprobs.append(entry)
 
     def _process_outputs(self, touched: list[Sequence]) -> list[RequestOutput]:
+        """Text, stop strings and RequestOutputs for the sequences that got a token. FINAL_ONLY
+        requests without stop strings are detokenized once, when they finish."""
         now = time.monotonic()
         changed: dict[str, _RequestState] = {}
         for seq in touched:
             state = self._requests.get(seq.request_id)
             if state is None:
                 continue
-            if seq.output_token_ids and state.first_token_time is None:
+            if state.first_token_time is None:
                 state.first_token_time = now
-            # FINAL_ONLY requests without stop strings need their text only once, at the end.
-            if (seq.is_finished or seq.params.stop_strings
-                    or seq.params.output_kind is not RequestOutputKind.FINAL_ONLY):
+            streamed = seq.params.output_kind is not RequestOutputKind.FINAL_ONLY
+            if seq.is_finished or streamed or seq.params.stop_strings:
                 self._detokenize(state, seq)
-            changed[seq.request_id] = state
+            if seq.is_finished or streamed:
+                changed[seq.request_id] = state
         outputs = []
         for rid, state in changed.items():
-            if state.finished or state.params.output_kind is not RequestOutputKind.FINAL_ONLY:
+            finished = state.finished
+            if finished or state.params.output_kind is not RequestOutputKind.FINAL_ONLY:
                 outputs.append(self._request_output(state))
-            if state.finished:
+            if finished:
                 del self._requests[rid]
-        self.stats["generation_tokens"] += sum(
-            1 for s in touched if s.output_token_ids and not s.in_prefill)
+        self.stats["generation_tokens"] += len(touched)
         return outputs
 
     def _detokenize(self, state: _RequestState, seq: Sequence) -> None:

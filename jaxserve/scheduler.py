@@ -232,52 +232,44 @@ class Scheduler:
         self._page_hashes.pop(seq, None)
 
     def _build_batch(self, chunks: list[tuple[Sequence, int]]) -> Batch:
-        """Flatten (seq, chunk length) pairs into the Batch arrays (see batch.py for the fields)."""
-        ps = self.page_size
-        num_seqs = len(chunks)
-        num_cols = max(len(seq.page_ids) for seq, _ in chunks)
-        page_table = np.zeros((num_seqs, num_cols), dtype=np.int32)
+        """Flatten (seq, chunk length) pairs into the Batch arrays (see batch.py for the fields),
+        then advance each sequence past its chunk (its sampled token becomes pending)."""
+        ps, num_seqs = self.page_size, len(chunks)
+        lens = np.fromiter((n for _, n in chunks), np.int32, num_seqs)
+        starts = np.fromiter((seq.num_computed_tokens for seq, _ in chunks), np.int32, num_seqs)
         cu_q_lens = np.zeros(num_seqs + 1, dtype=np.int32)
-        kv_lens = np.zeros(num_seqs, dtype=np.int32)
+        np.cumsum(lens, out=cu_q_lens[1:])
+        num_tokens = int(cu_q_lens[-1])
+        page_table = np.zeros((num_seqs, max(len(seq.page_ids) for seq, _ in chunks)), np.int32)
+        token_ids = np.zeros(num_tokens, dtype=np.int32)
+        token_src = np.full(num_tokens, -1, dtype=np.int32)
         sample_mask = np.zeros(num_seqs, dtype=bool)
-        token_ids, positions = [], []
-        token_src = np.full(int(sum(n for _, n in chunks)), -1, dtype=np.int32)
-        num_decode = 0
         for b, (seq, num_new) in enumerate(chunks):
-            start = seq.num_computed_tokens
-            end = start + num_new
+            start, end, off = int(starts[b]), int(starts[b]) + num_new, int(cu_q_lens[b])
             page_table[b, :len(seq.page_ids)] = seq.page_ids
-            cu_q_lens[b + 1] = cu_q_lens[b] + num_new
-            kv_lens[b] = end
-            sample_mask[b] = end == seq.num_tokens_with_pending
-            known = _token_slice(seq, start, min(end, seq.num_tokens))
-            token_ids.extend(known + [0] * (num_new - len(known)))
-            if len(known) < num_new:  # the pending token: read from the step in flight
-                assert num_new - len(known) == 1 and seq.last_row >= 0, (seq, num_new, known)
-                token_src[cu_q_lens[b + 1] - 1] = seq.last_row
-            positions.append(np.arange(start, end, dtype=np.int32))
-            if num_new == 1 and start >= seq.num_prompt_tokens:
-                num_decode += 1
+            known = min(end, seq.num_tokens) - start
+            if known == 1:
+                token_ids[off] = _token_slice(seq, start, start + 1)[0]
+            elif known > 0:
+                token_ids[off:off + known] = _token_slice(seq, start, start + known)
+            if known < num_new:  # the pending token: read from the step in flight
+                assert num_new - known == 1 and seq.last_row >= 0, (seq, num_new, known)
+                token_src[off + known] = seq.last_row
             seq.num_computed_tokens = end
-            if sample_mask[b]:
+            if end == seq.num_tokens_with_pending:
+                sample_mask[b] = True
                 seq.num_pending += 1
                 seq.last_row = b
-        positions_arr = np.concatenate(positions)
-        rows = np.repeat(np.arange(num_seqs), np.diff(cu_q_lens))
-        slot_mapping = page_table[rows, positions_arr // ps] * ps + positions_arr % ps
+        positions = np.arange(num_tokens, dtype=np.int32) - np.repeat(cu_q_lens[:-1] - starts, lens)
+        rows = np.repeat(np.arange(num_seqs), lens)
+        slot_mapping = page_table[rows, positions // ps] * ps + positions % ps
+        num_decode = int(np.count_nonzero((lens == 1) & (starts >= np.fromiter(
+            (seq.num_prompt_tokens for seq, _ in chunks), np.int32, num_seqs))))
         return Batch(
-            seqs=[seq for seq, _ in chunks],
-            token_ids=np.asarray(token_ids, dtype=np.int32),
-            token_src=token_src,
-            positions=positions_arr,
-            slot_mapping=slot_mapping.astype(np.int32),
-            cu_q_lens=cu_q_lens,
-            kv_lens=kv_lens,
-            page_table=page_table,
-            sample_mask=sample_mask,
-            num_prefill_tokens=int(cu_q_lens[-1]) - num_decode,
-            num_decode_tokens=num_decode,
-        )
+            seqs=[seq for seq, _ in chunks], token_ids=token_ids, token_src=token_src,
+            positions=positions, slot_mapping=slot_mapping.astype(np.int32), cu_q_lens=cu_q_lens,
+            kv_lens=starts + lens, page_table=page_table, sample_mask=sample_mask,
+            num_prefill_tokens=num_tokens - num_decode, num_decode_tokens=num_decode)
 
     # ---- update -----------------------------------------------------------------------------
     def update(self, batch: Batch, sampled_token_ids: np.ndarray) -> list[Sequence]:

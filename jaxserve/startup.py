@@ -5,6 +5,7 @@ The one place that turns an EngineConfig into device state; LLMEngine keeps the 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import jax
@@ -60,8 +61,21 @@ def num_kv_pages_for(config: EngineConfig, model_config: ModelConfig, dtype, max
     return pages
 
 
+def enable_compilation_cache() -> None:
+    """Persist compiled steps across processes on accelerators (a restart skips most compiles).
+    JAX_COMPILATION_CACHE_DIR, if set, wins; CPU runs (tests) keep no cache."""
+    if jax.default_backend() == "cpu" or jax.config.jax_compilation_cache_dir:
+        return
+    path = os.path.join(os.path.expanduser("~"), ".cache", "jaxserve", "xla")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    logger.info("compilation cache: %s", path)
+
+
 def build_engine_parts(config: EngineConfig) -> EngineParts:
     from jaxserve.weights import load_model
+
+    enable_compilation_cache()
 
     tp = config.tensor_parallel_size
     mesh = make_mesh(tp)

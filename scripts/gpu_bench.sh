@@ -6,7 +6,7 @@ out=${OUT:-/tmp/out}
 mkdir -p "$out"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 tok=.gpu_assets/smollm2_tokenizer
-keep='jaxserve:|roofline|start-up|vs transformers|transformers batch|batch +[0-9]+:|warm-up:|busy_fraction|Error|error'
+keep="jaxserve:|roofline|start-up|vs transformers|transformers batch|batch +[0-9]+:|warm-up:|busy_fraction|busy_of_wall|wall_s|output_tok_s|Error|error"
 run() { local name=$1 limit=$2; shift 2; echo "=== $name"
   timeout "$limit" python3 "$@" 2>&1 | grep -v "it/s]" > "$out/$name.log"; grep -E "$keep" "$out/$name.log"; }
 if [ "${PART:-throughput}" = throughput ] || [ -z "${PART:-}" ]; then
@@ -22,4 +22,13 @@ if [ "${PART:-}" = latency ]; then
     --input-len 128 --output-len 128 --out "$out"
   run profile 200 -m benchmarks.profile_busy --model llama-3-8b --tokenizer $tok --num-prompts 256 \
     --input-len 128 --output-len 128 --out "$out"
+fi
+if [ "${PART:-}" = verify ]; then  # after host-path changes: busy fraction and workload B again
+  run profile_128 200 -m benchmarks.profile_busy --model llama-3-8b --tokenizer $tok \
+    --num-prompts 256 --input-len 128 --output-len 128 --out "$out"
+  mv "$out/profile_busy_llama-3-8b.json" "$out/profile_busy_llama-3-8b_128_128.json"
+  run profile_512 200 -m benchmarks.profile_busy --model llama-3-8b --tokenizer $tok \
+    --num-prompts 256 --input-len 512 --output-len 256 --out "$out"
+  mv "$out/profile_busy_llama-3-8b.json" "$out/profile_busy_llama-3-8b_512_256.json"
+  rm -rf "$out/profile_trace"
 fi
