@@ -73,8 +73,9 @@ def main(argv=None):
     vocab = llm.llm_engine.model_config.vocab_size
     prompts = [rng.integers(0, vocab, size=args.input_len).tolist() for _ in range(args.num_prompts)]
     params = SamplingParams(temperature=1.0, max_tokens=args.output_len, ignore_eos=True)
-    llm.generate(prompts, SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True),
-                 use_tqdm=False)  # compile outside the trace
+    other = [rng.integers(0, vocab, size=args.input_len).tolist() for _ in prompts]
+    llm.generate(other, SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True),
+                 use_tqdm=False)  # compile outside the trace; other prompts: no prefix-cache hits
     trace_dir = os.path.join(args.out, "profile_trace")
     options = jax.profiler.ProfileOptions()
     options.host_tracer_level = 0  # device activity only: host tracing would slow the host loop
