@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -100,6 +101,9 @@ class ModelRunner:
         self.max_rows = _pow2_at_least(max_num_seqs, 8)
         self.max_pages_per_seq = -(-max_model_len // kv_cache.page_size)
         self.attention_impl = attention_impl
+        # Kernels read only live pages, so a max_model_len-wide table costs nothing and keeps one
+        # shape per token bucket; the reference's cost follows the width, so it is bucketed.
+        self.full_width_page_table = attention_impl != "reference"
         self.mesh = mesh
         self.max_logprobs = max_logprobs
         self.num_compiles = 0
@@ -121,7 +125,7 @@ class ModelRunner:
         return min(t_pad, self.max_rows)
 
     def _page_table_width(self, needed: int) -> int:
-        if self.attention_impl != "reference":
+        if self.full_width_page_table:
             return self.max_pages_per_seq
         return min(max(_pow2_at_least(needed, 8), needed), max(self.max_pages_per_seq, needed))
 
@@ -233,8 +237,9 @@ class ModelRunner:
                         "prompt logprobs" if key[0] >= 0 else "plain", seconds)
         return exe
 
-    def warmup(self, max_workers: int = 8) -> None:
-        """Compile the plain variant of every token bucket, in parallel (XLA compiles off the GIL)."""
+    def warmup(self) -> None:
+        """Compile the plain variant of every token bucket, all at once in threads: XLA compiles
+        off the GIL, so start-up costs about one compile instead of one per bucket."""
         from jaxserve.batch import Batch as _Batch
 
         start = time.perf_counter()
@@ -251,7 +256,7 @@ class ModelRunner:
             key = self._key(args, prompt_k)
             if key not in self._executables:
                 pending.append((key, self._lower(args, prompt_k)))
-        with ThreadPoolExecutor(max_workers=max_workers) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, min(len(pending), os.cpu_count() or 1))) as pool:
             list(pool.map(lambda kl: self._compile(*kl), pending))
         logger.info("warm-up: %d step shapes compiled in %.1fs", len(pending),
                     time.perf_counter() - start)

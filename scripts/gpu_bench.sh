@@ -32,3 +32,8 @@ if [ "${PART:-}" = verify ]; then  # after host-path changes: busy fraction and 
   mv "$out/profile_busy_llama-3-8b.json" "$out/profile_busy_llama-3-8b_512_256.json"
   rm -rf "$out/profile_trace"
 fi
+if [ "${PART:-}" = startup ]; then  # cold start-up and workload B without the baseline
+  run workload_b_cold 330 -m benchmarks.throughput --model llama-3-8b --tokenizer $tok \
+    --num-prompts 1000 --input-len 512 --output-len 256 --max-num-seqs 256 \
+    --max-num-batched-tokens 8192 --out "$out" --name workload_b_llama3_8b_cold_start
+fi

@@ -204,3 +204,18 @@ def test_async_scheduling_gives_the_same_outputs(llm):
         assert (a.outputs[0].text, a.outputs[0].finish_reason) == (b.outputs[0].text,
                                                                   b.outputs[0].finish_reason)
     engine.scheduler.allocator.check_integrity()
+
+
+def test_warmup_compiles_every_plain_step_shape(model_dir):
+    llm = LLM(str(model_dir), dtype="float32", page_size=4, num_kv_pages=64, max_num_seqs=8,
+              max_num_batched_tokens=32, max_model_len=64)
+    runner = llm.llm_engine.runner
+    runner.full_width_page_table = True  # as with the Pallas kernels on an accelerator
+    runner.warmup()
+    compiled = runner.num_compiles
+    assert compiled == len(runner.buckets)
+    llm.generate(_prompts(8, seed=17), SamplingParams(temperature=0.7, max_tokens=6,
+                                                      ignore_eos=True), use_tqdm=False)
+    llm.generate(_prompts(3, seed=18), SamplingParams(temperature=0, max_tokens=3),
+                 use_tqdm=False)
+    assert runner.num_compiles == compiled, "a step shape was compiled after warm-up"
