@@ -134,7 +134,7 @@ class ModelRunner:
         t_pad = self.bucket_for(batch.num_tokens)
         b_pad = self._rows_for(t_pad)
         assert batch.num_seqs <= b_pad, (batch.num_seqs, b_pad)
-        T, B = batch.num_tokens, batch.num_seqs
+        B = batch.num_seqs
         width = self._page_table_width(batch.page_table.shape[1])
         page_table = np.zeros((b_pad, width), np.int32)
         page_table[:B, :batch.page_table.shape[1]] = batch.page_table
