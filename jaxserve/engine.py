@@ -1,13 +1,14 @@
 """LLMEngine: add_request / step / abort_request over the scheduler and the model runner.
 
-step() is schedule -> execute -> update, then output processing (detokenize, stop strings, logprobs).
+step() is schedule -> dispatch -> (schedule and dispatch the next step) -> fetch -> update, then
+output processing (detokenize, stop strings, logprobs).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -31,7 +32,6 @@ class _RequestState:
     detok: list[DetokenizerState]
     arrival_time: float
     first_token_time: float | None = None
-    emitted_text_len: list[int] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -90,8 +90,7 @@ class LLMEngine:
             seq.sampling_seed = self._sampling_seed(params, i)
             seqs.append(seq)
         state = _RequestState(request_id, text, list(ids), params, seqs,
-                              [self.detokenizer.start(ids) for _ in seqs], arrival,
-                              emitted_text_len=[0] * len(seqs))
+                              [self.detokenizer.start(ids) for _ in seqs], arrival)
         self._requests[request_id] = state
         for seq in seqs:
             self.scheduler.add(seq)

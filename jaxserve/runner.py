@@ -297,9 +297,6 @@ class ModelRunner:
             result.prompt_top_logprobs = np.asarray(lps[:T])
         return result
 
-    def execute(self, batch: Batch) -> StepOutput:
-        return self.fetch(self.dispatch(batch))
-
     def _mesh_context(self):
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
