@@ -181,7 +181,10 @@ class Scheduler:
         parent = seq.parent
         if parent is None or not self.enable_prefix_caching:
             return False
-        return not parent.is_finished and parent.num_computed_tokens < parent.num_prompt_tokens
+        # Its prompt pages are in the prefix cache once update() has applied the step that
+        # finished the prompt, which is also the step that gave it its first output token
+        # (num_computed_tokens alone runs ahead: schedule() advances it before the step runs).
+        return not parent.is_finished and not parent.output_token_ids
 
     def _admit(self, seq: Sequence, budget: int) -> int:
         """Move `seq` to running with prefix hits and pages for its first chunk; 0 if it does not fit."""

@@ -63,8 +63,12 @@ def test_seed_gives_same_text_whatever_the_batch(llm):
 
 def test_n_completions_share_the_prompt(llm):
     prompt = list(range(10, 40))  # 30 tokens: 7 full pages of 4
+    sched = llm.llm_engine.scheduler
+    hits_before = sched.num_prefix_hit_tokens
     outs = llm.generate([prompt], SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=3,
                                                  ignore_eos=True), use_tqdm=False)
+    # The two siblings found the first completion's 7 full prompt pages in the prefix cache.
+    assert sched.num_prefix_hit_tokens - hits_before >= 2 * 28
     comps = outs[0].outputs
     assert [c.index for c in comps] == [0, 1, 2]
     assert len({tuple(c.token_ids) for c in comps}) > 1
