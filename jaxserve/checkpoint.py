@@ -4,6 +4,7 @@ named and laid out as in HF checkpoints. weights.py maps and places them.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -23,6 +24,7 @@ from models.presets import get_preset, preset_names
 logger = logging.getLogger("jaxserve")
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
               "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
               "BOOL": np.bool_}
@@ -65,10 +67,11 @@ def embedded_gguf_path() -> str:
 
 def open_checkpoint(model: str | None, load_format: str) -> Checkpoint:
     """Resolve `model` (None, .gguf path, HF directory or preset name) to a Checkpoint."""
-    if model is None:
-        return read_gguf(embedded_gguf_path(), dummy=load_format == "dummy")
+    if model is None:  # served as "SmolLM2-135M-Instruct", like a hub id
+        ckpt = read_gguf(embedded_gguf_path(), dummy=load_format == "dummy")
+        return dataclasses.replace(ckpt, name=EMBEDDED_NAME)
     if os.path.isfile(model) and model.endswith(".gguf"):
-        return read_gguf(model, dummy=load_format == "dummy")
+        return dataclasses.replace(read_gguf(model, dummy=load_format == "dummy"), name=model)
     if os.path.isdir(model):
         return read_hf_dir(model, dummy=load_format == "dummy")
     preset = get_preset(model)

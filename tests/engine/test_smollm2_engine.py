@@ -46,4 +46,5 @@ def test_chat_answers_the_question(llm):
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                    SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0]
     assert "Paris" in out.outputs[0].text
+    assert llm.llm_engine.model_name == "SmolLM2-135M-Instruct"  # the name the server serves
     assert out.outputs[0].finish_reason in ("stop", "length")
