@@ -5,7 +5,6 @@ write_kv. The jitted step donates the KVCache so XLA updates the pages in place.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import jax
@@ -89,7 +88,3 @@ def init_kv_cache(num_layers: int, num_pages: int, page_size: int, num_kv_heads:
 def kv_cache_bytes_per_page(num_layers: int, page_size: int, num_kv_heads: int, head_dim: int,
                             dtype) -> int:
     return 2 * num_layers * page_size * num_kv_heads * head_dim * jnp.dtype(dtype).itemsize
-
-
-def replace(md: AttentionMetadata, **kw) -> AttentionMetadata:
-    return dataclasses.replace(md, **kw)
