@@ -247,11 +247,12 @@ class ModelRunner:
             key = self._key(args, prompt_k)
             if key not in self._executables:
                 pending.append((key, self._lower(args, prompt_k)))
+        lowered_at = time.perf_counter()
         workers = max(1, min(len(pending), 8, os.cpu_count() or 1))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(lambda kl: self._compile(*kl), pending))
-        logger.info("warm-up: %d step shapes compiled in %.1fs", len(pending),
-                    time.perf_counter() - start)
+        logger.info("warm-up: %d step shapes traced and lowered in %.1fs, compiled in %.1fs",
+                    len(pending), lowered_at - start, time.perf_counter() - lowered_at)
 
     def _padding_batch(self, t_pad: int) -> Batch:
         """A step of t_pad padding tokens and no sequences: the shapes of a plain step."""
