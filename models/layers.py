@@ -215,8 +215,10 @@ class CausalLM(nnx.Module):
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [B, D] (already final-normed by __call__) -> f32[B, V]; tied models reuse embed."""
+        # f32 out of the matmul, not bf16 rounded then cast: bf16 logits tie exactly (8-bit
+        # mantissa), and greedy decoding would then break ties by rounding noise.
         if self.cfg.tie_word_embeddings:
-            logits = jnp.einsum("BD,VD->BV", hidden, self.embed[...])
-        else:
-            logits = jnp.einsum("BD,DV->BV", hidden, self.lm_head[...])
-        return logits.astype(jnp.float32)
+            return jnp.einsum("BD,VD->BV", hidden, self.embed[...],
+                              preferred_element_type=jnp.float32)
+        return jnp.einsum("BD,DV->BV", hidden, self.lm_head[...],
+                          preferred_element_type=jnp.float32)

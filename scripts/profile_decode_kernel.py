@@ -1,17 +1,17 @@
-"""Nsight Compute view of one decode call of the Mosaic GPU ragged paged attention (GPU machine).
+"""Where one decode call of the Mosaic GPU ragged paged attention spends device time (GPU machine).
 
-  ncu --profile-from-start off --clock-control none --section SpeedOfLight --section Occupancy \
-      --section LaunchStats python3 scripts/profile_decode_kernel.py --batch 64 --ctx 1024
+  python3 scripts/profile_decode_kernel.py --batch 64 --ctx 1024 [--variant 64x2] [--splits N]
 
-Runs the op once to compile and warm up, then opens the profiler (cuProfilerStart) around one more
-call, so ncu sees exactly the kernels of one call: the wrapper's XLA ops and the Pallas kernel.
-Also prints the call's wall time per call over 50 back-to-back calls (outside the profiler).
+Times 50 back-to-back calls (wall), then traces 20 more with jax.profiler (device activity only)
+and prints device time per call for each op: the Pallas kernel and the wrapper's XLA ops.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import functools
+import glob
+import os
+import tempfile
 import time
 
 import jax
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.kernels import H, make_sets, pool, variant_kwargs
+from benchmarks.profile_busy import busy_fraction
 from kernels_pallas.ragged_paged_attention.kernel_gpu import ragged_paged_attention_mosaic
 
 
@@ -46,10 +47,18 @@ def main():
     kv_bytes = 2 * args.batch * args.ctx * 8 * H * 2
     print(f"b{args.batch} c{args.ctx} {args.variant} splits={args.splits}: {per_call * 1e6:.1f} us "
           f"per call (wall, back to back), {kv_bytes / per_call / 1e9:.0f} GB/s of K/V", flush=True)
-    cuda = ctypes.CDLL("libcuda.so.1")
-    cuda.cuProfilerStart()
-    fn(qs[1], k, v, kv_lens, tables[1], cu, ns).block_until_ready()
-    cuda.cuProfilerStop()
+    trace_dir = tempfile.mkdtemp()
+    options = jax.profiler.ProfileOptions()
+    options.host_tracer_level = 0
+    options.python_tracer_level = 0
+    with jax.profiler.trace(trace_dir, profiler_options=options):
+        for i in range(20):
+            out = fn(qs[i % 2], k, v, kv_lens, tables[i % 2], cu, ns)
+        out.block_until_ready()
+    trace = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
+    summary = busy_fraction(trace)
+    for name, ms in summary["top_ops_ms"]:
+        print(f"  {ms * 1e3 / 20:8.1f} us/call  {name[:90]}")
 
 
 if __name__ == "__main__":
