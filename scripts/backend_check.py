@@ -3,11 +3,14 @@
   python3 scripts/backend_check.py --model PATH_OR_PRESET [--load-format dummy] [--tokenizer DIR]
 
 Each backend runs in its own process (its own GPU memory) over the same prompts: a few short chat
-prompts, a random-token prompt and one long prompt (several prefill chunks), greedy, with the top-2
-logprobs of every step. Exit status 0 when every sequence is identical; otherwise the first
-divergence of each differing sequence is printed with the reference's top-2 logprob gap there:
-a gap under --tie-gap is a near-tie, where bf16 rounding differences between two correct
-attention implementations may pick either token (dummy weights make most steps near-ties).
+prompts, a random-token prompt and one long prompt (several prefill chunks), greedy, with the top-5
+logprobs of every step. Two bf16 attention implementations round differently (the kernel feeds P
+to the PV matmul in bf16), so over many steps greedy paths may split where the top two tokens are
+nearly tied. Each sequence is judged as vLLM's tests do (check_logprobs_close): identical, or at
+the first divergence each backend's token is among the other's top-5. Printed with it: the
+reference's top-2 gap there, and the rounding noise, i.e. the largest difference between the two
+backends' logprob of the same token over the shared prefix. Exit status 0 when every sequence
+passes.
 """
 from __future__ import annotations
 
@@ -38,17 +41,14 @@ def run_backend(args) -> dict:
     prompts.append({"prompt_token_ids": rng.integers(100, vocab, 37).tolist()})
     long_text = " ".join(["The history of mathematics spans many civilizations."] * 70)
     prompts.append({"prompt_token_ids": tok(long_text)["input_ids"][:700]})
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, logprobs=2,
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, logprobs=5,
                             ignore_eos=True)
     outs = llm.generate(prompts, params, use_tqdm=False)
     rows = []
     for o in outs:
         c = o.outputs[0]
-        gaps = []
-        for step in c.logprobs:
-            lps = sorted((lp.logprob for lp in step.values()), reverse=True)
-            gaps.append(lps[0] - lps[1] if len(lps) > 1 else float("inf"))
-        rows.append(dict(prompt_len=len(o.prompt_token_ids), token_ids=c.token_ids, gaps=gaps))
+        top = [{str(t): lp.logprob for t, lp in step.items()} for step in c.logprobs]
+        rows.append(dict(prompt_len=len(o.prompt_token_ids), token_ids=c.token_ids, top=top))
     impl = llm.llm_engine.runner.attention_impl
     print("RESULT " + json.dumps(dict(backend=args.backend, impl=impl, rows=rows)), flush=True)
 
@@ -60,7 +60,6 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--tie-gap", type=float, default=0.02)
     p.add_argument("--backend", default=None, help=argparse.SUPPRESS)  # set in the child
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -84,26 +83,38 @@ def main(argv=None) -> int:
     summary = dict(model=args.model or "SmolLM2-135M-Instruct (embedded GGUF)",
                    load_format=args.load_format, sequences=[])
     for i, (r, q) in enumerate(zip(ref, pal)):
-        n = len(r["token_ids"])
-        first = next((j for j in range(n) if r["token_ids"][j] != q["token_ids"][j]), None)
-        entry = dict(prompt_len=r["prompt_len"], tokens=n, equal=first is None)
-        if first is not None:
-            gap = r["gaps"][first]
-            entry.update(first_divergence=first, ref_top2_gap=gap, near_tie=gap < args.tie_gap,
-                         equal_prefix=first)
+        entry = compare(r, q)
         summary["sequences"].append(entry)
+        n, first = entry["tokens"], entry.get("first_divergence")
         print(f"seq {i} (prompt {r['prompt_len']} tokens): " + (
             f"all {n} tokens equal" if first is None else
-            f"equal for {first} of {n} tokens; reference top-2 gap there {gap:.4f} "
-            f"({'near-tie' if gap < args.tie_gap else 'NOT a near-tie'})"))
+            f"equal for {first} of {n} tokens, then each token in the other's top-5: "
+            f"{entry['within_top5']}; reference top-2 gap there {entry['ref_top2_gap']:.4f}, "
+            f"logprob noise on the shared prefix {entry['prefix_noise']:.4f}"))
     summary["all_equal"] = all(s["equal"] for s in summary["sequences"])
-    summary["only_near_ties"] = all(s["equal"] or s["near_tie"] for s in summary["sequences"])
-    print(json.dumps({k: summary[k] for k in ("model", "all_equal", "only_near_ties")}))
+    summary["all_close"] = all(s["equal"] or s["within_top5"] for s in summary["sequences"])
+    print(json.dumps({k: summary[k] for k in ("model", "all_equal", "all_close")}))
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(summary, f, indent=1)
-    return 0 if summary["all_equal"] else 1
+    return 0 if summary["all_close"] else 1
+
+
+def compare(r: dict, q: dict) -> dict:
+    """One sequence of the reference (r) against the kernel (q)."""
+    n = len(r["token_ids"])
+    first = next((j for j in range(n) if r["token_ids"][j] != q["token_ids"][j]), None)
+    shared = range(n if first is None else first)
+    noise = max((abs(r["top"][j][t] - q["top"][j][t]) for j in shared for t in r["top"][j]
+                 if t in q["top"][j]), default=0.0)
+    entry = dict(prompt_len=r["prompt_len"], tokens=n, equal=first is None, prefix_noise=noise)
+    if first is not None:
+        rt, qt = str(r["token_ids"][first]), str(q["token_ids"][first])
+        lps = sorted(r["top"][first].values(), reverse=True)
+        entry.update(first_divergence=first, ref_top2_gap=lps[0] - lps[1],
+                     within_top5=rt in q["top"][first] and qt in r["top"][first])
+    return entry
 
 
 if __name__ == "__main__":
