@@ -37,11 +37,11 @@ if [ "${PART:-}" = startup ]; then  # cold start-up and workload B without the b
     --num-prompts 1000 --input-len 512 --output-len 256 --max-num-seqs 256 \
     --max-num-batched-tokens 8192 --out "$out" --name workload_b_llama3_8b_cold_start
 fi
-if [ "${PART:-}" = restart ]; then  # start-up cold, then again over the persistent compilation cache
+if [ "${PART:-}" = restart ]; then  # workload B cold, then again over the persistent compilation cache
   for i in cold warm; do
-    run startup_$i 240 -m benchmarks.throughput --model llama-3-8b --tokenizer $tok --num-prompts 256 \
-      --input-len 512 --output-len 64 --max-num-seqs 256 --max-num-batched-tokens 8192 \
-      --out "$out" --name startup_$i
+    run workload_b_$i 330 -m benchmarks.throughput --model llama-3-8b --tokenizer $tok \
+      --num-prompts 1000 --input-len 512 --output-len 256 --max-num-seqs 256 \
+      --max-num-batched-tokens 8192 --out "$out" --name workload_b_llama3_8b_$i
   done
 fi
 if [ "${PART:-}" = hf ]; then  # transformers at larger static batches (workload B's lengths)
