@@ -9,46 +9,20 @@ from __future__ import annotations
 
 import argparse
 import functools
-import glob
 import json
 import os
-import shutil
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.profile_busy import busy_fraction
+from benchmarks.common import device_us, measure_copy_bandwidth, measure_matmul_rate
 from kernels_pallas.ragged_paged_attention.kernel_gpu import ragged_paged_attention_mosaic
 from kernels_pallas.ragged_paged_attention.reference import ragged_paged_attention_reference
 
 N, K, H, S = 32, 8, 128, 16
 DT = jnp.bfloat16
-
-
-def device_us(jfn, arg_sets, calls=20):
-    """(device us per call, wall us per call) of `calls` back-to-back calls of the jitted jfn,
-    rotating over arg_sets, from a jax.profiler trace (device activity only): the union of all
-    device ops' intervals (kernel and wrapper ops alike) over the calls. Host dispatch is not
-    counted, as in the engine, whose compiled step queues the op 32 times ahead of the device."""
-    for a in arg_sets:  # compile + warm-up; one output alive at a time (a copy's is 2 GiB)
-        jax.block_until_ready(jfn(*a))
-    trace_dir = tempfile.mkdtemp()
-    options = jax.profiler.ProfileOptions()
-    options.host_tracer_level = 0
-    options.python_tracer_level = 0
-    with jax.profiler.trace(trace_dir, profiler_options=options):
-        t0 = time.perf_counter()
-        for i in range(calls):  # one stream: the last call done means all are
-            out = jfn(*arg_sets[i % len(arg_sets)])
-        jax.block_until_ready(out)
-        wall = (time.perf_counter() - t0) / calls
-    trace = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
-    busy = busy_fraction(trace[-1])["busy_ms"] * 1e3 / calls
-    shutil.rmtree(trace_dir, ignore_errors=True)
-    return busy, wall * 1e6
 
 
 def time_device(fn, stacked, *shared, calls=20):
@@ -58,25 +32,6 @@ def time_device(fn, stacked, *shared, calls=20):
     n = jax.tree.leaves(stacked)[0].shape[0]
     sets = [jax.tree.map(lambda a, i=i: a[i], stacked) + tuple(shared) for i in range(n)]
     return device_us(jax.jit(fn), sets, calls)
-
-
-def copy_bandwidth():
-    """Best of two streaming device copies (bytes read + written): bf16 scale and u32 xor."""
-    best = 0.0
-    for x, c, op in [(jax.random.normal(jax.random.key(0), (1 << 30,), DT), 1, jnp.multiply),
-                     (jax.random.bits(jax.random.key(5), (1 << 30,), jnp.uint32), 7,
-                      jnp.bitwise_xor)]:
-        us, _ = device_us(jax.jit(op), [(x, jnp.asarray(c, x.dtype))], calls=10)
-        best = max(best, 2 * x.nbytes / (us * 1e-6))
-        del x
-    return best
-
-
-def matmul_rate(n=8192):
-    a = jax.random.normal(jax.random.key(1), (n, n), DT)
-    b = jax.random.normal(jax.random.key(2), (n, n), DT)
-    us, _ = device_us(jax.jit(lambda a, b: a @ b), [(a, b)], calls=10)
-    return 2 * n ** 3 / (us * 1e-6)
 
 
 def make_sets(rng, *, q_lens, kv_lens, num_sets, pool_pages):
@@ -217,8 +172,8 @@ def main():
     result = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                   variants=args.variants, page_size=S)
-    result["copy_gbps"] = copy_bandwidth() / 1e9
-    result["matmul_tflops"] = matmul_rate() / 1e12
+    result["copy_gbps"] = measure_copy_bandwidth() / 1e9
+    result["matmul_tflops"] = measure_matmul_rate() / 1e12
     print(f"device {result['device']}: copy {result['copy_gbps']:.0f} GB/s, "
           f"bf16 matmul {result['matmul_tflops']:.0f} TFLOP/s", flush=True)
     batches = [int(b) for b in args.batches.split(",")]

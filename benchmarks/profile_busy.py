@@ -9,45 +9,13 @@ from __future__ import annotations
 
 import argparse
 import glob
-import gzip
 import json
 import os
 import time
-from collections import defaultdict
 
 import numpy as np
 
 from benchmarks import common
-
-
-def busy_fraction(trace_path: str) -> dict:
-    """Union of device-side op intervals over their span, from a Chrome/Perfetto trace JSON."""
-    with gzip.open(trace_path, "rt") as f:
-        trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    names = {e["pid"]: e["args"]["name"] for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
-    device_pids = {pid for pid, name in names.items() if "/device:" in name and "CPU" not in name}
-    spans, per_name = [], defaultdict(float)
-    for e in events:
-        if e.get("ph") == "X" and e.get("pid") in device_pids and e.get("dur", 0) > 0:
-            spans.append((e["ts"], e["ts"] + e["dur"]))
-            per_name[e.get("name", "?")] += e["dur"]
-    if not spans:
-        return {"busy_fraction": None, "device_processes": sorted(names.values())}
-    spans.sort()
-    busy, (cur_start, cur_end) = 0.0, spans[0]
-    for start, end in spans[1:]:
-        if start > cur_end:
-            busy += cur_end - cur_start
-            cur_start, cur_end = start, end
-        else:
-            cur_end = max(cur_end, end)
-    busy += cur_end - cur_start
-    span = spans[-1][1] - spans[0][0]
-    top = sorted(per_name.items(), key=lambda kv: -kv[1])[:15]
-    return {"busy_fraction": busy / span, "span_ms": span / 1e3, "busy_ms": busy / 1e3,
-            "num_device_events": len(spans), "top_ops_ms": [(n, d / 1e3) for n, d in top]}
 
 
 def main(argv=None):
@@ -85,7 +53,7 @@ def main(argv=None):
         llm.generate(prompts, params, use_tqdm=False)
         wall = time.perf_counter() - start
     traces = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
-    summary = busy_fraction(traces[-1]) if traces else {"busy_fraction": None}
+    summary = common.busy_fraction(traces[-1]) if traces else {"busy_fraction": None}
     summary.update(wall_s=wall, env=common.environment(), args=vars(args),
                    output_tok_s=args.num_prompts * args.output_len / wall,
                    busy_of_wall=(summary.get("busy_ms") or 0) / 1e3 / wall)

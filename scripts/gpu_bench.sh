@@ -17,9 +17,11 @@ if [ "${PART:-throughput}" = throughput ] || [ -z "${PART:-}" ]; then
     --input-len 100 --output-len 200 --max-num-seqs 256 --max-num-batched-tokens 8192 \
     --out "$out" --name workload_a_qwen2_7b
 fi
-if [ "${PART:-}" = latency ]; then
+if [ "${PART:-}" = latency ] || [ "${PART:-}" = latency_only ]; then
   run latency 200 -m benchmarks.latency --model llama-3-8b --tokenizer $tok --batch-sizes 1,16 \
     --input-len 128 --output-len 128 --out "$out"
+fi
+if [ "${PART:-}" = latency ]; then
   run profile 200 -m benchmarks.profile_busy --model llama-3-8b --tokenizer $tok --num-prompts 256 \
     --input-len 128 --output-len 128 --out "$out"
 fi
@@ -31,11 +33,6 @@ if [ "${PART:-}" = verify ]; then  # after host-path changes: busy fraction and 
     --num-prompts 256 --input-len 512 --output-len 256 --out "$out"
   mv "$out/profile_busy_llama-3-8b.json" "$out/profile_busy_llama-3-8b_512_256.json"
   rm -rf "$out/profile_trace"
-fi
-if [ "${PART:-}" = startup ]; then  # cold start-up and workload B without the baseline
-  run workload_b_cold 330 -m benchmarks.throughput --model llama-3-8b --tokenizer $tok \
-    --num-prompts 1000 --input-len 512 --output-len 256 --max-num-seqs 256 \
-    --max-num-batched-tokens 8192 --out "$out" --name workload_b_llama3_8b_cold_start
 fi
 if [ "${PART:-}" = restart ]; then  # workload B cold, then again over the persistent compilation cache
   for i in cold warm; do

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.kernels import H, make_sets, pool, variant_kwargs
-from benchmarks.profile_busy import busy_fraction
+from benchmarks.common import busy_fraction
 from kernels_pallas.ragged_paged_attention.kernel_gpu import ragged_paged_attention_mosaic
 
 
