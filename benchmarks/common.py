@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import gzip
 import json
+import logging
 import os
 import platform
 import shutil
@@ -16,6 +17,12 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+
+
+def log_engine_progress() -> None:
+    """Show jaxserve's INFO lines (start-up stages, each compile) and only warnings from others."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("jaxserve").setLevel(logging.INFO)
 
 
 def busy_fraction(trace_path: str) -> dict:

@@ -50,9 +50,11 @@ def main(argv=None):
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
+    common.log_engine_progress()
     from jaxserve import LLM
 
     batches = [int(b) for b in args.batch_sizes.split(",")]
+    bw = common.measure_copy_bandwidth()  # before the engine takes the GPU's memory
     llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, tokenizer=args.tokenizer,
               max_model_len=args.input_len + args.output_len + 16, max_num_seqs=max(batches),
               max_num_batched_tokens=max(2048, args.input_len * max(batches)),
@@ -60,7 +62,6 @@ def main(argv=None):
     engine = llm.llm_engine
     for b in batches:  # warm-up: compile every bucket the timed runs touch
         measure(engine, b, args.input_len, 4, seed=1000 + b)
-    bw = common.measure_copy_bandwidth()
     mc, itemsize = engine.model_config, 2 if args.dtype == "bfloat16" else 4
     w_bytes = common.param_count(mc) * itemsize
     rows = []

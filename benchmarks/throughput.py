@@ -120,6 +120,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    common.log_engine_progress()
     if args.max_model_len is None:
         args.max_model_len = int(args.input_len * (1 + args.range_ratio)
                                  + args.output_len * (1 + args.range_ratio)) + 16

@@ -6,7 +6,7 @@ out=${OUT:-/tmp/out}
 mkdir -p "$out"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 tok=.gpu_assets/smollm2_tokenizer
-keep="jaxserve:|roofline|start-up|vs transformers|transformers batch|batch +[0-9]+:|warm-up:|busy_fraction|busy_of_wall|wall_s|output_tok_s|Error|error"
+keep="jaxserve:|compiled step|KV cache|roofline|start-up|vs transformers|transformers batch|batch +[0-9]+:|warm-up:|busy_fraction|busy_of_wall|wall_s|output_tok_s|Error|error"
 run() { local name=$1 limit=$2; shift 2; echo "=== $name"
   timeout "$limit" python3 "$@" 2>&1 | grep -v "it/s]" > "$out/$name.log"; grep -E "$keep" "$out/$name.log"; }
 if [ "${PART:-throughput}" = throughput ] || [ -z "${PART:-}" ]; then
