@@ -238,21 +238,24 @@ class ModelRunner:
         return exe
 
     def warmup(self) -> None:
-        """Compile the plain variant of every token bucket in up to 8 threads (XLA compiles partly
-        off the GIL). On the H100, Llama-3-8B: 8 threads 94 s, 11 threads 112 s of start-up."""
+        """Compile the plain variant of every token bucket: each bucket is traced and lowered on this
+        thread (Python, holds the GIL) and compiled in a pool of up to 8 threads as soon as it is
+        lowered (XLA compiles off the GIL), so tracing overlaps compiling. On the H100,
+        Llama-3-8B, 11 buckets: lowering all first, then compiling, took 25 s + 46.5 s."""
         start = time.perf_counter()
-        pending = []
-        for t_pad in self.buckets:
-            args, prompt_k = self._inputs(self._padding_batch(t_pad))
-            key = self._key(args, prompt_k)
-            if key not in self._executables:
-                pending.append((key, self._lower(args, prompt_k)))
-        lowered_at = time.perf_counter()
-        workers = max(1, min(len(pending), 8, os.cpu_count() or 1))
+        workers = max(1, min(len(self.buckets), 8, os.cpu_count() or 1))
+        futures = []
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(lambda kl: self._compile(*kl), pending))
-        logger.info("warm-up: %d step shapes traced and lowered in %.1fs, compiled in %.1fs",
-                    len(pending), lowered_at - start, time.perf_counter() - lowered_at)
+            for t_pad in self.buckets:
+                args, prompt_k = self._inputs(self._padding_batch(t_pad))
+                key = self._key(args, prompt_k)
+                if key not in self._executables:
+                    futures.append(pool.submit(self._compile, key, self._lower(args, prompt_k)))
+            lowered_at = time.perf_counter()
+            for f in futures:
+                f.result()  # re-raise a failed compile here
+        logger.info("warm-up: %d step shapes in %.1fs (the last lowered after %.1fs)",
+                    len(futures), time.perf_counter() - start, lowered_at - start)
 
     def _padding_batch(self, t_pad: int) -> Batch:
         """A step of t_pad padding tokens and no sequences: the shapes of a plain step."""
