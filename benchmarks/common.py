@@ -144,11 +144,15 @@ def workload_floor(mc, itemsize: int, *, num_prompts: int, input_len: int, outpu
 
 
 def environment() -> dict:
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                         stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):  # a copy without .git (the GPU machine)
-        commit = os.environ.get("JAXSERVE_COMMIT", "unknown")
+    # JAXSERVE_COMMIT wins: the GPU machine's copy of the tree carries the last landed .git, whose
+    # HEAD is not the code that ran.
+    commit = os.environ.get("JAXSERVE_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                             stderr=subprocess.DEVNULL).strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
     dev = jax.devices()[0]
     return {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform,
             "num_devices": jax.device_count(), "jax": jax.__version__, "python": platform.python_version(),
