@@ -238,9 +238,9 @@ class ModelRunner:
         return exe
 
     def warmup(self) -> None:
-        """Compile the plain variant of every token bucket: each bucket is traced and lowered on this
-        thread (Python, holds the GIL) and compiled in a pool of up to 8 threads as soon as it is
-        lowered (XLA compiles off the GIL), so tracing overlaps compiling. On the H100,
+        """Compile the plain variant of every token bucket: each bucket is traced and lowered on
+        this thread (Python, holds the GIL) and compiled in a pool of up to 8 threads as soon as it
+        is lowered (XLA compiles off the GIL), so tracing overlaps compiling. On the H100,
         Llama-3-8B, 11 buckets: lowering all first, then compiling, took 25 s + 46.5 s."""
         start = time.perf_counter()
         workers = max(1, min(len(self.buckets), 8, os.cpu_count() or 1))

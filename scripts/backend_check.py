@@ -21,7 +21,8 @@ import subprocess
 import sys
 
 PROMPTS = ["The capital of France is", "Write a haiku about the sea.",
-           "List three prime numbers and explain why they are prime.", "你好，请介绍一下人工智能"]
+           "List three prime numbers and explain why they are prime.",
+           "你好，请介绍一下人工智能"]
 
 
 def run_backend(args) -> dict:

@@ -2,7 +2,8 @@
 # On the GPU machine: issue 3's checks. Where a decode call spends device time
 # (scripts/profile_decode_kernel.py) and the end-to-end backend comparison (scripts/backend_check.py)
 # on SmolLM2 (the GGUF at $SMOLLM2_GGUF, if present) and on a dummy Llama-3-8B.
-# Needs .gpu_assets/smollm2_tokenizer and the gguf + pyyaml wheels in .whl (carried).
+# Needs .gpu_assets/smollm2_tokenizer and the gguf + pyyaml wheels in .whl (carried); see
+# `bash scripts/prepare_gpu_assets.sh --smollm2` for getting the GGUF there.
 set -uo pipefail
 out=${OUT:-/tmp/out}
 mkdir -p "$out"

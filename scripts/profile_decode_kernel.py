@@ -33,7 +33,8 @@ def main():
     rng = np.random.default_rng(0)
     pool_pages = max(args.batch * -(-args.ctx // 16), 16384)
     k, v = pool(pool_pages)
-    qs, tables, kv_lens, cu = make_sets(rng, q_lens=[1] * args.batch, kv_lens=[args.ctx] * args.batch,
+    qs, tables, kv_lens, cu = make_sets(rng, q_lens=[1] * args.batch,
+                                        kv_lens=[args.ctx] * args.batch,
                                         num_sets=2, pool_pages=pool_pages)
     ns = jnp.asarray([args.batch], jnp.int32)
     fn = jax.jit(functools.partial(ragged_paged_attention_mosaic, sm_scale=H ** -0.5,
