@@ -245,7 +245,9 @@ def _output_of(*cmd: str) -> str:
 
 def client_environment() -> dict:
     """common.environment() without JAX (see the module docstring): git, host, GPU names."""
-    return {"commit": _output_of("git", "rev-parse", "--short", "HEAD"),
+    # JAXSERVE_COMMIT wins, as in common.environment(): a GPU copy's .git can be stale.
+    commit = os.environ.get("JAXSERVE_COMMIT") or _output_of("git", "rev-parse", "--short", "HEAD")
+    return {"commit": commit,
             "gpus": _output_of("nvidia-smi", "--query-gpu=name", "--format=csv,noheader"),
             "host": platform.node(), "python": platform.python_version(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
