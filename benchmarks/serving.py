@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import platform
 import shlex
 import signal
