@@ -55,31 +55,42 @@ def busy_fraction(trace_path: str) -> dict:
             "num_device_events": len(spans), "top_ops_ms": [(n, d / 1e3) for n, d in top]}
 
 
-def device_us(jfn, arg_sets, calls: int = 20) -> tuple[float, float]:
-    """(device us per call, wall us per call) of `calls` back-to-back calls of the jitted jfn,
-    rotating over arg_sets, from a jax.profiler trace (device activity only): the union of all
-    device ops' intervals over the calls. Host dispatch is not counted: in the engine an op runs
-    inside one compiled step, queued ahead of the device. (Wall-clock timing with a sync per call
-    read the H100's copy at 2.4-2.6 TB/s and its bf16 matmul at 620-670 TFLOP/s; this reads about
-    3.0 TB/s and 815 TFLOP/s.)"""
-    for a in arg_sets:  # compile + warm-up; one output alive at a time (a copy's is GiBs)
-        jax.block_until_ready(jfn(*a))
-    trace_dir = tempfile.mkdtemp()
+def trace_device(run, trace_dir: str | None = None) -> tuple[dict, float]:
+    """(busy_fraction summary, wall seconds) of run() under jax.profiler with device activity only
+    (host tracing would slow the host). The trace is kept in trace_dir if given, else deleted."""
+    out_dir = trace_dir or tempfile.mkdtemp()
     options = jax.profiler.ProfileOptions()
     options.host_tracer_level = 0
     options.python_tracer_level = 0
-    with jax.profiler.trace(trace_dir, profiler_options=options):
-        t0 = time.perf_counter()
+    with jax.profiler.trace(out_dir, profiler_options=options):
+        start = time.perf_counter()
+        run()
+        wall = time.perf_counter() - start
+    traces = sorted(glob.glob(os.path.join(out_dir, "**", "*.trace.json.gz"), recursive=True))
+    summary = busy_fraction(traces[-1]) if traces else {"busy_fraction": None}
+    if trace_dir is None:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return summary, wall
+
+
+def device_us(jfn, arg_sets, calls: int = 20) -> tuple[float, float]:
+    """(device us per call, wall us per call) of `calls` back-to-back calls of the jitted jfn,
+    rotating over arg_sets: the union of all device ops' intervals over the calls (trace_device).
+    Host dispatch is not counted: in the engine an op runs inside one compiled step, queued ahead
+    of the device. (Wall-clock timing with a sync per call read the H100's copy at 2.4-2.6 TB/s
+    and its bf16 matmul at 620-670 TFLOP/s; this reads about 3.0 TB/s and 815 TFLOP/s.)"""
+    for a in arg_sets:  # compile + warm-up; one output alive at a time (a copy's is GiBs)
+        jax.block_until_ready(jfn(*a))
+
+    def run():
         for i in range(calls):  # one stream: the last call done means all are
             out = jfn(*arg_sets[i % len(arg_sets)])
         jax.block_until_ready(out)
-        wall = (time.perf_counter() - t0) / calls
-    trace = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
-    summary = busy_fraction(trace[-1]) if trace else {}
-    shutil.rmtree(trace_dir, ignore_errors=True)
-    if "busy_ms" not in summary:
+
+    summary, wall = trace_device(run)
+    if summary.get("busy_ms") is None:
         raise RuntimeError("the profiler recorded no device activity (CPU backend?)")
-    return summary["busy_ms"] * 1e3 / calls, wall * 1e6
+    return summary["busy_ms"] * 1e3 / calls, wall * 1e6 / calls
 
 
 def measure_copy_bandwidth(nbytes: int = 4 << 30) -> float:

@@ -8,10 +8,8 @@ Writes the Perfetto trace and a JSON summary (busy fraction, top kernels by time
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
-import time
 
 import numpy as np
 
@@ -30,8 +28,6 @@ def main(argv=None):
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
-    import jax
-
     from jaxserve import LLM, SamplingParams
 
     llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, tokenizer=args.tokenizer,
@@ -44,16 +40,8 @@ def main(argv=None):
     other = [rng.integers(0, vocab, size=args.input_len).tolist() for _ in prompts]
     llm.generate(other, SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True),
                  use_tqdm=False)  # compile outside the trace; other prompts: no prefix-cache hits
-    trace_dir = os.path.join(args.out, "profile_trace")
-    options = jax.profiler.ProfileOptions()
-    options.host_tracer_level = 0  # device activity only: host tracing would slow the host loop
-    options.python_tracer_level = 0
-    with jax.profiler.trace(trace_dir, profiler_options=options):
-        start = time.perf_counter()
-        llm.generate(prompts, params, use_tqdm=False)
-        wall = time.perf_counter() - start
-    traces = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
-    summary = common.busy_fraction(traces[-1]) if traces else {"busy_fraction": None}
+    summary, wall = common.trace_device(lambda: llm.generate(prompts, params, use_tqdm=False),
+                                        os.path.join(args.out, "profile_trace"))
     summary.update(wall_s=wall, env=common.environment(), args=vars(args),
                    output_tok_s=args.num_prompts * args.output_len / wall,
                    busy_of_wall=(summary.get("busy_ms") or 0) / 1e3 / wall)

@@ -5,7 +5,6 @@ startup.py calls load_model once; the runner jits over (graphdef, state).
 """
 from __future__ import annotations
 
-import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -159,7 +158,6 @@ def _random_state(abstract: nnx.State, shardings: nnx.State, seed: int) -> nnx.S
     return abstract
 
 
-@functools.lru_cache(maxsize=256)
 def _filler(shape, dtype, sharding, ones: bool):
     def fill(key):
         if ones:

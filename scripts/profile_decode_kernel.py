@@ -2,25 +2,23 @@
 
   python3 scripts/profile_decode_kernel.py --batch 64 --ctx 1024 [--variant 64x2] [--splits N]
 
-Times 50 back-to-back calls (wall), then traces 20 more with jax.profiler (device activity only)
-and prints device time per call for each op: the Pallas kernel and the wrapper's XLA ops.
+Traces 20 back-to-back calls (benchmarks.common.trace_device) and prints the device and wall time
+per call, then the device time per call of each op: the Pallas kernel and the wrapper's XLA ops.
 """
 from __future__ import annotations
 
 import argparse
 import functools
-import glob
-import os
-import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import trace_device
 from benchmarks.kernels import H, make_sets, pool, variant_kwargs
-from benchmarks.common import busy_fraction
 from kernels_pallas.ragged_paged_attention.kernel_gpu import ragged_paged_attention_mosaic
+
+CALLS = 20
 
 
 def main():
@@ -39,27 +37,21 @@ def main():
     ns = jnp.asarray([args.batch], jnp.int32)
     fn = jax.jit(functools.partial(ragged_paged_attention_mosaic, sm_scale=H ** -0.5,
                                    num_kv_splits=args.splits, **variant_kwargs(args.variant)))
-    fn(qs[0], k, v, kv_lens, tables[0], cu, ns).block_until_ready()
-    t0 = time.perf_counter()
-    for i in range(50):
-        out = fn(qs[i % 2], k, v, kv_lens, tables[i % 2], cu, ns)
-    out.block_until_ready()
-    per_call = (time.perf_counter() - t0) / 50
+    sets = [(qs[i], k, v, kv_lens, tables[i], cu, ns) for i in range(2)]  # sliced outside the trace
+    jax.block_until_ready(fn(*sets[0]))  # compile + warm-up
+
+    def run():
+        for i in range(CALLS):
+            out = fn(*sets[i % 2])
+        jax.block_until_ready(out)
+
+    summary, wall = trace_device(run)
+    us = summary["busy_ms"] * 1e3 / CALLS
     kv_bytes = 2 * args.batch * args.ctx * 8 * H * 2
-    print(f"b{args.batch} c{args.ctx} {args.variant} splits={args.splits}: {per_call * 1e6:.1f} us "
-          f"per call (wall, back to back), {kv_bytes / per_call / 1e9:.0f} GB/s of K/V", flush=True)
-    trace_dir = tempfile.mkdtemp()
-    options = jax.profiler.ProfileOptions()
-    options.host_tracer_level = 0
-    options.python_tracer_level = 0
-    with jax.profiler.trace(trace_dir, profiler_options=options):
-        for i in range(20):
-            out = fn(qs[i % 2], k, v, kv_lens, tables[i % 2], cu, ns)
-        out.block_until_ready()
-    trace = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))[-1]
-    summary = busy_fraction(trace)
+    print(f"b{args.batch} c{args.ctx} {args.variant} splits={args.splits}: {us:.1f} us per call "
+          f"(device), {wall * 1e6 / CALLS:.1f} us (wall), {kv_bytes / us / 1e3:.0f} GB/s of K/V")
     for name, ms in summary["top_ops_ms"]:
-        print(f"  {ms * 1e3 / 20:8.1f} us/call  {name[:90]}")
+        print(f"  {ms * 1e3 / CALLS:8.1f} us/call  {name[:90]}")
 
 
 if __name__ == "__main__":
