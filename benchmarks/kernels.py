@@ -51,10 +51,16 @@ def pool(pool_pages):
 
 
 def variant_kwargs(variant: str) -> dict:
-    """"64x2" -> block_kv 64, 2 stages; a trailing "e" turns on early_k_refill."""
-    early = variant.endswith("e")
-    bkv, st = (int(x) for x in variant.rstrip("e").split("x"))
-    return dict(block_kv=bkv, num_stages=st, early_k_refill=early)
+    """"auto": the defaults the engine gets. Otherwise [w]BKVxST[e][n]: "w" the warp-specialized
+    (FA3-style) kernel, else the one-warpgroup kernel; block_kv BKV and ST stages; "e"
+    early_k_refill; "n" heavy_first off. E.g. "64x2", "w128x2"."""
+    if variant == "auto":
+        return {}
+    body = variant.lstrip("w").rstrip("en")
+    bkv, st = (int(x) for x in body.split("x"))
+    tail = variant[variant.index(body) + len(body):]
+    return dict(block_kv=bkv, num_stages=st, warp_specialized=variant.startswith("w"),
+                early_k_refill="e" in tail, heavy_first="n" not in tail)
 
 
 def rel_err(a, b):
@@ -130,7 +136,26 @@ def bench_prefill(q_len, ctx, variants, rng):
                 lambda q, tb, k, v: fn(q, k, v, kv_lens, tb, cu, ns), (qs, tables), k, v)
         except Exception as e:  # noqa: BLE001
             row[name + "_error"] = repr(e)[:300]
+    if q_len == ctx:
+        jax_fa3(row, qs, k, v, tables, ref_tail)
     return row
+
+
+def jax_fa3(row, qs, k, v, tables, ref_tail):
+    """JAX's own FlashAttention-3 (pallas/ops/gpu/attention_mgpu.py, dense causal, contiguous K/V)
+    on the same prompt: what Mosaic GPU reaches without a page table."""
+    try:
+        from jax.experimental.pallas.ops.gpu import attention_mgpu as fa3
+        T = qs.shape[1]
+        kc = jnp.take(k, tables[0], axis=0).reshape(1, -1, K, H)[:, :T]
+        vc = jnp.take(v, tables[0], axis=0).reshape(1, -1, K, H)[:, :T]
+        cfg = fa3.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=True)
+        fn = jax.jit(lambda q, k, v: fa3.attention(q[None], k, v, config=cfg)[0])
+        qs = qs * H ** -0.5  # it has no softmax scale: scale q once, outside the timing
+        row["jax_fa3_err"] = rel_err(fn(qs[0], kc, vc)[-ref_tail.shape[0]:], ref_tail)
+        row["jax_fa3_us"], _ = time_device(fn, (qs,), kc, vc)
+    except Exception as e:  # noqa: BLE001
+        row["jax_fa3_error"] = repr(e)[:300]
 
 
 def plot(result, path):
@@ -220,6 +245,11 @@ def print_table(result):
         for key in sorted(k[:-3] for k in r if k.startswith("ours") and k.endswith("_us")
                           and not k.endswith("_wall_us")):
             tf = r["flops"] / r[key + "_us"] / 1e6
+        if "jax_fa3_us" in r:
+            tf = r["flops"] / r["jax_fa3_us"] / 1e6
+            print(f"prefill q{r['q_len']} ctx{r['ctx']} JAX FA3 (dense): {r['jax_fa3_us']:.0f} us "
+                  f"{tf:.0f} TFLOP/s ({100 * tf / result['matmul_tflops']:.0f}% of matmul) "
+                  f"err {r.get('jax_fa3_err', -1):.1e}")
             print(f"prefill q{r['q_len']} ctx{r['ctx']} {key}: {r[key + '_us']:.0f} us "
                   f"{tf:.0f} TFLOP/s ({100 * tf / result['matmul_tflops']:.0f}% of matmul) "
                   f"err {r.get(key + '_err', -1):.1e}")

@@ -198,10 +198,164 @@ def _attention_kernel(work_ref, page_table_ref, q_ref, k_ref, v_ref,  # inputs (
             store(f_smem, lse_ref, row0=row0)
 
 
-def _tile_config(head_dim: int, page_size: int) -> tuple[int, int]:
-    """(block_kv, num_stages): a 64 KiB K/V ring, so two CTAs fit on an SM (H100: 64x2 beat 64x3,
-    64x4 and 128x2 for head_dim 128 on decode and prefill; benchmarks/KERNEL_NOTES.md)."""
-    block_kv = 128 if head_dim <= 64 else 64
+WS_WGS = 2  # compute warpgroups of the warp-specialized kernel; warpgroup WS_WGS is its producer
+
+
+def _sync(bar):
+    """Arrive at and wait on a barrier shared by the compute warpgroups."""
+    plgpu.barrier_arrive(bar)
+    plgpu.barrier_wait(bar)
+
+
+def _ws_producer(issue_k, issue_v, page_ids, k_free, v_free, *, lo, hi, stages):
+    """Producer warpgroup: fill the ring, then refill each slot once both consumers freed it."""
+    plgpu.set_max_registers(40, action="decrease")
+    for i in range(stages):
+        @pl.when(lo + i < hi)
+        def _():
+            pages = page_ids(step=lo + i)
+            issue_k(pages, slot=i)
+            issue_v(pages, slot=i)
+
+    @pl.loop(lo, jnp.maximum(hi - stages, lo))
+    def _(step):
+        slot = lax.rem(step - lo, jnp.int32(stages))
+        pages = page_ids(step=step + stages)  # the page-table loads overlap the waits
+        plgpu.barrier_wait(k_free.at[slot])
+        issue_k(pages, slot=slot)
+        plgpu.barrier_wait(v_free.at[slot])
+        issue_v(pages, slot=slot)
+
+
+def _ws_consumer_loop(q_s, p_s, smem, bars, *, lo, hi, hi_w, pos0, cfg):
+    """One compute warpgroup's kv loop (FA3's ping-pong): its QK^T and PV wgmmas alternate with
+    the other warpgroup's through the `sched` barrier, so one's softmax overlaps the other's
+    matmuls. Steps in [hi_w, hi) are past this warpgroup's causal end: it only drains them (waits
+    their loads, frees their slots) so the barrier phases of both warpgroups stay in step.
+    Returns (acc, m_i, l_i)."""
+    k_smem, v_smem = smem
+    k_bar, v_bar, k_free, v_free, sched = bars
+    block_kv, stages = cfg["block_kv"], cfg["num_stages"]
+    slot_of = lambda step: lax.rem(step - lo, jnp.int32(stages))
+
+    def free(step):
+        @pl.when(step + stages < hi)
+        def _():
+            plgpu.barrier_arrive(k_free.at[slot_of(step)])
+            plgpu.barrier_arrive(v_free.at[slot_of(step)])
+
+    def step_fn(step, carry, masked):
+        slot = slot_of(step)
+
+        def qk(acc_ref):
+            plgpu.wgmma(acc_ref, q_s, k_smem.at[slot].transpose((1, 0)))
+            _sync(sched)
+            return acc_ref[...]
+        s = pl.run_scoped(qk, plgpu.ACC((ROWS, block_kv), jnp.float32))
+        p, alpha, m_new, l_new = _softmax_step(
+            s, carry, kv0=step * block_kv, pos0=pos0, block_kv=block_kv, group=cfg["group"],
+            sm_scale=cfg["sm_scale"], soft_cap=cfg["soft_cap"],
+            sliding_window=cfg["sliding_window"], masked=masked)
+        acc = carry[0] * lax.broadcast_in_dim(alpha, carry[0].shape, [0])
+        acc, m_new, l_new, p16 = lax.optimization_barrier((acc, m_new, l_new, p.astype(q_s.dtype)))
+        plgpu.barrier_arrive(sched)  # softmax done
+        plgpu.barrier_wait(v_bar.at[slot])
+        plgpu.barrier_wait(sched)  # the other warpgroup's QK^T is issued: tensor cores are ours
+        if p_s is not None:  # GPU interpret mode has no wgmma with A in registers
+            p_s[...] = p16
+            plgpu.commit_smem()
+            p16 = p_s
+
+        def pv(acc_ref):
+            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+
+            @pl.when(step + 1 < hi_w)  # next K's wait overlaps this wgmma
+            def _():
+                plgpu.barrier_wait(k_bar.at[slot_of(step + 1)])
+            if p_s is not None:
+                return acc_ref[...]
+        if p_s is None:  # accumulate into acc in place
+            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        else:  # the interpreter cannot discharge run_state over an accumulator
+            acc = acc + pl.run_scoped(pv, plgpu.ACC(acc.shape, jnp.float32))
+        free(step)
+        return acc, m_new, l_new
+
+    def drain(step, _):
+        plgpu.barrier_wait(k_bar.at[slot_of(step)])
+        plgpu.barrier_wait(v_bar.at[slot_of(step)])
+        free(step)
+        _sync(sched)
+        _sync(sched)
+
+    layout = plgpu.Layout.WGMMA
+    init = (plgpu.layout_cast(jnp.zeros((ROWS, q_s.shape[-1]), jnp.float32), layout),
+            plgpu.layout_cast(jnp.full((ROWS,), MASK_INIT, jnp.float32), layout.reduce(1)),
+            plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), layout.reduce(1)))
+    pl.when(lo < hi_w)(lambda: plgpu.barrier_wait(k_bar.at[0]))
+    full_hi = lo if cfg["sliding_window"] is not None else jnp.clip((pos0 + 1) // block_kv, lo,
+                                                                     hi_w)
+    carry = lax.fori_loop(lo, full_hi, functools.partial(step_fn, masked=False), init)
+    carry = lax.fori_loop(full_hi, hi_w, functools.partial(step_fn, masked=True), carry)
+    lax.fori_loop(hi_w, hi, drain, None)
+    return carry
+
+
+def _ws_kernel(work_ref, page_table_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_smem, v_smem,
+               io_smem, q_bar, k_bar, v_bar, k_free, v_free, sched, *p_smem, cfg):
+    """Warp-specialized kernel (FA3 layout): a work item is 2 * ROWS rows; compute warpgroup
+    wg in {0, 1} owns rows [wg*ROWS, (wg+1)*ROWS), i.e. its ROWS // G tokens, and both share one
+    K/V ring that the producer warpgroup fills. Refs as in _attention_kernel, one split only;
+    q_smem, io_smem [WS_WGS, ROWS, H] and p_smem [WS_WGS, ROWS, block_kv] are per warpgroup."""
+    num_w = work_ref.shape[0]
+    w = num_w - 1 - lax.axis_index("w") if cfg["heavy_first"] else lax.axis_index("w")
+    kh, wg = lax.axis_index("kv_head"), lax.axis_index("wg")
+    G, stages = cfg["group"], cfg["num_stages"]
+
+    @pl.when(work_ref[w, sch.NTOK] > 0)
+    def _():
+        seq, tok0, pos0 = work_ref[w, sch.SEQ], work_ref[w, sch.TOK0], work_ref[w, sch.POS0]
+        ntok, lo, hi = work_ref[w, sch.NTOK], work_ref[w, sch.KV_LO], work_ref[w, sch.KV_HI]
+        page_ids = functools.partial(_page_ids, page_table_ref, seq=seq, cfg=cfg)
+
+        @pl.when(wg == WS_WGS)
+        def _():
+            _ws_producer(
+                functools.partial(_issue, k_ref, k_smem, k_bar, kh=kh, page_size=cfg["page_size"]),
+                functools.partial(_issue, v_ref, v_smem, v_bar, kh=kh, page_size=cfg["page_size"]),
+                page_ids, k_free, v_free, lo=lo, hi=hi, stages=stages)
+
+        @pl.when(wg < WS_WGS)
+        def _():
+            plgpu.set_max_registers(232, action="increase")
+            tpw = ROWS // G  # tokens per warpgroup
+            tok0_w, pos0_w = tok0 + wg * tpw, pos0 + wg * tpw
+            ntok_w = jnp.clip(ntok - wg * tpw, 0, tpw)
+            hi_w = jnp.where(ntok_w > 0, jnp.minimum(hi, (pos0_w + ntok_w - 1) // cfg["block_kv"]
+                                                     + 1), lo)
+            q_s, io_s = q_smem.at[wg], io_smem.at[wg]
+            q_row0 = kh * (cfg["num_tokens"] * G + WS_WGS * ROWS) + tok0_w * G
+            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_row0, ROWS)], io_s, q_bar.at[wg])
+            plgpu.barrier_wait(q_bar.at[wg])
+            q_s[...] = io_s[...]  # re-tile q through registers for wgmma
+            plgpu.commit_smem()
+            pl.when(wg == 1)(lambda: _sync(sched))
+            acc, _, l_i = _ws_consumer_loop(
+                q_s, p_smem[0].at[wg] if p_smem else None, (k_smem, v_smem),
+                (k_bar, v_bar, k_free, v_free, sched), lo=lo, hi=hi, hi_w=hi_w, pos0=pos0_w,
+                cfg=cfg)
+            pl.when(wg == 0)(lambda: _sync(sched))
+            o = acc / lax.broadcast_in_dim(jnp.where(l_i > 0.0, l_i, 1.0), acc.shape, [0])
+            io_s[...] = o.astype(io_s.dtype)
+            plgpu.commit_smem()
+            _store_rows(io_s, o_ref, row0=0, tok0=tok0_w, ntok=ntok_w, kh=kh, cfg=cfg)
+
+
+def _tile_config(head_dim: int, page_size: int, ws: bool) -> tuple[int, int]:
+    """(block_kv, num_stages). One-warpgroup kernel: a 64 KiB K/V ring, so two CTAs fit on an SM
+    (H100: 64x2 beat 64x3, 64x4 and 128x2 for head_dim 128; benchmarks/KERNEL_NOTES.md). The
+    warp-specialized kernel runs one CTA per SM with a 128 KiB ring of 128-token blocks (FA3's)."""
+    block_kv = 128 if ws or head_dim <= 64 else 64
     return max(block_kv, min(page_size, 128)), 2
 
 
@@ -212,19 +366,68 @@ def _num_kv_splits(num_ctas: int, max_kv_blocks: int) -> int:
     return max(1, min(16, -(-264 // num_ctas), max_kv_blocks // 2))
 
 
+def _use_ws(T: int, B: int, K: int, G: int) -> bool:
+    """Warp-specialized kernel for prefill-shaped steps: more token rows than sequence rows (a
+    decode-only step has T == B) and enough 2*ROWS-row work items to fill the GPU unsplit."""
+    return T > B and sch.max_work_items(T, B, 2 * (ROWS // G)) * K >= 128
+
+
+def _launch(q_t, k_pages, v_pages, page_table, work, *, cfg, ws, interpret):
+    """Run one of the two kernels; returns its outputs (see _attention_kernel)."""
+    T, N, H, dt = cfg["num_tokens"], cfg["num_heads"], cfg["head_dim"], q_t.dtype
+    block_kv, stages, splits, S = (cfg[k] for k in ("block_kv", "num_stages", "num_kv_splits",
+                                                    "page_size"))
+    swizzle = plgpu.find_swizzle(64 * jnp.dtype(dt).itemsize * 8)
+    tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(swizzle)))
+    wgs = WS_WGS if ws else 1
+    lead = (wgs,) if ws else ()
+    ring = [plgpu.SMEM((stages, block_kv, H), dt, **tiled)] * 2
+    loaded = plgpu.Barrier(num_arrivals=block_kv // S, num_barriers=stages)
+    scratch = [plgpu.SMEM((*lead, ROWS, H), dt, **tiled), *ring, plgpu.SMEM((*lead, ROWS, H), dt),
+               plgpu.Barrier(num_barriers=wgs), loaded, loaded]
+    if ws:  # slot-freed barriers (both consumers arrive) and the ping-pong barrier
+        freed = plgpu.Barrier(num_arrivals=WS_WGS, num_barriers=stages)
+        scratch += [freed, freed, plgpu.Barrier(num_arrivals=WS_WGS)]
+    elif splits > 1:
+        scratch.append(plgpu.SMEM((ROWS, H), jnp.float32))
+    if interpret:
+        scratch.append(plgpu.SMEM((*lead, ROWS, block_kv), dt, **tiled))
+    out_type = ([jax.ShapeDtypeStruct((T * N, H), dt)] if splits == 1 else
+                [jax.ShapeDtypeStruct((splits * T * N, H), jnp.float32)] * 2)
+    grid, names = (work.shape[0], cfg["num_kv_heads"]), ("w", "kv_head")
+    if splits > 1:
+        grid, names = (*grid, splits), (*names, "split")
+    threads = dict(num_threads=WS_WGS + 1, thread_name="wg") if ws else {}
+    kernel = plgpu.kernel(
+        functools.partial(_ws_kernel if ws else _attention_kernel, cfg=cfg),
+        out_type=out_type, scratch_types=scratch, grid=grid, grid_names=names, **threads,
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        kernel_name=(f"ragged_paged_attention_{'ws' if ws else 'wg'}_bkv{block_kv}_st{stages}"
+                     f"_g{cfg['group']}_sp{splits}"),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )
+    return kernel(work, page_table, q_t, k_pages, v_pages)
+
+
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_kv",
                                              "num_stages", "num_kv_splits", "early_k_refill",
-                                             "interpret"))
+                                             "warp_specialized", "heavy_first", "interpret"))
 def ragged_paged_attention_mosaic(q, k_pages, v_pages, kv_lens, page_table, cu_q_lens, num_seqs, *,
                                   sm_scale: float, sliding_window: int | None = None,
                                   soft_cap: float | None = None, block_kv: int | None = None,
                                   num_stages: int | None = None, num_kv_splits: int | None = None,
-                                  early_k_refill: bool = False, interpret: bool = False):
-    """The Mosaic GPU kernel (16-bit dtypes only). Args and result as in the reference.
+                                  early_k_refill: bool = False,
+                                  warp_specialized: bool | None = None, heavy_first: bool = True,
+                                  interpret: bool = False):
+    """The Mosaic GPU kernels (16-bit dtypes only). Args and result as in the reference.
 
+    warp_specialized: the FA3-style kernel (two compute warpgroups + a producer, for prefill)
+    instead of the one-warpgroup kernel (decode); default by shape (_use_ws).
     block_kv, num_stages: kv tile and TMA ring depth; num_kv_splits: CTAs per (work item, kv head),
-    merged by a log-sum-exp combine (default: enough to fill the GPU at small batch);
-    early_k_refill: refill a K slot right after QK^T instead of after PV."""
+    merged by a log-sum-exp combine (one-warpgroup kernel only; default: enough to fill the GPU
+    at small batch); early_k_refill: refill a K slot right after QK^T instead of after PV
+    (one-warpgroup kernel); heavy_first: the warp-specialized kernel runs the last work items
+    (the longest causal spans) first."""
     T, N, H = q.shape
     P, S, K, _ = k_pages.shape
     B, M = page_table.shape
@@ -237,54 +440,35 @@ def ragged_paged_attention_mosaic(q, k_pages, v_pages, kv_lens, page_table, cu_q
         raise ValueError(f"head_dim={H} must be a multiple of 64")
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise TypeError(f"{q.dtype=} must be bfloat16 or float16 for the Mosaic GPU kernel")
-    dflt_kv, dflt_stages = _tile_config(H, S)
+    ws = _use_ws(T, B, K, G) if warp_specialized is None else warp_specialized
+    if ws and (num_kv_splits or 1) > 1:
+        raise ValueError(f"{num_kv_splits=}: the warp-specialized kernel does not split kv")
+    dflt_kv, dflt_stages = _tile_config(H, S, ws)
     block_kv, num_stages = block_kv or dflt_kv, num_stages or dflt_stages
     if block_kv % 64 or (block_kv % S and S % block_kv):
         raise ValueError(f"{block_kv=} must be a multiple of 64 and of or divide page_size={S}")
-    tpb = ROWS // G
     if S > block_kv:  # view each page as S // block_kv pages of block_kv slots
         split = S // block_kv
         k_pages = k_pages.reshape(P * split, block_kv, K, H)
         v_pages = v_pages.reshape(P * split, block_kv, K, H)
         page_table = (page_table[:, :, None] * split + jnp.arange(split)).reshape(B, M * split)
         P, S, M = P * split, block_kv, M * split
-    work = sch.build_work_table(kv_lens, cu_q_lens, num_seqs, num_tokens=T, tokens_per_block=tpb,
-                                block_kv=block_kv, sliding_window=sliding_window)
+    wgs = WS_WGS if ws else 1
+    work = sch.build_work_table(kv_lens, cu_q_lens, num_seqs, num_tokens=T,
+                                tokens_per_block=wgs * (ROWS // G), block_kv=block_kv,
+                                sliding_window=sliding_window)
     W = work.shape[0]
     # Interpret mode runs CTAs one by one on CPU: no splitting unless asked for.
-    splits = num_kv_splits or (1 if interpret else _num_kv_splits(W * K, -(-M * S // block_kv)))
-    # [T, N, H] -> [K, T*G (+ROWS zero rows so every tile load is in bounds), H]
+    splits = 1 if ws else num_kv_splits or (
+        1 if interpret else _num_kv_splits(W * K, -(-M * S // block_kv)))
+    # [T, N, H] -> [K, T*G (+ zero rows so every tile load is in bounds), H]
     q_t = q.reshape(T, K, G, H).transpose(1, 0, 2, 3).reshape(K, T * G, H)
-    q_t = jnp.pad(q_t, ((0, 0), (0, ROWS), (0, 0))).reshape(K * (T * G + ROWS), H)
+    q_t = jnp.pad(q_t, ((0, 0), (0, wgs * ROWS), (0, 0))).reshape(K * (T * G + wgs * ROWS), H)
     cfg = dict(group=G, head_dim=H, block_kv=block_kv, num_stages=num_stages, page_size=S,
-               num_pages=P, max_pages=M, num_tokens=T, num_heads=N, sm_scale=sm_scale,
-               soft_cap=soft_cap,
-               sliding_window=sliding_window, num_kv_splits=splits,
-               early_k_refill=early_k_refill)
-    swizzle = plgpu.find_swizzle(64 * jnp.dtype(q.dtype).itemsize * 8)
-    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(swizzle))
-    kernel = plgpu.kernel(
-        functools.partial(_attention_kernel, cfg=cfg),
-        out_type=[jax.ShapeDtypeStruct((T * N, H), q.dtype)] if splits == 1 else
-        [jax.ShapeDtypeStruct((splits * T * N, H), jnp.float32)] * 2,
-        scratch_types=[
-            plgpu.SMEM((ROWS, H), q.dtype, transforms=transforms),
-            plgpu.SMEM((num_stages, block_kv, H), q.dtype, transforms=transforms),
-            plgpu.SMEM((num_stages, block_kv, H), q.dtype, transforms=transforms),
-            plgpu.SMEM((ROWS, H), q.dtype),
-            plgpu.Barrier(),
-            plgpu.Barrier(num_arrivals=block_kv // S, num_barriers=num_stages),
-            plgpu.Barrier(num_arrivals=block_kv // S, num_barriers=num_stages),
-            *([plgpu.SMEM((ROWS, H), jnp.float32)] if splits > 1 else []),
-            *([plgpu.SMEM((ROWS, block_kv), q.dtype, transforms=transforms)] if interpret else []),
-        ],
-        grid=(W, K) if splits == 1 else (W, K, splits),
-        grid_names=("w", "kv_head") if splits == 1 else ("w", "kv_head", "split"),
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        kernel_name=f"ragged_paged_attention_bkv{block_kv}_st{num_stages}_g{G}_sp{splits}",
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
-    )
-    outs = kernel(work, page_table, q_t, k_pages, v_pages)
+               num_pages=P, max_pages=M, num_tokens=T, num_heads=N, num_kv_heads=K,
+               sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
+               num_kv_splits=splits, early_k_refill=early_k_refill, heavy_first=heavy_first)
+    outs = _launch(q_t, k_pages, v_pages, page_table, work, cfg=cfg, ws=ws, interpret=interpret)
     if splits == 1:
         out = outs[0].reshape(T, N, H)
     else:  # merge the partial softmaxes (log2 domain)

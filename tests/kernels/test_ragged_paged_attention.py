@@ -66,6 +66,26 @@ def test_gpu_kernel(name, dtype):
     _check(fn, name, dtype, seed=zlib.crc32(name.encode()))
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_gpu_kernel_warp_specialized(name):
+    """The FA3-style kernel (two compute warpgroups + a TMA producer) on every case: decode items
+    leave the second warpgroup only draining the ring; long chunks make the two warpgroups'
+    causal ends differ."""
+    from kernels_pallas.ragged_paged_attention.kernel_gpu import ragged_paged_attention_mosaic
+    fn = functools.partial(ragged_paged_attention_mosaic, interpret=INTERPRET,
+                           warp_specialized=True)
+    _check(fn, name, "bf16", seed=zlib.crc32(name.encode()) + 2)
+
+
+def test_gpu_kernel_choice_by_shape():
+    """Prefill-shaped steps that fill the GPU take the warp-specialized kernel; decode-shaped
+    (tokens == sequence rows) and small ones the one-warpgroup kernel."""
+    from kernels_pallas.ragged_paged_attention.kernel_gpu import _use_ws
+    assert _use_ws(T=4096, B=1, K=8, G=4)
+    assert not _use_ws(T=256, B=256, K=8, G=4)
+    assert not _use_ws(T=64, B=8, K=2, G=4)
+
+
 @pytest.mark.skipif(not INTERPRET, reason="TPU kernel: interpret mode on CPU only")
 @pytest.mark.parametrize("dtype", ["bf16", "f32"])
 @pytest.mark.parametrize("name", list(CASES))
