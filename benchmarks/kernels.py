@@ -1,6 +1,6 @@
 """Kernel benchmarks: ragged paged attention (decode and prefill) on one GPU.
 
-python -m benchmarks.kernels [--out DIR] [--variants 64x2,64x3] [--quick]
+python -m benchmarks.kernels [--out DIR] [--variants auto,64x2] [--prefill-variants ...] [--quick]
 Times our Mosaic GPU kernel, JAX's old Pallas paged_attention (Triton) and the XLA reference on
 Llama-3-8B attention shapes (32 q / 8 kv heads, head_dim 128, page 16, bf16, random permuted page
 tables), next to a measured device copy bandwidth and bf16 matmul rate. Writes JSON and a PNG plot.
@@ -186,6 +186,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--variants", default="64x2,64x3")
+    ap.add_argument("--prefill-variants", help="variants for the prefill rows (default: --variants)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--page-size", type=int, default=S)
     ap.add_argument("--batches", default="1,8,64,256")
@@ -216,7 +217,7 @@ def main():
             print(json.dumps(row), flush=True)
     result["prefill"] = []
     for q_len, ctx in [(512, 4096), (4096, 4096)]:
-        row = bench_prefill(q_len, ctx, variants, rng)
+        row = bench_prefill(q_len, ctx, (args.prefill_variants or args.variants).split(","), rng)
         result["prefill"].append(row)
         print(json.dumps(row), flush=True)
     with open(os.path.join(args.out, "kernels.json"), "w") as f:

@@ -75,6 +75,24 @@ def _softmax_step(s, carry, *, kv0, pos0, block_kv, group, sm_scale, soft_cap, s
     return p, alpha, m_new, l_new
 
 
+def _load_q(q_ref, dst_smem, bar, *, tok0, kh, cfg):
+    """TMA the G query rows of kv head kh of each of the tile's ROWS // G tokens (token t's are
+    rows t*N + kh*G of q [T*N, H]) into dst_smem rows. Tokens past the last are clamped to it
+    (rows no one stores), so `bar` always sees ROWS // G arrivals."""
+    G, N = cfg["group"], cfg["num_heads"]
+    for i in range(ROWS // G):
+        t = jnp.minimum(tok0 + i, cfg["num_tokens"] - 1)
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(t * N + kh * G, G)],
+                                dst_smem.at[pl.ds(i * G, G)], bar)
+
+
+def _zero_rows(io_smem, o_ref, *, tok0, ntok, kh, cfg):
+    """Write zeros for `ntok` tokens of no live sequence (an idle work item's share of them)."""
+    io_smem[...] = jnp.zeros(io_smem.shape, io_smem.dtype)
+    plgpu.commit_smem()
+    _store_rows(io_smem, o_ref, row0=0, tok0=tok0, ntok=ntok, kh=kh, cfg=cfg)
+
+
 def _store_rows(src_smem, dst_ref, *, row0, tok0, ntok, kh, cfg):
     """TMA the G rows of each live token of the tile to GMEM row row0 + token*N + kh*G."""
     G = cfg["group"]
@@ -88,7 +106,7 @@ def _store_rows(src_smem, dst_ref, *, row0, tok0, ntok, kh, cfg):
 
 def _attention_kernel(work_ref, page_table_ref, q_ref, k_ref, v_ref,  # inputs (GMEM)
                       *refs, cfg):
-    # work_ref: i32[W, NUM_FIELDS]; page_table_ref: i32[B, M]; q_ref: [K*(T*G + ROWS), H]
+    # work_ref: i32[W, NUM_FIELDS]; page_table_ref: i32[B, M]; q_ref: [T*N, H] (row t*N + head)
     # k_ref, v_ref: [P, S, K, H]
     # outputs, one split: o_ref [T*N, H] (row t*N + head);
     #   several: o_ref, lse_ref f32[splits*T*N, H] (lse broadcast along H)
@@ -105,6 +123,11 @@ def _attention_kernel(work_ref, page_table_ref, q_ref, k_ref, v_ref,  # inputs (
     kh = lax.axis_index("kv_head")
     ntok = work_ref[w, sch.NTOK]
     G, H, block_kv, stages = cfg["group"], cfg["head_dim"], cfg["block_kv"], cfg["num_stages"]
+    if splits == 1:  # several splits: the wrapper's merge zeroes those tokens
+        @pl.when(work_ref[w, sch.ZERO_NTOK] > 0)
+        def _():
+            _zero_rows(io_smem, o_ref, tok0=work_ref[w, sch.TOK0],
+                       ntok=work_ref[w, sch.ZERO_NTOK], kh=kh, cfg=cfg)
 
     @pl.when(ntok > 0)
     def _():
@@ -114,8 +137,7 @@ def _attention_kernel(work_ref, page_table_ref, q_ref, k_ref, v_ref,  # inputs (
             chunk = lax.div(hi - lo + splits - 1, jnp.int32(splits))
             lo = lo + lax.axis_index("split") * chunk
             hi = jnp.minimum(hi, lo + chunk)
-        q_row0 = kh * (cfg["num_tokens"] * G + ROWS) + tok0 * G
-        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_row0, ROWS)], io_smem, q_bar)
+        _load_q(q_ref, io_smem, q_bar, tok0=tok0, kh=kh, cfg=cfg)
         issue_k = functools.partial(_issue, k_ref, k_smem, k_bar, kh=kh, page_size=cfg["page_size"])
         issue_v = functools.partial(_issue, v_ref, v_smem, v_bar, kh=kh, page_size=cfg["page_size"])
         page_ids = functools.partial(_page_ids, page_table_ref, seq=seq, cfg=cfg)
@@ -311,6 +333,12 @@ def _ws_kernel(work_ref, page_table_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_s
     w = num_w - 1 - lax.axis_index("w") if cfg["heavy_first"] else lax.axis_index("w")
     kh, wg = lax.axis_index("kv_head"), lax.axis_index("wg")
     G, stages = cfg["group"], cfg["num_stages"]
+    tpw = ROWS // G  # tokens per compute warpgroup
+
+    @pl.when((work_ref[w, sch.ZERO_NTOK] > 0) & (wg < WS_WGS))
+    def _():
+        _zero_rows(io_smem.at[wg], o_ref, tok0=work_ref[w, sch.TOK0] + wg * tpw,
+                   ntok=jnp.clip(work_ref[w, sch.ZERO_NTOK] - wg * tpw, 0, tpw), kh=kh, cfg=cfg)
 
     @pl.when(work_ref[w, sch.NTOK] > 0)
     def _():
@@ -328,14 +356,12 @@ def _ws_kernel(work_ref, page_table_ref, q_ref, k_ref, v_ref, o_ref, q_smem, k_s
         @pl.when(wg < WS_WGS)
         def _():
             plgpu.set_max_registers(232, action="increase")
-            tpw = ROWS // G  # tokens per warpgroup
             tok0_w, pos0_w = tok0 + wg * tpw, pos0 + wg * tpw
             ntok_w = jnp.clip(ntok - wg * tpw, 0, tpw)
             hi_w = jnp.where(ntok_w > 0, jnp.minimum(hi, (pos0_w + ntok_w - 1) // cfg["block_kv"]
                                                      + 1), lo)
             q_s, io_s = q_smem.at[wg], io_smem.at[wg]
-            q_row0 = kh * (cfg["num_tokens"] * G + WS_WGS * ROWS) + tok0_w * G
-            plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_row0, ROWS)], io_s, q_bar.at[wg])
+            _load_q(q_ref, io_s, q_bar.at[wg], tok0=tok0_w, kh=kh, cfg=cfg)
             plgpu.barrier_wait(q_bar.at[wg])
             q_s[...] = io_s[...]  # re-tile q through registers for wgmma
             plgpu.commit_smem()
@@ -372,9 +398,9 @@ def _use_ws(T: int, B: int, K: int, G: int) -> bool:
     return T > B and sch.max_work_items(T, B, 2 * (ROWS // G)) * K >= 128
 
 
-def _launch(q_t, k_pages, v_pages, page_table, work, *, cfg, ws, interpret):
-    """Run one of the two kernels; returns its outputs (see _attention_kernel)."""
-    T, N, H, dt = cfg["num_tokens"], cfg["num_heads"], cfg["head_dim"], q_t.dtype
+def _launch(q, k_pages, v_pages, page_table, work, *, cfg, ws, interpret):
+    """Run one of the two kernels on q [T*N, H]; returns its outputs (see _attention_kernel)."""
+    T, N, H, dt = cfg["num_tokens"], cfg["num_heads"], cfg["head_dim"], q.dtype
     block_kv, stages, splits, S = (cfg[k] for k in ("block_kv", "num_stages", "num_kv_splits",
                                                     "page_size"))
     swizzle = plgpu.find_swizzle(64 * jnp.dtype(dt).itemsize * 8)
@@ -384,7 +410,7 @@ def _launch(q_t, k_pages, v_pages, page_table, work, *, cfg, ws, interpret):
     ring = [plgpu.SMEM((stages, block_kv, H), dt, **tiled)] * 2
     loaded = plgpu.Barrier(num_arrivals=block_kv // S, num_barriers=stages)
     scratch = [plgpu.SMEM((*lead, ROWS, H), dt, **tiled), *ring, plgpu.SMEM((*lead, ROWS, H), dt),
-               plgpu.Barrier(num_barriers=wgs), loaded, loaded]
+               plgpu.Barrier(num_arrivals=ROWS // cfg["group"], num_barriers=wgs), loaded, loaded]
     if ws:  # slot-freed barriers (both consumers arrive) and the ping-pong barrier
         freed = plgpu.Barrier(num_arrivals=WS_WGS, num_barriers=stages)
         scratch += [freed, freed, plgpu.Barrier(num_arrivals=WS_WGS)]
@@ -406,7 +432,7 @@ def _launch(q_t, k_pages, v_pages, page_table, work, *, cfg, ws, interpret):
                      f"_g{cfg['group']}_sp{splits}"),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )
-    return kernel(work, page_table, q_t, k_pages, v_pages)
+    return kernel(work, page_table, q, k_pages, v_pages)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "block_kv",
@@ -461,23 +487,19 @@ def ragged_paged_attention_mosaic(q, k_pages, v_pages, kv_lens, page_table, cu_q
     # Interpret mode runs CTAs one by one on CPU: no splitting unless asked for.
     splits = 1 if ws else num_kv_splits or (
         1 if interpret else _num_kv_splits(W * K, -(-M * S // block_kv)))
-    # [T, N, H] -> [K, T*G (+ zero rows so every tile load is in bounds), H]
-    q_t = q.reshape(T, K, G, H).transpose(1, 0, 2, 3).reshape(K, T * G, H)
-    q_t = jnp.pad(q_t, ((0, 0), (0, wgs * ROWS), (0, 0))).reshape(K * (T * G + wgs * ROWS), H)
     cfg = dict(group=G, head_dim=H, block_kv=block_kv, num_stages=num_stages, page_size=S,
                num_pages=P, max_pages=M, num_tokens=T, num_heads=N, num_kv_heads=K,
                sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
                num_kv_splits=splits, early_k_refill=early_k_refill, heavy_first=heavy_first)
-    outs = _launch(q_t, k_pages, v_pages, page_table, work, cfg=cfg, ws=ws, interpret=interpret)
-    if splits == 1:
-        out = outs[0].reshape(T, N, H)
-    else:  # merge the partial softmaxes (log2 domain)
-        o_part = outs[0].reshape(splits, T, N, H)
-        lse = outs[1].reshape(splits, T, N, H)[..., :1]
-        m = jnp.max(lse, axis=0)
-        wgt = jnp.exp2(lse - m)
-        out = jnp.sum(wgt * o_part, axis=0) / jnp.sum(wgt, axis=0)
-    # Tokens of no live sequence are never written by the kernel: zero them (the contract).
+    outs = _launch(q.reshape(T * N, H), k_pages, v_pages, page_table, work, cfg=cfg, ws=ws, interpret=interpret)
+    if splits == 1:  # the kernel wrote every token, zeros for those of no live sequence
+        return outs[0].reshape(T, N, H)
+    # Merge the partial softmaxes (log2 domain) and zero the tokens of no live sequence.
+    o_part = outs[0].reshape(splits, T, N, H)
+    lse = outs[1].reshape(splits, T, N, H)[..., :1]
+    m = jnp.max(lse, axis=0)
+    wgt = jnp.exp2(lse - m)
+    out = jnp.sum(wgt * o_part, axis=0) / jnp.sum(wgt, axis=0)
     live_end = cu_q_lens[jnp.minimum(num_seqs[0], B)]
     return jnp.where((jnp.arange(T) < live_end)[:, None, None], out, 0).astype(q.dtype)
 

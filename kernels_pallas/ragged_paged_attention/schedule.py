@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 # Columns of the i32[W, NUM_FIELDS] work table.
-SEQ, TOK0, NTOK, POS0, KV_LO, KV_HI, KV_LEN = range(7)
+SEQ, TOK0, NTOK, POS0, KV_LO, KV_HI, KV_LEN, ZERO_NTOK = range(8)
 NUM_FIELDS = 8
 
 
@@ -21,7 +21,10 @@ def max_work_items(num_tokens: int, num_seqs_max: int, tokens_per_block: int) ->
 def build_work_table(kv_lens, cu_q_lens, num_seqs, *, num_tokens: int, tokens_per_block: int,
                      block_kv: int, sliding_window: int | None) -> jax.Array:
     """i32[W, NUM_FIELDS]: per work item its sequence, first token, token count (0 = idle item),
-    position of its first token, and the half-open range [KV_LO, KV_HI) of kv blocks it reads."""
+    position of its first token, and the half-open range [KV_LO, KV_HI) of kv blocks it reads.
+    Idle items instead cover the tokens of no live sequence, tokens_per_block each: TOK0 is the
+    first and ZERO_NTOK the count (a kernel may write their zero outputs there). There are always
+    enough: W - active >= ceil(dead tokens / tokens_per_block)."""
     B = kv_lens.shape[0]
     W = max_work_items(num_tokens, B, tokens_per_block)
     b = jnp.arange(B)
@@ -44,5 +47,8 @@ def build_work_table(kv_lens, cu_q_lens, num_seqs, *, num_tokens: int, tokens_pe
         lo = jnp.maximum(pos0 - sliding_window + 1, 0)
     kv_lo = lo // block_kv
     kv_hi = jnp.where(active, (last + block_kv) // block_kv, kv_lo)
-    cols = [seq, tok0, ntok, pos0, kv_lo, kv_hi, kv_lens[seq], jnp.zeros_like(seq)]
+    dead0 = cu_q_lens[jnp.minimum(num_seqs[0], B)] + (w - cu_blocks[B]) * tokens_per_block
+    zero_ntok = jnp.where(active, 0, jnp.clip(num_tokens - dead0, 0, tokens_per_block))
+    tok0 = jnp.where(active, tok0, dead0)
+    cols = [seq, tok0, ntok, pos0, kv_lo, kv_hi, kv_lens[seq], zero_ntok]
     return jnp.stack([c.astype(jnp.int32) for c in cols], axis=1)

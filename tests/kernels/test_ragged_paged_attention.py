@@ -38,6 +38,9 @@ CASES = {
                             head_dim=128, page_size=32), None, 5.0),
     "window_softcap_chunk": (dict(q_lens=[40, 1], kv_lens=[513, 17], num_q_heads=6, num_kv_heads=2,
                                   head_dim=64, page_size=16, num_pad_seqs=1), 100, 20.0),
+    "bucket_padding": (dict(q_lens=[1, 9, 1], kv_lens=[30, 9, 200], num_q_heads=8,
+                            num_kv_heads=2, head_dim=64, page_size=16, num_pad_seqs=2,
+                            extra_tokens=53), None, None),  # zero-filled by several idle items
 }
 DTYPES = {"bf16": jnp.bfloat16, "f32": jnp.float32}
 
@@ -125,3 +128,26 @@ def test_gpu_kernel_early_k_refill():
     from kernels_pallas.ragged_paged_attention.kernel_gpu import ragged_paged_attention_mosaic
     fn = functools.partial(ragged_paged_attention_mosaic, interpret=INTERPRET, early_k_refill=True)
     _check(fn, "llama_gqa32_8_page64", "bf16", seed=5)
+
+
+@pytest.mark.parametrize("tpb", [1, 5, 16, 32])
+def test_work_table_covers_every_token_once(tpb):
+    """Active items cover each live sequence's tokens once; idle items cover the tokens of no live
+    sequence once (the kernels zero them there), however many there are."""
+    from kernels_pallas.ragged_paged_attention import schedule as sch
+    rng = np.random.default_rng(tpb)
+    for _ in range(20):
+        B = int(rng.integers(1, 6))
+        live = int(rng.integers(0, B + 1))
+        q_lens = rng.integers(0, 40, B) * (np.arange(B) < live)
+        T = int(q_lens.sum() + rng.integers(0, 100))
+        cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+        kv = q_lens + rng.integers(0, 50, B)
+        work = np.asarray(sch.build_work_table(
+            jnp.asarray(kv, jnp.int32), jnp.asarray(cu), jnp.asarray([live], jnp.int32),
+            num_tokens=T, tokens_per_block=tpb, block_kv=64, sliding_window=None))
+        seen = np.zeros(T, int)
+        for row in work:
+            n = row[sch.NTOK] or row[sch.ZERO_NTOK]
+            seen[row[sch.TOK0]:row[sch.TOK0] + n] += 1
+        np.testing.assert_array_equal(seen, np.ones(T, int))
