@@ -149,6 +149,14 @@ class LLMEngine:
     def get_num_unfinished_requests(self) -> int:
         return len(self._requests)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget the cached pages of finished requests (vLLM's name). Refused (False) while
+        requests run, so a benchmark's warm-up cannot leave the timed prompts cached."""
+        if self.has_unfinished_requests():
+            return False
+        self.scheduler.allocator.reset_prefix_cache()
+        return True
+
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one step and return the outputs of the requests it advanced.

@@ -223,3 +223,12 @@ def test_warmup_compiles_every_plain_step_shape(model_dir):
     llm.generate(_prompts(3, seed=18), SamplingParams(temperature=0, max_tokens=3),
                  use_tqdm=False)
     assert runner.num_compiles == compiled, "a step shape was compiled after warm-up"
+
+
+def test_reset_prefix_cache_forgets_finished_prompts(llm):
+    prompt = list(range(300, 322))  # 5 full pages of 4 tokens, tokens no other test uses
+    params = SamplingParams(temperature=0.0, max_tokens=2)
+    llm.generate([prompt], params, use_tqdm=False)
+    assert llm.generate([prompt], params, use_tqdm=False)[0].num_cached_tokens > 0
+    assert llm.reset_prefix_cache()
+    assert llm.generate([prompt], params, use_tqdm=False)[0].num_cached_tokens == 0
