@@ -279,6 +279,20 @@ def plot_curve(path: Path, title: str, runs: list[dict]) -> None:
     print(f"wrote {path}")
 
 
+async def reset_prefix_cache(client: httpx.AsyncClient) -> bool:
+    """POST /reset_prefix_cache (jaxserve; vLLM in dev mode) so no run finds an earlier run's (or
+    the warm-up's) prompts cached. Retries while the server finishes the last requests (409)."""
+    for _ in range(50):
+        resp = await client.post("/reset_prefix_cache")
+        if resp.status_code != 409:
+            break
+        await asyncio.sleep(0.1)
+    if resp.status_code != 200:
+        print(f"warning: /reset_prefix_cache answered {resp.status_code}: a run may hit prompts "
+              "cached by the warm-up or an earlier rate")
+    return resp.status_code == 200
+
+
 async def amain(args) -> dict:
     """Warm up, run every rate of the sweep against args.base_url, write JSON + PNG."""
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -298,9 +312,10 @@ async def amain(args) -> dict:
         for rate in args.rates:
             print(f"rate {rate:g} req/s, max concurrency {args.max_concurrency or 'none'}: "
                   f"{len(requests)} requests")
+            reset = await reset_prefix_cache(client)
             records, duration = await run_load(args, client, model, requests, rate)
             summary = {"request_rate": rate, "max_concurrency": args.max_concurrency,
-                       **summarize(records, duration)}
+                       "prefix_cache_reset": reset, **summarize(records, duration)}
             if args.save_detailed:
                 summary["requests"] = [vars(r) for r in records]
             print_table(summary)

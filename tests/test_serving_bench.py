@@ -107,7 +107,7 @@ def test_benchmark_against_server(base_url, tmp_path, flags):
     args = _args(base_url, tmp_path, *flags)
     result = asyncio.run(serving.amain(args))
     (run,) = result["runs"]
-    assert run["request_rate"] == float(flags[1])
+    assert run["request_rate"] == float(flags[1]) and run["prefix_cache_reset"]
     _check_run(run, serving.random_requests(args, args.vocab_size))
     saved = json.loads(Path(result["json_path"]).read_text())
     assert saved["runs"][0]["completed"] == NUM_PROMPTS and saved["env"]["python"]
@@ -120,7 +120,7 @@ def test_main_sweep_and_failures(base_url, tmp_path):
                            "--sweep-rates", "50,inf", "--out", str(tmp_path), "--name", "sweep",
                            "--num-warmups", "0"])
     assert [r["request_rate"] for r in result["runs"]] == [50.0, math.inf]
-    assert all(r["completed"] == 6 for r in result["runs"])
+    assert all(r["completed"] == 6 and r["prefix_cache_reset"] for r in result["runs"])
     assert (tmp_path / "sweep.json").exists() and (tmp_path / "sweep.png").exists()
     bad = serving.main(["--base-url", base_url, "--model", "nope", "--num-prompts", "3",
                         "--random-input-len", "4", "--random-output-len", "2", "--vocab-size",

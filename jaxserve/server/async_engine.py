@@ -128,6 +128,12 @@ class AsyncEngine:
         """Abort all of the stream's requests (no-op for finished ones); frees their pages."""
         self._submit(("abort", stream.request_ids), 0)
 
+    async def reset_prefix_cache(self) -> bool:
+        """Forget cached pages between requests (the engine thread does it); False while any run."""
+        fut = asyncio.get_running_loop().create_future()
+        self._submit(("reset", fut), 0)
+        return await fut
+
     def _submit(self, command: tuple, num_seqs: int) -> None:
         with self._cond:
             if self.error is not None:
@@ -159,6 +165,11 @@ class AsyncEngine:
             return commands
 
     def _apply(self, command: tuple) -> None:
+        if command[0] == "reset":
+            fut = command[1]
+            ok = self.engine.reset_prefix_cache()
+            _call_in_loop(fut.get_loop(), lambda: fut.done() or fut.set_result(ok))
+            return
         if command[0] == "abort":
             self.engine.abort_request(command[1])
             now = time.monotonic()

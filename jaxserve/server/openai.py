@@ -129,6 +129,14 @@ def _add_info_routes(app: FastAPI, serving: OpenAIServing, started: int) -> None
         text = serving.metrics.render(serving.async_engine.gauges)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache() -> Response:
+        """vLLM's route (dev mode there): benchmarks call it so warm-up prompts stay uncached."""
+        if not await serving.async_engine.reset_prefix_cache():
+            raise APIError(409, "requests are running; reset the prefix cache when idle",
+                           type="conflict_error")
+        return Response(status_code=200)
+
     @app.get("/version")
     async def version() -> dict:
         return {"version": jaxserve.__version__}

@@ -144,3 +144,21 @@ def test_bad_requests_do_not_disturb_a_stream(client, served):
     assert result["text"] == served.reference[PROMPT]
     gauges = served.wait_idle()
     assert gauges["num_requests_running"] == 0 and gauges["kv_cache_usage_perc"] == 0
+
+
+def test_reset_prefix_cache_409_while_busy_then_forgets(client, served):
+    allocator = served.app.serving.async_engine.engine.scheduler.allocator
+    prompt = " ".join(LOAD_PROMPTS[:8])  # several full 16-token pages
+    client.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+    served.wait_idle()
+    assert allocator.num_cached_pages > 0
+    stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=80, stream=True,
+                                       extra_body={"ignore_eos": True})
+    next(iter(stream))  # the request is running now
+    resp = served.post("/reset_prefix_cache")
+    assert resp.status_code == 409
+    _assert_shape(resp.json())
+    assert [c.choices[0].finish_reason for c in stream][-1] == "length"  # unharmed, ran to the end
+    served.wait_idle()
+    assert served.post("/reset_prefix_cache").status_code == 200
+    assert allocator.num_cached_pages == 0
