@@ -9,9 +9,17 @@ prefill chunk all of them, so one kernel serves both and each K/V page is read o
 kv head). Grid: (work item, kv head[, kv split]). Each CTA (one warpgroup) streams its sequence's kv
 blocks through a `num_stages`-deep shared-memory ring filled by TMA, one copy per page (page ids
 read from the page table in GMEM one step ahead), and runs wgmma for QK^T and PV with an online
-softmax in registers. Each token's output rows are stored by their own TMA, so a tile that overhangs
-the next sequence never writes its rows. Small batches split the kv range over several CTAs and
-merge the partial softmaxes in the wrapper (log-sum-exp).
+softmax in registers. q is read in place from [T*N, H] (one TMA of G rows per token) and each
+token's output rows are stored by their own TMA, so a tile that overhangs the next sequence never
+reads or writes its rows; work items past the live sequences zero the tokens no sequence owns.
+Small batches split the kv range over several CTAs and merge the partial softmaxes in the wrapper
+(log-sum-exp).
+
+Prefill-shaped steps (T > B with enough tiles; `_use_ws`) take a warp-specialized variant instead
+(FA3's layout): grid (work pair, kv head), three warpgroups per CTA. Warpgroup 2 (the producer, few
+registers) fills one K/V ring for two tiles; warpgroups 0 and 1 each own one tile of the pair and
+ping-pong through a shared barrier so one's softmax overlaps the other's wgmma. Heaviest work
+pairs go first (causal prefill's long tiles start early).
 """
 from __future__ import annotations
 
