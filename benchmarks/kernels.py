@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import device_us, measure_copy_bandwidth, measure_matmul_rate
+from benchmarks.common import device_us, environment, measure_copy_bandwidth, measure_matmul_rate
 from kernels_pallas.ragged_paged_attention.kernel_gpu import ragged_paged_attention_mosaic
 from kernels_pallas.ragged_paged_attention.reference import ragged_paged_attention_reference
 
@@ -199,7 +199,7 @@ def main():
     rng = np.random.default_rng(0)
     result = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                  variants=args.variants, page_size=S)
+                  variants=args.variants, page_size=S, env=environment())
     result["copy_gbps"] = measure_copy_bandwidth() / 1e9
     result["matmul_tflops"] = measure_matmul_rate() / 1e12
     print(f"device {result['device']}: copy {result['copy_gbps']:.0f} GB/s, "
