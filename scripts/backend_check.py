@@ -11,6 +11,9 @@ the first divergence each backend's token is among the other's top-5. Printed wi
 reference's top-2 gap there, and the rounding noise, i.e. the largest difference between the two
 backends' logprob of the same token over the shared prefix. Exit status 0 when every sequence
 passes.
+
+`--rounding-probe` runs the same comparison between the reference and the reference with P rounded
+to bf16 (no kernel, any platform): how far that one rounding alone moves greedy paths.
 """
 from __future__ import annotations
 
@@ -26,13 +29,19 @@ PROMPTS = ["The capital of France is", "Write a haiku about the sea.",
 
 
 def run_backend(args) -> dict:
-    """Child process: generate with one backend, print one JSON line."""
+    """Child process: generate with one backend, print one JSON line. Backend "reference_bf16p" is
+    the reference with P rounded to bf16 before PV, as the GPU kernel does."""
+    import jax.numpy as jnp
     import numpy as np
 
     from jaxserve import LLM, SamplingParams
+    from kernels_pallas.ragged_paged_attention import reference
 
+    if args.backend == "reference_bf16p":
+        reference.PV_DTYPE = jnp.bfloat16
     llm = LLM(args.model, load_format=args.load_format, tokenizer=args.tokenizer,
-              dtype=args.dtype, attention_backend=args.backend, max_num_seqs=16,
+              dtype=args.dtype, attention_backend=args.backend.removesuffix("_bf16p"),
+              max_num_seqs=16,
               max_num_batched_tokens=256, max_model_len=2048, gpu_memory_utilization=0.45,
               enable_prefix_caching=False, enforce_eager=True)
     tok = llm.get_tokenizer()
@@ -63,12 +72,15 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--backend", default=None, help=argparse.SUPPRESS)  # set in the child
     p.add_argument("--out", default=None)
+    p.add_argument("--rounding-probe", action="store_true",
+                   help="compare the reference against itself with P rounded to bf16 (any platform)")
     args = p.parse_args(argv)
     if args.backend:
         run_backend(args)
         return 0
     results = {}
-    for backend in ("reference", "pallas"):
+    other = "reference_bf16p" if args.rounding_probe else "pallas"
+    for backend in ("reference", other):
         cmd = [sys.executable, __file__, "--backend", backend, "--load-format", args.load_format,
                "--dtype", args.dtype, "--max-tokens", str(args.max_tokens)]
         cmd += ["--model", args.model] if args.model else []
@@ -80,9 +92,9 @@ def main(argv=None) -> int:
             raise SystemExit(f"{backend} run failed (exit {proc.returncode})")
         results[backend] = json.loads(lines[0][len("RESULT "):])
         print(f"{backend}: impl={results[backend]['impl']}", flush=True)
-    ref, pal = results["reference"]["rows"], results["pallas"]["rows"]
+    ref, pal = results["reference"]["rows"], results[other]["rows"]
     summary = dict(model=args.model or "SmolLM2-135M-Instruct (embedded GGUF)",
-                   load_format=args.load_format, sequences=[])
+                   load_format=args.load_format, against=other, sequences=[])
     for i, (r, q) in enumerate(zip(ref, pal)):
         entry = compare(r, q)
         summary["sequences"].append(entry)

@@ -9,6 +9,9 @@ import jax
 import jax.numpy as jnp
 
 _TOKEN_CHUNK = 128
+# P is rounded to this before the PV product. The GPU kernel feeds P to its wgmma in bf16;
+# scripts/backend_check.py --rounding-probe sets bf16 here to show what that rounding alone does.
+PV_DTYPE = jnp.float32
 
 
 def ragged_paged_attention_reference(
@@ -64,7 +67,7 @@ def ragged_paged_attention_reference(
         m = jnp.max(s, axis=-1, keepdims=True)
         p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
         denom = jnp.sum(p, axis=-1, keepdims=True)
-        return jnp.einsum("TKGC,TCKH->TKGH", p, vt) / jnp.where(denom > 0, denom, 1.0)
+        return jnp.einsum("TKGC,TCKH->TKGH", p.astype(PV_DTYPE).astype(jnp.float32), vt) / jnp.where(denom > 0, denom, 1.0)
 
     args = (qg, seq, pos, ctx_len, live)
     if T <= _TOKEN_CHUNK:
