@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default=None, help=argparse.SUPPRESS)  # set in the child
     p.add_argument("--out", default=None)
     p.add_argument("--rounding-probe", action="store_true",
-                   help="compare the reference against itself with P rounded to bf16 (any platform)")
+                   help="the reference against itself with P rounded to bf16 (any platform)")
     args = p.parse_args(argv)
     if args.backend:
         run_backend(args)

@@ -53,11 +53,11 @@ class RequestStream:
             yield item
 
 
-def _resolve(fut: asyncio.Future, error: BaseException | None) -> None:
+def _resolve(fut: asyncio.Future, error: BaseException | None, result=None) -> None:
     if fut.done():  # the handler was cancelled meanwhile (client gone)
         return
     if error is None:
-        fut.set_result(None)
+        fut.set_result(result)
     else:
         fut.set_exception(error)
 
@@ -167,8 +167,7 @@ class AsyncEngine:
     def _apply(self, command: tuple) -> None:
         if command[0] == "reset":
             fut = command[1]
-            ok = self.engine.reset_prefix_cache()
-            _call_in_loop(fut.get_loop(), lambda: fut.done() or fut.set_result(ok))
+            _call_in_loop(fut.get_loop(), _resolve, fut, None, self.engine.reset_prefix_cache())
             return
         if command[0] == "abort":
             self.engine.abort_request(command[1])

@@ -101,6 +101,16 @@ def _zero_rows(io_smem, o_ref, *, tok0, ntok, kh, cfg):
     _store_rows(io_smem, o_ref, row0=0, tok0=tok0, ntok=ntok, kh=kh, cfg=cfg)
 
 
+def _pv_operand(p16, p_smem):
+    """P as the PV wgmma's A operand: registers when compiled; through p_smem in GPU interpret
+    mode, which has no wgmma with A in registers (p_smem is None when compiled)."""
+    if p_smem is None:
+        return p16
+    p_smem[...] = p16
+    plgpu.commit_smem()
+    return p_smem
+
+
 def _store_rows(src_smem, dst_ref, *, row0, tok0, ntok, kh, cfg):
     """TMA the G rows of each live token of the tile to GMEM row row0 + token*N + kh*G."""
     G = cfg["group"]
@@ -181,11 +191,7 @@ def _attention_kernel(work_ref, page_table_ref, q_ref, k_ref, v_ref,  # inputs (
             acc = carry[0] * lax.broadcast_in_dim(alpha, (ROWS, H), [0])
             plgpu.barrier_wait(v_bar.at[slot])
 
-            p16 = p.astype(q_smem.dtype)
-            if p_smem is not None:  # GPU interpret mode has no wgmma with A in registers
-                p_smem[...] = p16
-                plgpu.commit_smem()
-                p16 = p_smem
+            p16 = _pv_operand(p.astype(q_smem.dtype), p_smem)
 
             def pv(acc_ref):
                 plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
@@ -291,10 +297,7 @@ def _ws_consumer_loop(q_s, p_s, smem, bars, *, lo, hi, hi_w, pos0, cfg):
         plgpu.barrier_arrive(sched)  # softmax done
         plgpu.barrier_wait(v_bar.at[slot])
         plgpu.barrier_wait(sched)  # the other warpgroup's QK^T is issued: tensor cores are ours
-        if p_s is not None:  # GPU interpret mode has no wgmma with A in registers
-            p_s[...] = p16
-            plgpu.commit_smem()
-            p16 = p_s
+        p16 = _pv_operand(p16, p_s)
 
         def pv(acc_ref):
             plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
@@ -499,7 +502,8 @@ def ragged_paged_attention_mosaic(q, k_pages, v_pages, kv_lens, page_table, cu_q
                num_pages=P, max_pages=M, num_tokens=T, num_heads=N, num_kv_heads=K,
                sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
                num_kv_splits=splits, early_k_refill=early_k_refill, heavy_first=heavy_first)
-    outs = _launch(q.reshape(T * N, H), k_pages, v_pages, page_table, work, cfg=cfg, ws=ws, interpret=interpret)
+    outs = _launch(q.reshape(T * N, H), k_pages, v_pages, page_table, work, cfg=cfg, ws=ws,
+                   interpret=interpret)
     if splits == 1:  # the kernel wrote every token, zeros for those of no live sequence
         return outs[0].reshape(T, N, H)
     # Merge the partial softmaxes (log2 domain) and zero the tokens of no live sequence.

@@ -67,7 +67,8 @@ def ragged_paged_attention_reference(
         m = jnp.max(s, axis=-1, keepdims=True)
         p = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
         denom = jnp.sum(p, axis=-1, keepdims=True)
-        return jnp.einsum("TKGC,TCKH->TKGH", p.astype(PV_DTYPE).astype(jnp.float32), vt) / jnp.where(denom > 0, denom, 1.0)
+        pv = jnp.einsum("TKGC,TCKH->TKGH", p.astype(PV_DTYPE).astype(jnp.float32), vt)
+        return pv / jnp.where(denom > 0, denom, 1.0)
 
     args = (qg, seq, pos, ctx_len, live)
     if T <= _TOKEN_CHUNK:
