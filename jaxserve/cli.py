@@ -1,34 +1,93 @@
-"""Command line: `jaxserve generate "prompt"` (offline) and `jaxserve serve [MODEL]` (OpenAI server)."""
+"""Command line: `jaxserve generate "prompt"` (offline) and `jaxserve serve [MODEL]` (OpenAI server).
+
+Engine flags are derived from EngineConfig's fields (name, type, default, help, choices), so the
+CLI, LLM(**kwargs) and the config never disagree; vLLM flags jaxserve lacks are refused by name.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
+import typing
+
+from jaxserve.config import EngineConfig
+
+# `vllm serve` flags with no EngineConfig field, refused with the reason (never silently ignored).
+VLLM_FLAGS_NOT_IMPLEMENTED = {
+    "--enable-auto-tool-choice": "tool calling is not implemented yet",
+    "--tool-call-parser": "tool calling is not implemented yet",
+    "--tool-parser-plugin": "tool calling is not implemented yet",
+    "--reasoning-parser": "reasoning parsers are not implemented yet",
+    "--structured-outputs-config": "structured outputs are not implemented yet",
+    "--guided-decoding-backend": "structured outputs are not implemented yet",
+    "--lora-modules": "LoRA adapters are not supported yet",
+    "--max-loras": "LoRA adapters are not supported yet",
+    "--max-lora-rank": "LoRA adapters are not supported yet",
+    "--max-cpu-loras": "LoRA adapters are not supported yet",
+    "--api-server-count": "one API server process only",
+    "--limit-mm-per-prompt": "multimodal inputs are not supported",
+    "--mm-processor-kwargs": "multimodal inputs are not supported",
+    "--distributed-executor-backend": "one process drives all local devices (jax.sharding)",
+    "--swap-space": "preempted sequences are recomputed, never swapped to the CPU",
+    "--num-scheduler-steps": "multi-step scheduling is not implemented (async scheduling is on)",
+    "--rope-scaling": "set it through --hf-overrides '{\"rope_scaling\": ...}'",
+    "--tokenizer-mode": "only the fast (tokenizers) tokenizer is used",
+    "--config-format": "config.json (HF) and GGUF metadata are read as they come",
+}
+
+
+def _flag_type(hint):
+    """int | None -> int; bool stays bool (BooleanOptionalAction)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """EngineConfig flags, spelled like `vllm serve`'s."""
-    p.add_argument("--tokenizer", default=None, help="tokenizer dir or .gguf (default: the model's)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--page-size", "--block-size", dest="page_size", type=int, default=16)
-    p.add_argument("--num-kv-pages", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "reference", "pallas"])
-    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
-                   action="store_false")
+    """One flag per EngineConfig field (`max_model_len` -> `--max-model-len`), vLLM's spelling."""
+    hints = typing.get_type_hints(EngineConfig)
+    for f in dataclasses.fields(EngineConfig):
+        meta = f.metadata
+        if meta.get("cli", True) is False:
+            continue
+        names = ["--" + f.name.replace("_", "-"), *meta.get("aliases", ())]
+        kind = _flag_type(hints[f.name])
+        kw = {"dest": f.name, "default": f.default, "help": meta["help"]}
+        if kind is bool:
+            p.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if meta.get("json"):
+            kind = _json_object
+        elif kind is tuple or typing.get_origin(kind) is tuple:
+            kind = str
+        p.add_argument(*names, type=kind, choices=meta.get("choices"), **kw)
+
+
+def _json_object(text: str):
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    keys = ("tokenizer", "dtype", "max_model_len", "tensor_parallel_size", "gpu_memory_utilization",
-            "max_num_seqs", "max_num_batched_tokens", "page_size", "num_kv_pages", "seed",
-            "load_format", "attention_backend", "enable_prefix_caching")
-    return {k: getattr(args, k) for k in keys}
+    """EngineConfig keyword arguments from parsed flags (every field that has a flag)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
+            if hasattr(args, f.name) and f.name != "model"}
+
+
+def refuse_unknown(parser: argparse.ArgumentParser, extra: list[str]) -> None:
+    """Exit (status 2) naming the first flag parse_known_args left over."""
+    for arg in extra:
+        flag = arg.split("=", 1)[0]
+        if flag in VLLM_FLAGS_NOT_IMPLEMENTED:
+            parser.error(f"{flag} is not supported by jaxserve: {VLLM_FLAGS_NOT_IMPLEMENTED[flag]}")
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
 
 def _generate(args) -> int:
@@ -47,12 +106,13 @@ def _generate(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxserve")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text offline for one or more prompts")
     gen.add_argument("prompt", nargs="*", help="prompts (default: two examples)")
-    gen.add_argument("--model", default=None, help="HF dir, .gguf file or preset (default: SmolLM2)")
+    gen.add_argument("--model", default=None,
+                     help="HF dir, hub repo id or .gguf file (default: the embedded SmolLM2)")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -61,15 +121,26 @@ def main(argv: list[str] | None = None) -> int:
     add_engine_args(gen)
     try:
         from jaxserve.server.cli import add_serve_parser
-    except ImportError:
+    except ImportError:  # the server's extra dependencies are missing
         add_serve_parser = None
     if add_serve_parser is not None:
         add_serve_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    refuse_unknown(parser, extra)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.command == "generate":
-        return _generate(args)
-    return args.func(args)
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        return args.func(args)
+    except ValueError as e:  # a bad option or model: one line, not a traceback
+        logging.getLogger("jaxserve").debug("start-up failed", exc_info=True)
+        print(f"jaxserve: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Both are hashable so they can be static jit arguments. Validation lives in __pos
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 ATTENTION_BACKENDS = ("auto", "reference", "pallas")
@@ -69,35 +70,73 @@ def hashable_rope_scaling(rope_scaling: dict | None) -> tuple | None:
     return tuple(items)
 
 
+def _opt(default, help: str, **cli):
+    """An EngineConfig field with what its `jaxserve serve` flag needs (help text, choices, aliases);
+    jaxserve/cli.py derives every engine flag from these, so no flag list is kept twice."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass(frozen=True, kw_only=True)
 class EngineConfig:
-    """Everything LLM(...) accepts; names follow vLLM's EngineArgs."""
+    """Everything LLM(...) accepts and `jaxserve serve` derives its engine flags from; names and
+    defaults follow vLLM's EngineArgs. Options vLLM has and jaxserve does not implement are fields
+    too, accepted at their off value and refused (ValueError naming them) otherwise."""
 
-    model: str | None = None  # HF directory, .gguf file, preset name; None = embedded SmolLM2
-    tokenizer: str | None = None
-    dtype: str = "auto"
-    max_model_len: int | None = None
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    page_size: int = 16
-    num_kv_pages: int | None = None
-    seed: int = 0
-    load_format: str = "auto"
-    attention_backend: str = "auto"
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = False
-    max_logprobs: int = 20
-    hf_overrides: tuple[tuple[str, object], ...] | None = field(default=None)
+    model: str | None = _opt(None, "HF directory, hub repo id, .gguf file, or (load_format=dummy) "
+                                   "a preset; None = the embedded SmolLM2-135M-Instruct", cli=False)
+    tokenizer: str | None = _opt(None, "tokenizer directory or .gguf file (default: the model's)")
+    revision: str | None = _opt(None, "hub revision (branch, tag or commit) of the model")
+    download_dir: str | None = _opt(None, "directory for hub downloads (default: the HF cache)")
+    trust_remote_code: bool = _opt(False, "accepted for vLLM compatibility; no remote code runs")
+    dtype: str = _opt("auto", "weight and activation dtype", choices=DTYPES)
+    max_model_len: int | None = _opt(None, "context length (default: the model's)")
+    tensor_parallel_size: int = _opt(1, "devices to shard the model over", aliases=("-tp",))
+    gpu_memory_utilization: float = _opt(0.9, "fraction of device memory for weights and KV cache")
+    max_num_seqs: int = _opt(256, "sequences per step")
+    max_num_batched_tokens: int = _opt(2048, "tokens per step (chunked prefill)")
+    page_size: int = _opt(16, "tokens per KV page", aliases=("--block-size",))
+    num_kv_pages: int | None = _opt(None, "KV pages (default: what fits in memory)")
+    seed: int = _opt(0, "engine seed (requests without a seed draw from it)")
+    load_format: str = _opt("auto", "weight source; dummy = random weights", choices=LOAD_FORMATS)
+    attention_backend: str = _opt("auto", "attention op", choices=ATTENTION_BACKENDS)
+    enable_prefix_caching: bool = _opt(True, "reuse the KV pages of shared prompt prefixes")
+    enforce_eager: bool = _opt(False, "compile each step shape lazily instead of at start-up")
+    max_logprobs: int = _opt(20, "largest logprobs / prompt_logprobs a request may ask for")
+    generation_config: str = _opt(
+        "auto", "'auto': the model's generation_config.json sampling fields are the request "
+                "defaults; 'vllm': jaxserve's own defaults; or a directory holding the file")
+    hf_overrides: tuple[tuple[str, object], ...] | None = _opt(
+        None, "JSON object merged over the model's config.json", json=True)
+    # vLLM options jaxserve does not implement: accepted only at their off value.
+    pipeline_parallel_size: int = _opt(1, "must be 1: jaxserve has tensor parallelism only",
+                                       aliases=("-pp",))
+    data_parallel_size: int = _opt(1, "must be 1: data-parallel replicas are not implemented yet",
+                                   aliases=("-dp",))
+    quantization: str | None = _opt(None, "must be unset: quantized weights are not supported yet",
+                                    aliases=("-q",))
+    kv_cache_dtype: str = _opt("auto", "must be auto: the KV cache has the model's dtype")
+    cpu_offload_gb: float = _opt(0.0, "must be 0: weights are not offloaded to the CPU")
+    enable_lora: bool = _opt(False, "must be off: LoRA adapters are not supported yet")
+    speculative_config: str | None = _opt(None, "must be unset: no speculative decoding",
+                                          json=True)
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"{self.dtype=} must be one of {DTYPES}")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"{self.attention_backend=} must be one of {ATTENTION_BACKENDS}")
-        if self.load_format not in LOAD_FORMATS:
-            raise ValueError(f"{self.load_format=} must be one of {LOAD_FORMATS}")
+        if isinstance(self.hf_overrides, dict):  # LLM(hf_overrides={...}): keep it hashable
+            object.__setattr__(self, "hf_overrides", hashable_rope_scaling(self.hf_overrides))
+        self._validate_choices()
+        self._validate_ranges()
+        self._refuse_unimplemented()
+
+    def _validate_choices(self):
+        for name in ("dtype", "attention_backend", "load_format"):
+            choices = EngineConfig.__dataclass_fields__[name].metadata["choices"]
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be one of {choices}")
+        if self.generation_config not in ("auto", "vllm") and not os.path.isdir(
+                self.generation_config):
+            raise ValueError(f"{self.generation_config=} must be 'auto', 'vllm' or a directory")
+
+    def _validate_ranges(self):
         if self.tensor_parallel_size < 1:
             raise ValueError(f"{self.tensor_parallel_size=} must be >= 1")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -112,3 +151,16 @@ class EngineConfig:
             raise ValueError(f"{self.num_kv_pages=} must be >= 2")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"{self.max_model_len=} must be >= 1")
+        if self.max_logprobs < 0:
+            raise ValueError(f"{self.max_logprobs=} must be >= 0")
+
+    def _refuse_unimplemented(self):
+        for name, off in (("pipeline_parallel_size", 1), ("data_parallel_size", 1),
+                          ("quantization", None), ("kv_cache_dtype", "auto"),
+                          ("cpu_offload_gb", 0.0), ("enable_lora", False),
+                          ("speculative_config", None)):
+            value = getattr(self, name)
+            if value != off:
+                why = EngineConfig.__dataclass_fields__[name].metadata["help"].split(": ", 1)[-1]
+                raise ValueError(f"{name}={value!r} is not supported: {why}")
+

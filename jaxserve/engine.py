@@ -5,7 +5,6 @@ output processing (detokenize, stop strings, logprobs).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import numpy as np
 
 from jaxserve.config import EngineConfig
 from jaxserve.detokenizer import Detokenizer, DetokenizerState
+from jaxserve.input_processor import InputLimits, InputProcessor
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxserve.request import Sequence
 from jaxserve.sampling_params import RequestOutputKind, SamplingParams
@@ -58,6 +58,10 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len, enable_prefix_caching=config.enable_prefix_caching)
         self.detokenizer = Detokenizer(self.tokenizer)
+        self.input_processor = InputProcessor(self.tokenizer, self.chat_template, InputLimits(
+            vocab_size=self.model_config.vocab_size, max_model_len=self.max_model_len,
+            page_size=config.page_size, num_kv_pages=self.num_kv_pages,
+            max_logprobs=config.max_logprobs))
         self._requests: dict[str, _RequestState] = {}
         self._rng = np.random.default_rng(config.seed)
         self._inflight = None  # the step dispatched ahead (StepHandle), if any
@@ -72,15 +76,11 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: str | list[int] | dict,
                     params: SamplingParams | None = None, arrival_time: float | None = None) -> None:
         """Validate and queue a request; raises ValueError (and queues nothing) on bad input."""
-        params = params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         if request_id in self._requests:
             raise ValueError(f"{request_id=} is already in use")
-        text, ids = self._prompt_ids(prompt)
-        self._validate_prompt(ids, params)
-        if params.max_tokens is None:
-            params = dataclasses.replace(params, max_tokens=max(1, self.max_model_len - len(ids)))
+        processed = self.input_processor.process_prompt(prompt)
+        ids = processed.token_ids
+        params = self.input_processor.check_params(params or SamplingParams(), len(ids))
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         seqs = []
         for i in range(params.n):
@@ -89,48 +89,11 @@ class LLMEngine:
                            parent=seqs[0] if seqs else None)
             seq.sampling_seed = self._sampling_seed(params, i)
             seqs.append(seq)
-        state = _RequestState(request_id, text, list(ids), params, seqs,
+        state = _RequestState(request_id, processed.text, list(ids), params, seqs,
                               [self.detokenizer.start(ids) for _ in seqs], arrival)
         self._requests[request_id] = state
         for seq in seqs:
             self.scheduler.add(seq)
-
-    def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), self._check_ids(prompt["prompt_token_ids"])
-            if "prompt" in prompt:
-                return prompt["prompt"], self.tokenize(prompt["prompt"])
-            raise ValueError(f"prompt dict needs 'prompt' or 'prompt_token_ids', got {sorted(prompt)}")
-        if isinstance(prompt, str):
-            return prompt, self.tokenize(prompt)
-        if isinstance(prompt, (list, tuple, np.ndarray)):
-            return None, self._check_ids(prompt)
-        raise ValueError(f"prompt must be a str, a list of token ids or a dict, got {type(prompt)}")
-
-    def _check_ids(self, ids) -> list[int]:
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.model_config.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token ids out of range [0, {self.model_config.vocab_size}): "
-                             f"{bad[:5]}")
-        return ids
-
-    def _validate_prompt(self, ids: list[int], params: SamplingParams) -> None:
-        if not ids:
-            raise ValueError("the prompt is empty (0 tokens)")
-        if len(ids) > self.max_model_len:
-            raise ValueError(f"prompt length {len(ids)} exceeds max_model_len={self.max_model_len}")
-        pages_needed = -(-min(len(ids) + (params.max_tokens or 1), self.max_model_len)
-                         // self.config.page_size)
-        if pages_needed > self.num_kv_pages:
-            raise ValueError(f"request needs {pages_needed} KV pages but the pool has "
-                             f"num_kv_pages={self.num_kv_pages}")
-        limit = self.config.max_logprobs
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(params, name)
-            if value is not None and value > limit:
-                raise ValueError(f"{name}={value} exceeds max_logprobs={limit}")
 
     def _sampling_seed(self, params: SamplingParams, index: int) -> int:
         if params.seed is None:

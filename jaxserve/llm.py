@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Sequence as SequenceABC
 
 from tqdm.auto import tqdm
 
@@ -34,7 +33,7 @@ class LLM:
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """prompts: a str, a list of str, a list of token ids, a list of token-id lists, or dicts
         with "prompt" / "prompt_token_ids". Outputs come back in the order of the prompts."""
-        prompts = _as_prompt_list(prompts)
+        prompts = self.llm_engine.input_processor.prompt_list(prompts)
         params = sampling_params if sampling_params is not None else SamplingParams()
         if isinstance(params, list):
             if len(params) != len(prompts):
@@ -46,25 +45,29 @@ class LLM:
         return self._run(prompts, params, use_tqdm)
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
-             chat_template: str | None = None, add_generation_prompt: bool = True
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, tools: list[dict] | None = None,
+             documents: list[dict] | None = None, chat_template_kwargs: dict | None = None
              ) -> list[RequestOutput]:
-        """messages: one conversation (list of {"role", "content"}) or a list of conversations."""
+        """messages: one conversation (list of {"role", "content"}) or a list of them; content is a
+        string or a list of {"type": "text", "text": ...} parts (vLLM's LLM.chat arguments)."""
         if not messages:
             raise ValueError("messages is empty")
-        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
-        prompts = [self.apply_chat_template(c, chat_template, add_generation_prompt)
-                   for c in conversations]
+        single = isinstance(messages[0], dict) or hasattr(messages[0], "model_dump")
+        conversations = [messages] if single else list(messages)
+        prompts = [self.apply_chat_template(
+            c, chat_template, add_generation_prompt, continue_final_message=continue_final_message,
+            tools=tools, documents=documents, chat_template_kwargs=chat_template_kwargs)
+            for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def apply_chat_template(self, conversation, chat_template: str | None = None,
-                            add_generation_prompt: bool = True) -> dict:
-        tok = self.llm_engine.tokenizer
-        template = chat_template or self.llm_engine.chat_template
-        if template is None:
-            raise ValueError("the model has no chat template; pass chat_template=")
-        text = tok.apply_chat_template(conversation, chat_template=template, tokenize=False,
-                                       add_generation_prompt=add_generation_prompt)
-        return {"prompt": text, "prompt_token_ids": tok.encode(text, add_special_tokens=False)}
+                            add_generation_prompt: bool = True, **render_kwargs) -> dict:
+        """One conversation -> {"prompt": text, "prompt_token_ids": ids}, as the server renders it."""
+        p = self.llm_engine.input_processor.chat_prompt(
+            conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+            **render_kwargs)
+        return {"prompt": p.text, "prompt_token_ids": p.token_ids}
 
     def _run(self, prompts, params, use_tqdm) -> list[RequestOutput]:
         engine = self.llm_engine
@@ -80,24 +83,20 @@ class LLM:
         results: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm,
                    dynamic_ncols=True)
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    results[out.request_id] = out
-                    bar.update(1)
-            if use_tqdm:
-                new = engine.stats["generation_tokens"]
-                elapsed = bar.format_dict["elapsed"] or 1e-9
-                bar.set_postfix_str(f"output {new / elapsed:.0f} tok/s", refresh=False)
-        bar.close()
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        results[out.request_id] = out
+                        bar.update(1)
+                if use_tqdm:
+                    new = engine.stats["generation_tokens"]
+                    elapsed = bar.format_dict["elapsed"] or 1e-9
+                    bar.set_postfix_str(f"output {new / elapsed:.0f} tok/s", refresh=False)
+        except BaseException:  # a failed (or interrupted) call leaves nothing queued behind it
+            engine.abort_request([rid for rid in ids if rid not in results])
+            raise
+        finally:
+            bar.close()
         return [results[rid] for rid in ids]
 
-
-def _as_prompt_list(prompts) -> list:
-    if isinstance(prompts, (str, dict)):
-        return [prompts]
-    if isinstance(prompts, SequenceABC) and prompts and isinstance(prompts[0], int):
-        return [list(prompts)]
-    if not isinstance(prompts, SequenceABC) or not prompts:
-        raise ValueError(f"prompts must be a non-empty str or list, got {prompts!r:.80}")
-    return list(prompts)

@@ -51,14 +51,18 @@ def num_kv_pages_for(config: EngineConfig, model_config: ModelConfig, dtype, max
         budget = stats["bytes_limit"] * config.gpu_memory_utilization - stats["bytes_in_use"] - act
     else:
         budget = _CPU_KV_BUDGET_BYTES * config.gpu_memory_utilization
-    pages = int(budget // per_page)
-    needed = -(-max_model_len // config.page_size)
-    if pages < needed:
+    return int(budget // per_page)
+
+
+def check_pool_holds_max_model_len(num_pages: int, page_size: int, max_model_len: int) -> None:
+    """vLLM refuses to start when one sequence of max_model_len tokens cannot fit the KV pool;
+    otherwise such a request would be admitted and could never be scheduled."""
+    needed = -(-max_model_len // page_size)
+    if num_pages < needed:
         raise ValueError(
-            f"only {pages} KV pages fit in memory (gpu_memory_utilization="
-            f"{config.gpu_memory_utilization}) but max_model_len={max_model_len} needs {needed}; "
-            f"lower max_model_len or raise gpu_memory_utilization")
-    return pages
+            f"max_model_len={max_model_len} needs {needed} KV pages but the pool holds "
+            f"{num_pages} ({num_pages * page_size} tokens); lower max_model_len to at most "
+            f"{num_pages * page_size}, or raise num_kv_pages / gpu_memory_utilization")
 
 
 def enable_compilation_cache() -> None:
@@ -89,6 +93,10 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     impl = default_impl(config.attention_backend)
     devices = mesh.devices.flatten().tolist()
     num_pages = num_kv_pages_for(config, mc, loaded.dtype, max_model_len, devices)
+    check_pool_holds_max_model_len(num_pages, config.page_size, max_model_len)
+    if config.trust_remote_code:
+        logger.warning("trust_remote_code is accepted for vLLM compatibility; jaxserve runs no "
+                       "code from the model repository")
     kv_dtype = jnp.dtype(loaded.dtype)
     kv_cache = init_kv_cache(mc.num_layers, num_pages, config.page_size, mc.num_kv_heads,
                              mc.head_dim, kv_dtype, kv_cache_sharding(mesh, rules))

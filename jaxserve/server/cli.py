@@ -30,6 +30,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", nargs="+", default=None,
                    help="names clients may use in `model` (default: the model path)")
     p.add_argument("--chat-template", default=None, help="a Jinja file path or inline template")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let requests send their own chat_template (rendered with a time limit)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1")
     p.add_argument("--max-waiting-requests", type=int, default=1024,
                    help="503 + Retry-After once this many sequences wait")
@@ -60,6 +62,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         served_model_names=tuple(args.served_model_name or ()),
         chat_template=load_chat_template(args.chat_template), api_key=args.api_key,
+        trust_request_chat_template=args.trust_request_chat_template,
         max_waiting_requests=args.max_waiting_requests,
         max_request_body_bytes=args.max_request_body_bytes, drain_timeout=args.drain_timeout)
 

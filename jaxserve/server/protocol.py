@@ -5,8 +5,6 @@ tokenizer or the engine's limits (prompt length, n, logprobs) happen in openai.p
 """
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field
 
 from jaxserve.sampling_params import SamplingParams
@@ -32,10 +30,47 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False
 
 
+# OpenAI / vLLM request fields jaxserve does not implement yet: a request that sets one (to anything
+# but null, false or empty) gets a 400 naming it. Other unknown fields are ignored, as vLLM does.
+NOT_IMPLEMENTED_FIELDS = {
+    "response_format": "structured outputs are not implemented yet",
+    "structured_outputs": "structured outputs are not implemented yet",
+    "guided_json": "structured outputs are not implemented yet",
+    "guided_regex": "structured outputs are not implemented yet",
+    "guided_choice": "structured outputs are not implemented yet",
+    "guided_grammar": "structured outputs are not implemented yet",
+    "guided_decoding_backend": "structured outputs are not implemented yet",
+    "functions": "function calling is not implemented yet",
+    "function_call": "function calling is not implemented yet",
+    "logit_bias": "logit_bias is not implemented yet",
+    "allowed_token_ids": "allowed_token_ids is not implemented yet",
+    "bad_words": "bad_words is not implemented yet",
+    "logits_processors": "custom logits processors are not supported",
+    "truncate_prompt_tokens": "prompt truncation is not implemented yet",
+    "prompt_logprobs": "prompt_logprobs is not served yet (use echo with logprobs on "
+                       "/v1/completions)",
+    "use_beam_search": "beam search is not implemented yet",
+    "length_penalty": "beam search is not implemented yet",
+    "best_of": "best_of is not implemented (use n)",
+    "audio": "audio output is not supported",
+    "modalities": "only text output is supported",
+    "prediction": "predicted outputs are not supported",
+    "web_search_options": "web search is not supported",
+    "reasoning_effort": "reasoning controls are not implemented yet",
+    "mm_processor_kwargs": "multimodal inputs are not supported",
+    "prompt_embeds": "prompt embeddings are not supported",
+    "priority": "request priorities are not implemented yet",
+    "kv_transfer_params": "KV transfer is not supported",
+    "vllm_xargs": "vllm_xargs is not supported",
+    "cache_salt": "cache_salt is not implemented yet",
+    "guided_whitespace_pattern": "structured outputs are not implemented yet",
+}
+
+
 class _SamplingRequest(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions (OpenAI's plus vLLM's extras)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # unknown fields kept in model_extra, then checked
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -75,6 +110,19 @@ class _SamplingRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def refuse_unimplemented(self) -> list[str]:
+        """Raise APIError(400) for a set NOT_IMPLEMENTED_FIELDS field; return the ignored ones."""
+        extra = self.model_extra or {}
+        for name, value in extra.items():
+            if name in NOT_IMPLEMENTED_FIELDS and value not in (None, False, {}, [], ""):
+                raise APIError(400, f"{name} is not supported by jaxserve: "
+                                    f"{NOT_IMPLEMENTED_FIELDS[name]}", param=name,
+                               code="unsupported_field")
+        if self.stream_options and self.stream_options.continuous_usage_stats:
+            raise APIError(400, "stream_options.continuous_usage_stats is not implemented yet",
+                           param="stream_options", code="unsupported_field")
+        return sorted(set(extra) - set(NOT_IMPLEMENTED_FIELDS))
+
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
@@ -84,22 +132,13 @@ class CompletionRequest(_SamplingRequest):
     suffix: str | None = None
 
 
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
 class ChatMessage(BaseModel):
+    """Checked further (content parts, Unicode) by the shared InputProcessor."""
+
     model_config = ConfigDict(extra="allow")  # name, tool_call_id, ... go to the template as-is
 
     role: str
-    content: str | list[TextPart] | None = None
-
-    def as_template_dict(self) -> dict:
-        out = self.model_dump(exclude_none=True)
-        if isinstance(self.content, list):
-            out["content"] = "".join(part.text for part in self.content)
-        return out
+    content: str | list[dict] | None = None
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -109,8 +148,14 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: int | None = Field(None, ge=0)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    add_special_tokens: bool = False  # vLLM's default for chat: the template adds them
     chat_template: str | None = None
     chat_template_kwargs: dict | None = None
+    documents: list[dict] | None = None
+    # Tools reach the chat template; tool calls are not parsed yet, so only tool_choice "none".
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
 
     @property
     def max_new_tokens(self) -> int | None:

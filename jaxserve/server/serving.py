@@ -6,18 +6,29 @@ AsyncEngine.add() -> RequestStream -> responses.py (whole body or SSE chunks).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from jaxserve.input_processor import InvalidRequest
 from jaxserve.server.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from jaxserve.server.metrics import ServerMetrics
-from jaxserve.server.protocol import (APIError, ChatCompletionRequest, ChatMessage,
-                                      CompletionRequest)
+from jaxserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from jaxserve.server.responses import (ChoiceCursor, ResponseMeta, TokenDecoder, chat_body,
                                        chat_chunks, completion_body, completion_chunk, sse,
                                        token_id_text, usage_chunk)
+
+logger = logging.getLogger("jaxserve.server")
+
+
+def _inputs(fn, *args, **kwargs):
+    """Call an InputProcessor method; its InvalidRequest becomes a 400 naming the field."""
+    try:
+        return fn(*args, **kwargs)
+    except InvalidRequest as e:
+        raise APIError(400, str(e), param=e.param, code=e.code) from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,6 +41,7 @@ class ServerConfig:
     max_waiting_requests: int = 1024  # beyond this many waiting sequences: 503 + Retry-After
     max_request_body_bytes: int = 4 << 20  # larger bodies: 413
     drain_timeout: float = 30.0  # SIGTERM: seconds in-flight requests get to finish
+    trust_request_chat_template: bool = False  # let requests send their own chat_template
 
 
 @dataclass
@@ -57,7 +69,9 @@ class OpenAIServing:
         self.metrics = ServerMetrics(self.model_names[0])
         self.async_engine = AsyncEngine(engine, self.metrics)
         self.tokenizer = engine.tokenizer
+        self.inputs = engine.input_processor  # the same intake LLM uses
         self.decode = TokenDecoder(engine.tokenizer)
+        self.detokenizer = engine.detokenizer
         self.chat_template = config.chat_template or engine.chat_template
         self.max_model_len = engine.max_model_len
         self.max_n = engine.config.max_num_seqs
@@ -65,68 +79,76 @@ class OpenAIServing:
 
     # ---- prompts -------------------------------------------------------------------------------
     def check_model(self, model: str | None) -> str:
+        if model:
+            _inputs(self.inputs.check_text, model, "model")
         if model and model not in self.model_names:
             raise APIError(404, f"The model `{model}` does not exist.", param="model",
                            code="model_not_found")
         return model or self.model_names[0]
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return _inputs(self.inputs.process_prompt, text, "prompt", add_special_tokens).token_ids
 
-    def completion_prompts(self, prompt) -> list[dict]:
-        """str | list[str] | list[int] | list[list[int]] -> engine prompt dicts."""
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        if not prompt:
-            raise APIError(400, "prompt must not be empty", param="prompt")
-        if isinstance(prompt[0], int):
-            prompt = [prompt]
+    def completion_prompts(self, prompt, echo: bool = False) -> list[dict]:
+        """str | list[str] | list[int] | list[list[int]] -> engine prompt dicts (validated)."""
         out = []
-        for p in prompt:
-            if isinstance(p, str):
-                out.append({"prompt": p, "prompt_token_ids": self.tokenize(p)})
-            else:
-                out.append({"prompt": self.tokenizer.decode(p), "prompt_token_ids": list(p)})
+        for p in _inputs(self.inputs.prompt_list, prompt, "prompt"):
+            processed = _inputs(self.inputs.process_prompt, p, "prompt")
+            text = processed.text
+            if text is None and echo:
+                text = self.detokenizer.decode(processed.token_ids, skip_special_tokens=False)
+            out.append({"prompt": text, "prompt_token_ids": processed.token_ids})
         return out
 
-    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                    template: str | None = None, continue_final_message: bool = False,
-                    kwargs: dict | None = None) -> str:
-        template = template or self.chat_template
-        if template is None:
-            raise APIError(400, "the model has no chat template; start the server with "
-                                "--chat-template", param="messages")
-        try:
-            return self.tokenizer.apply_chat_template(
-                [m.as_template_dict() for m in messages], chat_template=template,
-                tokenize=False, add_generation_prompt=add_generation_prompt and not
-                continue_final_message, continue_final_message=continue_final_message,
-                **(kwargs or {}))
-        except Exception as e:  # noqa: BLE001 - a template error is the request's fault
-            raise APIError(400, f"chat template failed: {e}", param="messages") from e
+    def render_chat(self, messages, add_generation_prompt: bool = True,
+                    template: str | None = None, **kwargs) -> str:
+        """The model's (or --chat-template's) template; one sent with the request only under
+        --trust-request-chat-template, and then with a time limit."""
+        if template is not None and not self.config.trust_request_chat_template:
+            raise APIError(400, "chat_template in the request is refused: start the server with "
+                                "--trust-request-chat-template to allow it",
+                           param="chat_template")
+        return _inputs(self.inputs.render_chat, messages,
+                       chat_template=template or self.chat_template,
+                       add_generation_prompt=add_generation_prompt,
+                       untrusted_template=template is not None, **kwargs)
 
     def chat_prompt(self, body: ChatCompletionRequest) -> dict:
+        tools = self._tools(body)
         text = self.render_chat(body.messages, body.add_generation_prompt, body.chat_template,
-                                body.continue_final_message, body.chat_template_kwargs)
-        return {"prompt": text, "prompt_token_ids": self.tokenize(text, add_special_tokens=False)}
+                                continue_final_message=body.continue_final_message,
+                                chat_template_kwargs=body.chat_template_kwargs, tools=tools,
+                                documents=body.documents)
+        return {"prompt": text, "prompt_token_ids": self.tokenize(text, body.add_special_tokens)}
+
+    @staticmethod
+    def _tools(body: ChatCompletionRequest) -> list[dict] | None:
+        """Tools go to the template; with no tool-call parser yet only tool_choice "none" is
+        honest (vLLM refuses "auto" without --enable-auto-tool-choice the same way)."""
+        if not body.tools:
+            return None
+        if body.tool_choice != "none":
+            raise APIError(400, f"tool_choice={body.tool_choice!r} needs tool-call parsing, which "
+                                "jaxserve does not implement yet; send tool_choice=\"none\" to "
+                                "only show the tools to the model", param="tool_choice",
+                           code="unsupported_field")
+        return body.tools
 
     # ---- admission -----------------------------------------------------------------------------
-    def _check_limits(self, prompts: list[dict], max_tokens: int | None, n: int,
-                      param: str) -> None:
-        if n > self.max_n:
-            raise APIError(400, f"n={n} exceeds the server's limit of {self.max_n}", param="n")
+    def _admit(self, prompts: list[dict], params, prompt_param: str) -> None:
+        """Per-prompt limits (context, KV pool) and the waiting bound, counted in sequences: a
+        request that would overflow it is refused whole."""
+        if params.n > self.max_n:
+            raise APIError(400, f"n={params.n} exceeds the server's limit of {self.max_n}",
+                           param="n")
         for p in prompts:
-            num = len(p["prompt_token_ids"])
-            wanted = num + (max_tokens or 1)
-            if wanted > self.max_model_len:
-                raise APIError(
-                    400, f"This model's maximum context length is {self.max_model_len} tokens. "
-                    f"However, you requested {wanted} tokens ({num} in the {param}, "
-                    f"{max_tokens or 1} in the completion). Please reduce the length of the "
-                    f"{param} or completion.", param=param, code="context_length_exceeded")
-        if self.async_engine.num_waiting >= self.config.max_waiting_requests:
-            raise APIError(503, "the server is overloaded: too many waiting requests; retry "
-                                "later", type="server_error", code="overloaded",
+            _inputs(self.inputs.check_params, params, len(p["prompt_token_ids"]), prompt_param)
+        new = len(prompts) * params.n
+        waiting = self.async_engine.num_waiting
+        if waiting + new > self.config.max_waiting_requests:
+            raise APIError(503, f"the server is overloaded: {waiting} sequences wait and this "
+                                f"request adds {new} (limit {self.config.max_waiting_requests}); "
+                                "retry later", type="server_error", code="overloaded",
                            headers={"Retry-After": "1"})
 
     async def _start(self, prefix: str, prompts: list[dict], params) -> RequestStream:
@@ -135,7 +157,7 @@ class OpenAIServing:
         try:
             return await self.async_engine.add(items)
         except ValueError as e:
-            raise APIError(400, str(e)) from e
+            raise APIError(400, str(e), param=getattr(e, "param", None)) from e
         except EngineDeadError as e:
             raise APIError(500, str(e), type="server_error", code="engine_dead") from e
 
@@ -146,34 +168,34 @@ class OpenAIServing:
         except ValueError as e:
             raise APIError(400, str(e)) from e
 
-    async def start_completion(self, body: CompletionRequest) -> Generation:
+    def _check_request(self, body) -> str:
         model = self.check_model(body.model)
+        for name in body.refuse_unimplemented():
+            logger.debug("ignoring unknown request field %r", name)
+        return model
+
+    async def start_completion(self, body: CompletionRequest) -> Generation:
+        model = self._check_request(body)
         if body.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
-        if body.logprobs is not None and body.logprobs > self.max_logprobs:
-            raise APIError(400, f"logprobs={body.logprobs} exceeds the server's limit of "
-                                f"{self.max_logprobs}", param="logprobs")
-        prompts = await asyncio.to_thread(self.completion_prompts, body.prompt)
-        self._check_limits(prompts, body.max_tokens, body.n, "prompt")
+        prompts = await asyncio.to_thread(self.completion_prompts, body.prompt, body.echo)
         prompt_lp = body.logprobs if body.echo and body.logprobs is not None else None
         params = self._params(body, max_tokens=body.max_tokens, logprobs=body.logprobs,
                               prompt_logprobs=prompt_lp)
+        self._admit(prompts, params, "prompt")
         stream = await self._start("cmpl", prompts, params)
         meta = ResponseMeta(stream.request_ids[0].rsplit("-", 1)[0], int(time.time()), model,
                             body.logprobs, self._decoder(body), body.include_usage)
         return Generation(stream, meta, prompts, echo=body.echo)
 
     async def start_chat(self, body: ChatCompletionRequest) -> Generation:
-        model = self.check_model(body.model)
+        model = self._check_request(body)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
         top = (body.top_logprobs or 0) if body.logprobs else None
-        if top is not None and top > self.max_logprobs:
-            raise APIError(400, f"top_logprobs={top} exceeds the server's limit of "
-                                f"{self.max_logprobs}", param="top_logprobs")
         prompt = await asyncio.to_thread(self.chat_prompt, body)
-        self._check_limits([prompt], body.max_new_tokens, body.n, "messages")
         params = self._params(body, max_tokens=body.max_new_tokens, logprobs=top)
+        self._admit([prompt], params, "messages")
         stream = await self._start("chatcmpl", [prompt], params)
         meta = ResponseMeta(stream.request_ids[0].rsplit("-", 1)[0], int(time.time()), model,
                             top, self._decoder(body), body.include_usage)
