@@ -45,10 +45,14 @@ def num_kv_pages_for(config: EngineConfig, model_config: ModelConfig, dtype, max
                                        model_config.num_kv_heads, model_config.head_dim, dtype) // tp
     stats = devices[0].memory_stats() or {}
     if "bytes_limit" in stats:
-        # Reserve room for one step's activations and logits (f32 [T, V] at worst).
-        act = config.max_num_batched_tokens * (model_config.vocab_size * 4 * 3 // tp
-                                               + model_config.intermediate_size * 8)
-        budget = stats["bytes_limit"] * config.gpu_memory_utilization - stats["bytes_in_use"] - act
+        # Room for one step's activations (the MLP's [T, F] intermediates) and the sampler's f32
+        # [B, V] logits and temporaries (B <= max_num_seqs rows are sampled per step).
+        tokens = config.max_num_batched_tokens
+        rows = min(tokens, config.max_num_seqs)
+        act = tokens * model_config.intermediate_size * 8 + rows * model_config.vocab_size * 16 // tp
+        # bytes_limit is gpu_memory_utilization of the device (reserve_device_memory), unless the
+        # backend started earlier or XLA_PYTHON_CLIENT_MEM_FRACTION was set: then that share.
+        budget = stats["bytes_limit"] - stats["bytes_in_use"] - act
     else:
         budget = _CPU_KV_BUDGET_BYTES * config.gpu_memory_utilization
     return int(budget // per_page)
@@ -65,6 +69,15 @@ def check_pool_holds_max_model_len(num_pages: int, page_size: int, max_model_len
             f"{num_pages * page_size}, or raise num_kv_pages / gpu_memory_utilization")
 
 
+def reserve_device_memory(gpu_memory_utilization: float) -> None:
+    """Let JAX's GPU allocator take gpu_memory_utilization of the device (vLLM's meaning), not its
+    default 75%: without it the KV pool of an H200 was sized from 75% of 141 GB. Effective only
+    before the backend starts; an XLA_PYTHON_CLIENT_MEM_FRACTION set by the user wins."""
+    if "XLA_PYTHON_CLIENT_MEM_FRACTION" in os.environ:
+        return
+    os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{gpu_memory_utilization:.4f}"
+
+
 def enable_compilation_cache() -> None:
     """Persist compiled steps across processes on accelerators (a restart skips most compiles).
     JAX_COMPILATION_CACHE_DIR, if set, wins; CPU runs (tests) keep no cache."""
@@ -79,6 +92,7 @@ def enable_compilation_cache() -> None:
 def build_engine_parts(config: EngineConfig) -> EngineParts:
     from jaxserve.weights import load_model
 
+    reserve_device_memory(config.gpu_memory_utilization)
     enable_compilation_cache()
 
     tp = config.tensor_parallel_size
@@ -87,7 +101,8 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     loaded = load_model(config.model, load_format=config.load_format, dtype=config.dtype,
                         tensor_parallel_size=tp, mesh=mesh, rules=rules,
                         max_model_len=config.max_model_len, seed=config.seed,
-                        hf_overrides=config.hf_overrides, tokenizer=config.tokenizer)
+                        hf_overrides=config.hf_overrides, tokenizer=config.tokenizer,
+                        revision=config.revision, download_dir=config.download_dir)
     mc = loaded.config
     max_model_len = loaded.max_model_len
     impl = default_impl(config.attention_backend)
