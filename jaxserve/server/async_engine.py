@@ -2,6 +2,9 @@
 
 handler --add/abort--> inbox (lock) --engine thread: apply commands, step()--> call_soon_threadsafe
 --> the handler's asyncio.Queue. The HTTP side only ever holds the lock to append to the inbox.
+A step that raises fails only the requests it was running (500 internal_error) and the thread keeps
+serving; a device error, MAX_FAILED_STEPS failures in a row, or a step that outlives
+`step_timeout` (the watchdog) marks the engine dead and calls `on_dead` (the CLI exits non-zero).
 """
 from __future__ import annotations
 
@@ -19,8 +22,33 @@ from jaxserve.server.metrics import ServerMetrics
 logger = logging.getLogger("jaxserve.server")
 
 
+MAX_FAILED_STEPS = 3  # failed steps in a row that mean the engine itself is broken
+DEAD_MESSAGE = "the engine failed (internal error) and the server is restarting; retry later"
+
+
 class EngineDeadError(RuntimeError):
-    """The engine thread crashed; every in-flight and later request fails with this."""
+    """The engine is broken; every in-flight and later request fails with this. The message
+    never carries internal exception text (the log has it)."""
+
+    code = "engine_dead"
+
+
+class RequestFailedError(EngineDeadError):
+    """A step failed while running this request: it was aborted, the engine keeps serving. A
+    subclass so that every place failing a request on a dead engine fails this one alike."""
+
+    code = "internal_error"
+
+    def __init__(self, request_id: str):
+        super().__init__(f"internal error while generating request {request_id}; it was "
+                         "aborted (the server log has the details)")
+
+
+def is_device_error(error: BaseException) -> bool:
+    """Errors after which the device state (KV cache, compiled steps) cannot be trusted."""
+    if getattr(error, "device_error", False) or isinstance(error, MemoryError):
+        return True
+    return any(t.__name__ in ("XlaRuntimeError", "JaxRuntimeError") for t in type(error).__mro__)
 
 
 @dataclass
@@ -78,9 +106,16 @@ class AsyncEngine:
     """Runs `engine.step()` continuously in a daemon thread, sleeping while there is no work."""
 
     def __init__(self, engine, metrics: ServerMetrics):
+        from jaxserve.server import faults
+
+        faults.install_from_env(engine)  # a no-op unless JAXSERVE_FAULT_INJECT is set
         self.engine = engine
         self.metrics = metrics
         self.error: BaseException | None = None
+        self.step_timeout: float | None = None  # seconds; the watchdog declares a hung step dead
+        self.on_dead = None  # called once (from the dying thread) when the engine is dead
+        self._step_started: float | None = None  # monotonic start of the step now running
+        self._failed_steps = 0  # in a row
         self._cond = threading.Condition(threading.Lock())
         self._inbox: list[tuple] = []
         self._pending_seqs = 0  # sequences in not-yet-applied add commands
@@ -93,12 +128,21 @@ class AsyncEngine:
     # ---- the asyncio side ----------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
+        if self.step_timeout:
+            threading.Thread(target=self._watch, name="jaxserve-watchdog", daemon=True).start()
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Ask the engine thread to stop after its current step; wait up to `timeout`."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        """Whether the engine thread is alive (it may be stuck in a step after stop())."""
+        return self._thread.is_alive()
 
     @property
     def gauges(self) -> dict[str, float]:
@@ -137,7 +181,7 @@ class AsyncEngine:
     def _submit(self, command: tuple, num_seqs: int) -> None:
         with self._cond:
             if self.error is not None:
-                raise EngineDeadError(f"the engine thread died: {self.error!r}")
+                raise EngineDeadError(DEAD_MESSAGE)
             self._inbox.append(command)
             self._pending_seqs += num_seqs
             self._cond.notify()
@@ -149,17 +193,73 @@ class AsyncEngine:
                 for command in commands:
                     self._apply(command)
                 if self.engine.has_unfinished_requests():
-                    self._publish(self.engine.step())
+                    self._step()
                 self._snapshot()
         except BaseException as e:  # noqa: BLE001 - a dead engine must fail every waiter
-            logger.exception("engine thread crashed")
+            logger.exception("the engine is broken; failing every request")
             self._die(e)
+
+    def _step(self) -> None:
+        self._step_started = time.monotonic()
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # noqa: BLE001 - fail the step's requests, keep serving
+            self._step_started = None
+            if self.error is not None:  # the watchdog gave up on this step meanwhile
+                raise
+            self._recover(e)
+            return
+        self._step_started = None
+        if self.error is not None:  # the watchdog gave up on this step meanwhile
+            raise EngineDeadError(DEAD_MESSAGE)
+        self._failed_steps = 0
+        self._publish(outputs)
+
+    def _recover(self, error: Exception) -> None:
+        """Abort the requests the failed step was running (freeing their pages) and fail them
+        with a 500; re-raise (killing the engine) when the engine itself looks broken."""
+        self._failed_steps += 1
+        if is_device_error(error) or self._failed_steps >= MAX_FAILED_STEPS:
+            raise error
+        failed = self._step_request_ids()
+        logger.error("engine step failed (%d in a row); aborting its requests %s",
+                     self._failed_steps, failed, exc_info=error)
+        self.engine.abort_request(failed)
+        now = time.monotonic()
+        per_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for rid in failed:
+            stream = self._routes.pop(rid)
+            track = self._tracks.pop(rid, None)
+            if track is not None:
+                self.metrics.on_finished(["abort"], now - track.arrival)
+            per_loop.setdefault(stream.loop, []).append((stream.queue, RequestFailedError(rid)))
+        for loop, items in per_loop.items():
+            _call_in_loop(loop, _deliver, items)
+
+    def _step_request_ids(self) -> list[str]:
+        """Requests the failed step touched: all but those whose sequences all still wait (a
+        request already finished but not yet reported counts as touched)."""
+        sched = self.engine.scheduler
+        running = {s.request_id for s in sched.running}
+        waiting = {s.request_id for s in sched.waiting}
+        return [rid for rid in self._routes if rid in running or rid not in waiting]
+
+    def _watch(self) -> None:
+        """Watchdog: a step running longer than step_timeout means a hung device."""
+        while not self._stopping and self.error is None:
+            time.sleep(min(1.0, self.step_timeout / 4))
+            started = self._step_started
+            if started is not None and time.monotonic() - started > self.step_timeout:
+                logger.error("an engine step has not returned in %.1fs (--step-timeout): "
+                             "the device is hung", time.monotonic() - started)
+                self._die(TimeoutError(f"engine step exceeded {self.step_timeout}s"))
+                return
 
     def _take_commands(self) -> list[tuple] | None:
         with self._cond:
             while not (self._inbox or self._stopping or self.engine.has_unfinished_requests()):
                 self._cond.wait()
-            if self._stopping:
+            if self._stopping or self.error is not None:
                 return None
             commands, self._inbox = self._inbox, []
             return commands
@@ -231,8 +331,11 @@ class AsyncEngine:
                         "kv_cache_usage": float(sched.kv_cache_usage)}
 
     def _die(self, error: BaseException) -> None:
-        dead = EngineDeadError(f"the engine thread died: {error!r}")
+        """Fail every waiter with EngineDeadError, then tell on_dead (once)."""
+        dead = EngineDeadError(DEAD_MESSAGE)
         with self._cond:
+            if self.error is not None:
+                return
             self.error = error
             commands, self._inbox = self._inbox, []
         for command in commands:
@@ -241,3 +344,5 @@ class AsyncEngine:
         for stream in set(self._routes.values()):
             _call_in_loop(stream.loop, _deliver, [(stream.queue, dead)])
         self._routes.clear()
+        if self.on_dead is not None:
+            self.on_dead()

@@ -2,19 +2,53 @@
 
 Entry point of the server: builds an LLMEngine, wraps it with openai.build_app, serves it; the
 first SIGTERM/SIGINT drains (new requests get 503, in-flight ones finish), a second one exits now.
+A dead engine (device error, a hung step) makes the process exit with EXIT_ENGINE_DEAD.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 
 from jaxserve.server.serving import ServerConfig
 
 logger = logging.getLogger("jaxserve.server")
+EXIT_ENGINE_DEAD = 3  # a supervisor should restart us
+API_KEY_ENVS = ("JAXSERVE_API_KEY", "VLLM_API_KEY")  # read when --api-key is not given
+
+
+def _json_list(value: str) -> list[str]:
+    """vLLM's spelling: a JSON list (`'["*"]'`)."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = None
+    if not (isinstance(parsed, list) and all(isinstance(v, str) for v in parsed)):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a JSON list of strings")
+    return parsed
+
+
+def _add_http_args(p: argparse.ArgumentParser) -> None:
+    """vLLM's HTTP-layer flags: CORS, proxy prefix, TLS, request logging, the step watchdog."""
+    p.add_argument("--allowed-origins", type=_json_list, default=["*"], help="CORS, a JSON list")
+    p.add_argument("--allowed-methods", type=_json_list, default=["*"], help="CORS, a JSON list")
+    p.add_argument("--allowed-headers", type=_json_list, default=["*"], help="CORS, a JSON list")
+    p.add_argument("--allow-credentials", action="store_true", help="CORS credentials")
+    p.add_argument("--root-path", default="", help="the path prefix of a proxy in front of us")
+    p.add_argument("--ssl-keyfile", default=None, help="serve HTTPS with this key ...")
+    p.add_argument("--ssl-certfile", default=None, help="... and this certificate")
+    p.add_argument("--enable-log-requests", action="store_true", dest="enable_log_requests",
+                   help="log each generation request (id, prompt lengths, fields)")
+    p.add_argument("--disable-log-requests", action="store_false", dest="enable_log_requests",
+                   help="vLLM's older flag; requests are not logged by default")
+    p.add_argument("--step-timeout", type=float, default=600.0,
+                   help="seconds an engine step (compiles included) may take before the engine "
+                        "is declared hung and the server exits; 0 turns the watchdog off")
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
@@ -32,7 +66,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--chat-template", default=None, help="a Jinja file path or inline template")
     p.add_argument("--trust-request-chat-template", action="store_true",
                    help="let requests send their own chat_template (rendered with a time limit)")
-    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1")
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` (default: $JAXSERVE_API_KEY or "
+                        "$VLLM_API_KEY, which keep the key out of the process list)")
     p.add_argument("--max-waiting-requests", type=int, default=1024,
                    help="503 + Retry-After once this many sequences wait")
     p.add_argument("--max-request-body-bytes", type=int, default=4 << 20)
@@ -41,6 +77,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--disable-uvicorn-access-log", action="store_true")
+    _add_http_args(p)
     add_engine_args(p)
     p.set_defaults(func=serve)
     return p
@@ -58,10 +95,27 @@ def load_chat_template(value: str | None) -> str | None:
     raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template")
 
 
+def api_key(args: argparse.Namespace) -> str | None:
+    return args.api_key or next(filter(None, map(os.environ.get, API_KEY_ENVS)), None)
+
+
+def http_options(args: argparse.Namespace):
+    from jaxserve.server.openai import HTTPOptions
+
+    if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
+        raise ValueError("--ssl-keyfile and --ssl-certfile go together: "
+                         f"{args.ssl_keyfile=}, {args.ssl_certfile=}")
+    return HTTPOptions(
+        allowed_origins=tuple(args.allowed_origins), allowed_methods=tuple(args.allowed_methods),
+        allowed_headers=tuple(args.allowed_headers), allow_credentials=args.allow_credentials,
+        root_path=args.root_path, log_requests=args.enable_log_requests,
+        step_timeout=args.step_timeout or None)
+
+
 def server_config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         served_model_names=tuple(args.served_model_name or ()),
-        chat_template=load_chat_template(args.chat_template), api_key=args.api_key,
+        chat_template=load_chat_template(args.chat_template), api_key=api_key(args),
         trust_request_chat_template=args.trust_request_chat_template,
         max_waiting_requests=args.max_waiting_requests,
         max_request_body_bytes=args.max_request_body_bytes, drain_timeout=args.drain_timeout)
@@ -97,14 +151,37 @@ def _uvicorn_server_class():
 
 
 def make_server(app, *, host: str, port: int, drain_timeout: float, log_level: str = "info",
-                access_log: bool = True):
-    """A uvicorn server for `app` (a Gate) that drains on SIGTERM; call .run() or .serve()."""
+                access_log: bool = True, ssl: tuple[str, str] | None = None):
+    """A uvicorn server for `app` (a Gate) that drains on SIGTERM; call .run() or .serve().
+    ssl: (keyfile, certfile) to serve HTTPS."""
     import uvicorn
 
+    keyfile, certfile = ssl or (None, None)
     config = uvicorn.Config(app, host=host, port=port, http="h11", loop="asyncio",
                             lifespan="on", log_level=log_level, access_log=access_log,
-                            timeout_graceful_shutdown=2, timeout_keep_alive=5)
+                            timeout_graceful_shutdown=2, timeout_keep_alive=5,
+                            ssl_keyfile=keyfile, ssl_certfile=certfile)
     return _uvicorn_server_class()(config, app, drain_timeout)
+
+
+def _exit_now(code: int) -> None:
+    """Flush the logs and leave without running interpreter shutdown: a thread may be stuck in
+    a device call, and tearing XLA's runtime down under it aborts the process (SIGABRT)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _on_dead(server_ref: list) -> None:
+    """The engine is dead: let uvicorn answer what it holds and stop; exit non-zero either way."""
+    logger.critical("the engine is dead; exiting with code %d so that a supervisor restarts the "
+                    "server", EXIT_ENGINE_DEAD)
+    if server_ref:
+        server_ref[0].should_exit = True
+    timer = threading.Timer(10.0, _exit_now, (EXIT_ENGINE_DEAD,))  # uvicorn's stop hung
+    timer.daemon = True
+    timer.start()
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -113,14 +190,29 @@ def serve(args: argparse.Namespace) -> int:
     from jaxserve.engine import LLMEngine
     from jaxserve.server.openai import build_app
 
-    config = server_config(args)
+    config, http = server_config(args), http_options(args)
     engine = LLMEngine(EngineConfig(model=args.model_flag or args.model, **engine_kwargs(args)))
     logger.info("engine ready in %.1fs: %s, max_model_len=%d, %d KV pages",
                 engine.startup_seconds, engine.model_name, engine.max_model_len,
                 engine.num_kv_pages)
-    app = build_app(engine, config)
+    server_ref: list = []
+    app = build_app(engine, config, http, on_dead=lambda: _on_dead(server_ref))
     server = make_server(app, host=args.host, port=args.port, drain_timeout=config.drain_timeout,
                          log_level=args.uvicorn_log_level,
-                         access_log=not args.disable_uvicorn_access_log)
+                         access_log=not args.disable_uvicorn_access_log,
+                         ssl=(args.ssl_keyfile, args.ssl_certfile) if args.ssl_keyfile else None)
+    server_ref.append(server)
     server.run()
+    return _shutdown(app.serving.async_engine)
+
+
+def _shutdown(async_engine) -> int:
+    """After uvicorn: stop the engine thread (a forced exit skips the lifespan that does it) so
+    no device call runs while the interpreter shuts down; exit at once if it cannot stop."""
+    if async_engine.error is not None:
+        _exit_now(EXIT_ENGINE_DEAD)
+    async_engine.stop(timeout=10.0)
+    if async_engine.running:
+        logger.error("the engine thread is still inside a step; exiting without cleanup")
+        _exit_now(0)
     return 0

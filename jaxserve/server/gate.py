@@ -2,13 +2,16 @@
 
 It answers 401 (API key), 503 (draining after SIGTERM) and 413 (body too large) before FastAPI
 parses anything, buffers the body, and counts in-flight requests so a drain knows when to stop.
+With an API key, every route but the probes and vLLM's public tokenizer routes needs it.
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 
 _UNGATED = ("/health", "/metrics")  # probes: no key, never counted as in-flight work
+_PUBLIC = ("/version", "/tokenize", "/detokenize")  # no key (as in vLLM), but counted
 
 
 async def send_error(send, status: int, message: str, type_: str, code: str | None,
@@ -24,9 +27,10 @@ async def send_error(send, status: int, message: str, type_: str, code: str | No
 class Gate:
     """Wraps an ASGI app; the SIGTERM handler sets `draining` and watches `in_flight`."""
 
-    def __init__(self, app, *, api_key: str | None, max_body_bytes: int):
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, root_path: str = ""):
         self.app = app
         self.api_key = api_key.encode() if api_key else None
+        self.root_path = root_path.rstrip("/")
         self.max_body_bytes = max_body_bytes
         self.draining = False
         self.in_flight = 0
@@ -35,7 +39,7 @@ class Gate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
+        path = self._route_path(scope["path"])
         if self.draining and path != "/metrics":
             await send_error(send, 503, "the server is shutting down", "server_error",
                              "shutting_down", {"Retry-After": "5", "Connection": "close"})
@@ -43,7 +47,7 @@ class Gate:
         if path in _UNGATED:
             await self.app(scope, receive, send)
             return
-        if self.api_key is not None and path.startswith("/v1") and not self._authorized(scope):
+        if self._needs_key(scope, path) and not self._authorized(scope):
             await send_error(send, 401, "Incorrect API key provided.", "invalid_request_error",
                              "invalid_api_key")
             return
@@ -58,12 +62,25 @@ class Gate:
         finally:
             self.in_flight -= 1
 
+    def _route_path(self, path: str) -> str:
+        """The path the routes see: FastAPI answers both with and without --root-path."""
+        if self.root_path and (path == self.root_path or path.startswith(self.root_path + "/")):
+            return path[len(self.root_path):] or "/"
+        return path
+
+    def _needs_key(self, scope, path: str) -> bool:
+        # CORS preflights carry no credentials by design; they only reach the CORS layer.
+        return (self.api_key is not None and path not in _PUBLIC
+                and scope.get("method") != "OPTIONS")
+
     def _authorized(self, scope) -> bool:
-        headers = dict(scope["headers"])
-        given = headers.get(b"authorization", b"")
-        if not given.lower().startswith(b"bearer "):
+        """One `Authorization: Bearer KEY` header; sha256 digests are compared in constant
+        time, so the timing leaks neither the key's bytes nor its length."""
+        given = [v for k, v in scope["headers"] if k.lower() == b"authorization"]
+        if len(given) != 1 or not given[0].lower().startswith(b"bearer "):
             return False
-        return hmac.compare_digest(given[7:].strip(), self.api_key)
+        return hmac.compare_digest(hashlib.sha256(given[0][7:].strip()).digest(),
+                                   hashlib.sha256(self.api_key).digest())
 
     async def _read_body(self, scope, receive) -> bytes | None:
         """The whole body, or None once it passes max_body_bytes (declared or actual)."""

@@ -1,6 +1,7 @@
 """The OpenAI-compatible routes (FastAPI): thin handlers over OpenAIServing, plus error mapping.
 
-build_app(engine, config) -> an ASGI app (Gate around FastAPI) that uvicorn serves.
+build_app(engine, config, http) -> an ASGI app (Gate around CORS around FastAPI) that uvicorn
+serves. Every error, FastAPI's own included, leaves in OpenAI's shape.
 """
 from __future__ import annotations
 
@@ -8,19 +9,35 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 import jaxserve
-from jaxserve.server.async_engine import EngineDeadError
+from jaxserve.server.async_engine import DEAD_MESSAGE, EngineDeadError
 from jaxserve.server.gate import Gate
 from jaxserve.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
                                       DetokenizeRequest, TokenizeRequest)
 from jaxserve.server.serving import Generation, OpenAIServing, ServerConfig
 
 logger = logging.getLogger("jaxserve.server")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HTTPOptions:
+    """`jaxserve serve` options of the HTTP layer (vLLM's flags and defaults)."""
+
+    allowed_origins: tuple[str, ...] = ("*",)  # CORS
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
+    root_path: str = ""  # the prefix a proxy serves us under; routes answer with and without it
+    log_requests: bool = False  # one INFO line per generation request
+    step_timeout: float | None = None  # watchdog: a longer engine step means a hung device
 
 
 class _EngineStream(StreamingResponse):
@@ -52,7 +69,9 @@ async def _until_disconnect(work, request: Request):
     finally:
         watcher.cancel()
         if not task.done():
-            task.cancel()
+            task.cancel()  # only requests cancellation: wait until it has unwound (and aborted)
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     if task.cancelled():
         return None
     return task.result()
@@ -82,30 +101,55 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineDeadError)
     async def dead(_request, e: EngineDeadError) -> JSONResponse:
-        return _error(APIError(500, str(e), type="server_error", code="engine_dead"))
+        return _error(APIError(500, str(e), type="server_error", code=e.code))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        """FastAPI's own 404, 405 and body-parse 400s."""
+        message = {404: f"no route {request.url.path}",
+                   405: f"method {request.method} is not allowed on {request.url.path}"}
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "invalid_body")
+        return _error(APIError(e.status_code, message.get(e.status_code, str(e.detail)),
+                               code=code, headers=e.headers))
+
+    @app.exception_handler(Exception)
+    async def internal(_request, _e: Exception) -> JSONResponse:
+        """A bug: Starlette re-raises it after this answer, so uvicorn logs the traceback."""
+        return _error(APIError(500, "internal server error (the server log has the details)",
+                               type="server_error", code="internal_error"))
 
 
-async def _respond(serving: OpenAIServing, gen: Generation, stream: bool, events, whole,
+def _log_request(gen: Generation, body) -> None:
+    """--enable-log-requests: the request id, prompt lengths and the fields the client set."""
+    fields = body.model_dump(exclude_unset=True, exclude={"prompt", "messages"})
+    logger.info("Received request %s: prompt tokens %s, fields %s",
+                gen.stream.request_ids[0].rsplit("-", 1)[0],
+                [len(p["prompt_token_ids"]) for p in gen.prompts], fields)
+
+
+async def _respond(serving: OpenAIServing, gen: Generation, body, events, whole,
                    request: Request) -> Response:
-    if stream:
+    if request.app.state.log_requests:
+        _log_request(gen, body)
+    if body.stream:
         return _EngineStream(events(gen), lambda: serving.abort(gen))
-    body = await _until_disconnect(whole(gen), request)
-    if body is None:  # the client is gone; nobody reads this
+    result = await _until_disconnect(whole(gen), request)
+    if result is None:  # the client is gone; nobody reads this
         return Response(status_code=499)
-    return JSONResponse(body)
+    return JSONResponse(result)
 
 
 def _add_generation_routes(app: FastAPI, serving: OpenAIServing) -> None:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         gen = await serving.start_completion(body)
-        return await _respond(serving, gen, body.stream, serving.completion_events,
+        return await _respond(serving, gen, body, serving.completion_events,
                               serving.completion_response, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         gen = await serving.start_chat(body)
-        return await _respond(serving, gen, body.stream, serving.chat_events,
+        return await _respond(serving, gen, body, serving.chat_events,
                               serving.chat_response, request)
 
 
@@ -120,8 +164,7 @@ def _add_info_routes(app: FastAPI, serving: OpenAIServing, started: int) -> None
     @app.get("/health")
     async def health() -> Response:
         if serving.async_engine.error is not None:
-            return _error(APIError(503, "the engine thread died", type="server_error",
-                                   code="engine_dead"))
+            return _error(APIError(503, DEAD_MESSAGE, type="server_error", code="engine_dead"))
         return Response(status_code=200)
 
     @app.get("/metrics")
@@ -164,8 +207,11 @@ def _add_info_routes(app: FastAPI, serving: OpenAIServing, started: int) -> None
         return {"prompt": serving.tokenizer.decode(body.tokens)}
 
 
-def build_app(engine, config: ServerConfig) -> Gate:
-    """The ASGI app for `engine` (an LLMEngine nobody else steps). Starts its engine thread."""
+def build_app(engine, config: ServerConfig, http: HTTPOptions | None = None,
+              on_dead=None) -> Gate:
+    """The ASGI app for `engine` (an LLMEngine nobody else steps). Starts its engine thread;
+    `on_dead()` runs once if the engine breaks (the CLI exits so a supervisor restarts it)."""
+    http = http or HTTPOptions()
     serving = OpenAIServing(engine, config)
 
     @contextlib.asynccontextmanager
@@ -173,12 +219,21 @@ def build_app(engine, config: ServerConfig) -> Gate:
         yield
         serving.async_engine.stop()
 
-    app = FastAPI(title="jaxserve", version=jaxserve.__version__, lifespan=lifespan)
+    app = FastAPI(title="jaxserve", version=jaxserve.__version__, lifespan=lifespan,
+                  root_path=http.root_path)
     app.state.serving = serving
+    app.state.log_requests = http.log_requests
+    app.add_middleware(CORSMiddleware, allow_origins=list(http.allowed_origins),
+                       allow_methods=list(http.allowed_methods),
+                       allow_headers=list(http.allowed_headers),
+                       allow_credentials=http.allow_credentials)
     _add_error_handlers(app)
     _add_generation_routes(app, serving)
     _add_info_routes(app, serving, int(time.time()))
+    serving.async_engine.step_timeout = http.step_timeout
+    serving.async_engine.on_dead = on_dead
     serving.async_engine.start()
-    gate = Gate(app, api_key=config.api_key, max_body_bytes=config.max_request_body_bytes)
+    gate = Gate(app, api_key=config.api_key, max_body_bytes=config.max_request_body_bytes,
+                root_path=http.root_path)
     gate.serving = serving
     return gate

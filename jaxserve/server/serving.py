@@ -142,7 +142,8 @@ class OpenAIServing:
             raise APIError(400, f"n={params.n} exceeds the server's limit of {self.max_n}",
                            param="n")
         for p in prompts:
-            _inputs(self.inputs.check_params, params, len(p["prompt_token_ids"]), prompt_param)
+            _inputs(self.inputs.check_params, params, len(p["prompt_token_ids"]), prompt_param,
+                    strict_context=True)
         new = len(prompts) * params.n
         waiting = self.async_engine.num_waiting
         if waiting + new > self.config.max_waiting_requests:
@@ -258,8 +259,8 @@ class OpenAIServing:
                 if out.finished:
                     gen.finished[out.request_id] = out
                 yield out
-        except EngineDeadError as e:
-            gen.error = APIError(500, str(e), type="server_error", code="engine_dead")
+        except EngineDeadError as e:  # or its RequestFailedError (code internal_error)
+            gen.error = APIError(500, str(e), type="server_error", code=e.code)
 
     async def _tail(self, gen: Generation, chat: bool):
         if gen.error is not None:
