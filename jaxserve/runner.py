@@ -7,16 +7,21 @@ follows its width. Each shape is compiled ahead of time once (warmup() compiles 
 parallel), logged and counted, so a steady state never recompiles. dispatch() returns at once and
 fetch() waits, so the engine can prepare step n+1 while step n runs; tokens sampled by step n feed
 step n+1 on device (Batch.token_src) without a trip through the host.
+Penalties read a device token history (i32[max_num_seqs rows, max_model_len]): each step writes its
+input tokens at their positions in their sequence's row, so the history follows async scheduling,
+preemption and recompute with no host copy of the output; rows are assigned on the host.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,14 +64,51 @@ class StepOutput:
     prompt_top_logprobs: np.ndarray | None = None  # f32[T, k]
 
 
-def _step(graphdef, state, kv_cache: KVCache, prev_tokens, token_ids, token_src, logits_idx,
-          next_ids, md: AttentionMetadata, smd: SamplingMetadata, prompt_logprobs_k: int):
+@dataclass
+class PenaltyInputs:
+    """Where a penalty step reads and writes the token history (host-built, padded)."""
+
+    token_slot: np.ndarray  # i32[T] history row of each new token; pad (no penalties) = num rows
+    row_slot: np.ndarray  # i32[B] history row of each sequence; pad (no penalties) = num rows
+
+
+jax.tree_util.register_dataclass(PenaltyInputs, data_fields=["token_slot", "row_slot"],
+                                 meta_fields=[])
+
+
+@dataclass(frozen=True)
+class StepKey:
+    """What selects a compiled step: the shapes and static fields of its inputs."""
+
+    num_tokens: int
+    page_table_width: int
+    prompt_logprobs_k: int
+    treedef: Any  # pytree structure of the inputs (carries the static metadata fields)
+    leaves: tuple  # (shape, dtype) of each input array
+
+
+def _penalty_history(history, pen: PenaltyInputs, token_ids, md: AttentionMetadata, vocab: int):
+    """Write this step's input tokens into their rows; return (history, i32[B, L] tokens at
+    positions 0..L-1 of each row's sequence, pad = vocab past kv_lens or without a row)."""
+    history = history.at[pen.token_slot, md.positions].set(token_ids, mode="drop")
+    ids = history.at[pen.row_slot].get(mode="fill", fill_value=vocab)
+    valid = jnp.arange(ids.shape[1])[None, :] < md.kv_lens[:, None]
+    return history, jnp.where(valid, ids, vocab)
+
+
+def _step(graphdef, state, kv_cache: KVCache, history, prev_tokens, token_ids, token_src,
+          logits_idx, next_ids, md: AttentionMetadata, smd: SamplingMetadata,
+          pen: PenaltyInputs | None, prompt_logprobs_k: int):
     """The compiled step. Returns (SamplerOutput, tokens padded to prev_tokens' size, prompt logprob
-    triple or None, new KVCache). prev_tokens: the previous step's padded sampled tokens."""
+    triple or None, new KVCache, new history). prev_tokens: the previous step's padded sampled
+    tokens; history: i32[R, max_model_len] or None (pen is None: no penalties this step)."""
     model = nnx.merge(graphdef, state)
     token_ids = jnp.where(token_src >= 0, prev_tokens[jnp.maximum(token_src, 0)], token_ids)
     hidden, kv_cache = model(token_ids, md, kv_cache)
     logits = model.compute_logits(hidden[logits_idx])
+    if pen is not None:
+        history, ids = _penalty_history(history, pen, token_ids, md, logits.shape[-1])
+        smd = dataclasses.replace(smd, history_ids=ids)
     out = sample(logits, smd)
     padded = jnp.zeros_like(prev_tokens).at[:out.token_ids.shape[0]].set(out.token_ids)
     prompt = None
@@ -76,7 +118,14 @@ def _step(graphdef, state, kv_cache: KVCache, prev_tokens, token_ids, token_src,
             nxt = jnp.take_along_axis(all_logprobs, next_ids[:, None], axis=-1)[:, 0]
             top_lp, top_ids = jax.lax.top_k(all_logprobs, prompt_logprobs_k)
             prompt = (nxt, top_ids.astype(jnp.int32), top_lp)
-    return out, padded, prompt, kv_cache
+    return out, padded, prompt, kv_cache, history
+
+
+def _write_prefix(history, slots, ids):
+    """history[slots[i], :W] <- ids[i] (i32[N, W]; pad rows slot = num rows): the tokens before a
+    sequence's first chunk (prefix-cache hits, or all of them after its row was reassigned)."""
+    cols = jnp.arange(ids.shape[1])[None, :]
+    return history.at[slots[:, None], cols].set(ids, mode="drop")
 
 
 @dataclass
@@ -111,8 +160,15 @@ class ModelRunner:
         self._executables: dict[tuple, object] = {}
         self._lock = threading.Lock()
         self._jit = jax.jit(_step, static_argnames=("graphdef", "prompt_logprobs_k"),
-                            donate_argnames=("kv_cache",))
+                            donate_argnames=("kv_cache", "history"))
         self._prev_tokens = jnp.zeros(self.max_rows, jnp.int32)  # last step's sampled tokens
+        # Penalty token history (allocated at the first penalty step) and its host bookkeeping.
+        self.max_model_len = max_model_len
+        self.num_history_rows = max_num_seqs
+        self._history = None  # i32[num_history_rows, max_model_len]
+        self._row_of: dict[int, tuple[Any, int]] = {}  # seq_id -> (Sequence, history row)
+        self._free_rows = list(range(self.num_history_rows - 1, -1, -1))
+        self._write_prefix = jax.jit(_write_prefix, donate_argnames=("history",))
 
     # ---- padding -------------------------------------------------------------------------------
     def bucket_for(self, num_tokens: int) -> int:
@@ -148,8 +204,9 @@ class ModelRunner:
         logits_idx = _pad(batch.cu_q_lens[1:] - 1, b_pad, 0)
         prompt_k, next_ids = self._prompt_inputs(batch, t_pad)
         smd = self._sampling_metadata(batch, b_pad)
+        pen = self._penalty_inputs(batch, t_pad, b_pad) if smd.use_penalties else None
         args = (_pad(batch.token_ids, t_pad, 0), _pad(batch.token_src, t_pad, -1), logits_idx,
-                next_ids, md, smd)
+                next_ids, md, smd, pen)
         return args, prompt_k
 
     def _sampling_metadata(self, batch: Batch, b_pad: int) -> SamplingMetadata:
@@ -162,9 +219,8 @@ class ModelRunner:
             return a
 
         params = [s.params for s in seqs]
-        use_pen = any(p.uses_penalties for p in params)
-        use_tkp = any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params if not p.greedy)
-        num_lp = min(self.max_logprobs, max([p.logprobs or 0 for p in params], default=0))
+        rand = [p for p in params if not p.greedy]
+        asked = [p.logprobs for p in params if p.logprobs is not None]
         # Tokens the step samples are output number len(output) + num_pending (pending counted at
         # schedule time): stop tokens are banned while that number is below min_tokens.
         banned = [sorted(s.eos_token_ids | set(s.params.stop_token_ids))
@@ -174,8 +230,6 @@ class ModelRunner:
                              self.vocab_size, np.int32)
         for b, ids in enumerate(banned):
             banned_arr[b, :len(ids)] = ids
-        prompt_ids = self._id_matrix([s.prompt_token_ids for s in seqs] if use_pen else [], b_pad)
-        output_ids = self._id_matrix([s.output_token_ids for s in seqs] if use_pen else [], b_pad)
         return SamplingMetadata(
             temperature=col(lambda s: s.params.temperature, np.float32, 0.0),
             top_k=col(lambda s: s.params.top_k, np.int32, 0),
@@ -186,15 +240,60 @@ class ModelRunner:
             presence_penalty=col(lambda s: s.params.presence_penalty, np.float32, 0.0),
             frequency_penalty=col(lambda s: s.params.frequency_penalty, np.float32, 0.0),
             repetition_penalty=col(lambda s: s.params.repetition_penalty, np.float32, 1.0),
-            banned_ids=banned_arr, prompt_ids=prompt_ids, output_ids=output_ids,
-            use_penalties=use_pen, use_top_k_p=use_tkp, num_logprobs=num_lp)
+            banned_ids=banned_arr, history_ids=np.zeros((b_pad, 0), np.int32),
+            prompt_lens=col(lambda s: s.num_prompt_tokens, np.int32, 0),
+            use_penalties=any(p.uses_penalties for p in params),
+            use_top_k=any(0 < p.top_k < self.vocab_size for p in rand),
+            use_top_p=any(p.top_p < 1.0 for p in rand), use_min_p=any(p.min_p > 0 for p in rand),
+            num_logprobs=min(self.max_logprobs, max(asked)) if asked else -1)
 
-    def _id_matrix(self, rows: list[list[int]], b_pad: int) -> np.ndarray:
-        width = _pow2_at_least(max(map(len, rows), default=0), 16) if rows else 0
-        out = np.full((b_pad, width), self.vocab_size, np.int32)
-        for b, ids in enumerate(rows):
-            out[b, :len(ids)] = ids
-        return out
+    def _penalty_inputs(self, batch: Batch, t_pad: int, b_pad: int) -> PenaltyInputs:
+        """History rows of the batch's penalty sequences; a sequence new to its row gets the tokens
+        before its first chunk written now (dispatched ahead of the step)."""
+        if self._history is None:
+            with self._mesh_context():
+                self._history = jnp.zeros((self.num_history_rows, self.max_model_len), jnp.int32)
+        none = self.num_history_rows
+        row_slot = np.full(b_pad, none, np.int32)
+        in_batch = {s.seq_id for s in batch.seqs}
+        prefixes = []
+        for b, seq in enumerate(batch.seqs):
+            if not seq.params.uses_penalties:
+                continue
+            entry = self._row_of.get(seq.seq_id)
+            if entry is None:
+                entry = self._row_of[seq.seq_id] = (seq, self._take_row(in_batch))
+                start = int(batch.positions[batch.cu_q_lens[b]])
+                if start > 0:
+                    prefixes.append((entry[1], seq.all_token_ids[:start]))
+            row_slot[b] = entry[1]
+        if prefixes:
+            self._write_prefixes(prefixes, b_pad)
+        lens = np.diff(batch.cu_q_lens)
+        token_slot = _pad(np.repeat(row_slot[:batch.num_seqs], lens), t_pad, none)
+        return PenaltyInputs(token_slot=token_slot, row_slot=row_slot)
+
+    def _take_row(self, in_batch: set[int]) -> int:
+        """A free history row: else one of a finished sequence, else of one not in this batch
+        (it gets a row and its prefix again when it next runs)."""
+        if not self._free_rows:
+            for seq_id, (seq, row) in list(self._row_of.items()):
+                if seq.is_finished:
+                    self._free_rows.append(self._row_of.pop(seq_id)[1])
+        if not self._free_rows:
+            seq_id = next(i for i in self._row_of if i not in in_batch)
+            self._free_rows.append(self._row_of.pop(seq_id)[1])
+        return self._free_rows.pop()
+
+    def _write_prefixes(self, prefixes: list[tuple[int, list[int]]], b_pad: int) -> None:
+        width = _pow2_at_least(max(len(ids) for _, ids in prefixes), 16)
+        slots = np.full(b_pad, self.num_history_rows, np.int32)
+        ids = np.full((b_pad, width), self.vocab_size, np.int32)
+        for i, (row, tokens) in enumerate(prefixes):
+            slots[i] = row
+            ids[i, :len(tokens)] = tokens
+        with self._mesh_context():
+            self._history = self._write_prefix(self._history, slots, ids)
 
     def _prompt_inputs(self, batch: Batch, t_pad: int) -> tuple[int, np.ndarray]:
         """(-1 if no prompt logprobs wanted else k, i32[t_pad] next prompt token of each token)."""
@@ -213,18 +312,20 @@ class ModelRunner:
 
     # ---- compilation ---------------------------------------------------------------------------
     @staticmethod
-    def _key(args: tuple, prompt_k: int) -> tuple:
-        return (prompt_k,) + tuple((tuple(x.shape), str(x.dtype)) if hasattr(x, "shape") else x
-                                   for x in jax.tree.leaves(args)) + (
-            args[4].attention_impl, args[5].use_penalties, args[5].use_top_k_p,
-            args[5].num_logprobs)
+    def _key(args: tuple, prompt_k: int) -> StepKey:
+        leaves, treedef = jax.tree.flatten(args)
+        md = args[4]
+        return StepKey(num_tokens=int(args[0].shape[0]), page_table_width=md.page_table.shape[1],
+                       prompt_logprobs_k=prompt_k, treedef=treedef,
+                       leaves=tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
 
     def _lower(self, args: tuple, prompt_k: int):
+        history = self._history if args[-1] is not None else None
         with self._mesh_context():
-            return self._jit.lower(self.graphdef, self.state, self.kv_cache, self._prev_tokens,
-                                   *args, prompt_k)
+            return self._jit.lower(self.graphdef, self.state, self.kv_cache, history,
+                                   self._prev_tokens, *args, prompt_k)
 
-    def _compile(self, key: tuple, lowered) -> object:
+    def _compile(self, key: StepKey, lowered) -> object:
         start = time.perf_counter()
         exe = lowered.compile()
         seconds = time.perf_counter() - start
@@ -233,8 +334,8 @@ class ModelRunner:
             self.num_compiles += 1
             self.compile_seconds += seconds
             logger.info("compiled step #%d (%d tokens, page table %s, %s) in %.1fs",
-                        self.num_compiles, key[1][0][0], key[7][0],
-                        "prompt logprobs" if key[0] >= 0 else "plain", seconds)
+                        self.num_compiles, key.num_tokens, key.page_table_width,
+                        "prompt logprobs" if key.prompt_logprobs_k >= 0 else "plain", seconds)
         return exe
 
     def warmup(self) -> None:
@@ -272,8 +373,11 @@ class ModelRunner:
         args, prompt_k = self._inputs(batch)
         key = self._key(args, prompt_k)
         exe = self._executables.get(key) or self._compile(key, self._lower(args, prompt_k))
-        out, self._prev_tokens, prompt, self.kv_cache = exe(
-            self.state, self.kv_cache, self._prev_tokens, *args)
+        history = self._history if args[-1] is not None else None
+        out, self._prev_tokens, prompt, self.kv_cache, history = exe(
+            self.state, self.kv_cache, history, self._prev_tokens, *args)
+        if history is not None:
+            self._history = history
         return StepHandle(batch, out, prompt)
 
     def fetch(self, handle: StepHandle) -> StepOutput:

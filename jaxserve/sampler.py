@@ -1,7 +1,20 @@
 """Sampler: logits -> next tokens (and logprobs), on device, inside the jitted step.
 
-Per-sequence keys come from (seed, number of tokens so far), so a request's samples do not depend on
-what else is in the batch. Greedy rows (temperature 0) take the argmax of the penalized logits.
+The cost follows the batch, not the settings: no sort of the vocabulary, no threefry, and penalties
+from the runner's on-device token history. Each [B, V] pass below is one read of the logits.
+- Random numbers: a counter-based hash of (seed, token count, token index, round), mixed into the
+  Gumbel-max argmax; a row's draw does not depend on the other rows of the batch.
+- Top-k / top-p / min-p (exact, no sort): min-p is a threshold; top-k and top-p by rejection
+  (FlashInfer's sorting-free sampling): draw j by Gumbel-max among the tokens above a pivot; accept
+  if fewer than top_k tokens are strictly above j and their mass is below top_p, else the pivot
+  becomes j's logit (every token at or below it is outside the kept set) and draw again. A draw
+  from a superset, proportional to p, accepted when it lies in the kept set, is distributed as p
+  truncated to that set. A top-k floor from chunk maxima starts the pivot near the k-th token.
+- Kept set (as the sort-based `_truncate_reference`, ties at the cut-off kept): token i is kept iff
+  fewer than top_k tokens have a strictly larger logit, the mass of the strictly larger tokens is
+  < top_p, and p_i >= min_p * p_max; all three on the full temperature-scaled distribution (vLLM
+  renormalizes top-p over the top-k set, which keeps fewer tokens when that set's mass < top_p).
+- Logprobs only when a row asked: logits - logsumexp and an exact two-level top-k (`top_k_exact`).
 """
 from __future__ import annotations
 
@@ -10,6 +23,9 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+MAX_ROUNDS = 32  # rejection rounds before the exact sort-based fallback (lax.cond, rare)
+CHUNK = 128  # tokens per chunk of the top-k floor and of top_k_exact
+
 
 @dataclass
 class SamplingMetadata:
@@ -17,27 +33,33 @@ class SamplingMetadata:
 
     temperature: jax.Array  # f32[B]; 0 = greedy
     top_k: jax.Array  # i32[B]; 0 = off
-    top_p: jax.Array  # f32[B]
-    min_p: jax.Array  # f32[B]
+    top_p: jax.Array  # f32[B]; 1 = off
+    min_p: jax.Array  # f32[B]; 0 = off
     seeds: jax.Array  # u32[B] per-sequence seed
-    counters: jax.Array  # i32[B] tokens so far (folded into the key: a fresh draw each step)
+    counters: jax.Array  # i32[B] tokens so far (hashed into the draw: a fresh draw each step)
     presence_penalty: jax.Array  # f32[B]
     frequency_penalty: jax.Array  # f32[B]
     repetition_penalty: jax.Array  # f32[B]
     banned_ids: jax.Array  # i32[B, E] tokens forbidden this step (EOS under min_tokens); pad = V
-    prompt_ids: jax.Array  # i32[B, Lp] for repetition penalty; pad = V ([B, 0] when unused)
-    output_ids: jax.Array  # i32[B, Lo] for all penalties; pad = V ([B, 0] when unused)
+    # i32[B, L] the sequence's tokens at positions 0..L-1 (prompt, then output); pad = V.
+    # Filled inside the step from the runner's device history; [B, 0] without penalties.
+    history_ids: jax.Array
+    prompt_lens: jax.Array  # i32[B] history_ids[b, :prompt_lens[b]] is the prompt
     # Static (compile-relevant):
     use_penalties: bool = False
-    use_top_k_p: bool = False  # any row has top_k, top_p < 1 or min_p > 0
-    num_logprobs: int = 0  # top logprobs returned per row (0 = only the sampled token's)
+    use_top_k: bool = False  # some random row has top_k > 0
+    use_top_p: bool = False  # some random row has top_p < 1
+    use_min_p: bool = False  # some random row has min_p > 0
+    num_logprobs: int = -1  # top logprobs per row; 0 = only the sampled token's; -1 = none asked
 
 
 jax.tree_util.register_dataclass(
     SamplingMetadata,
     data_fields=["temperature", "top_k", "top_p", "min_p", "seeds", "counters", "presence_penalty",
-                 "frequency_penalty", "repetition_penalty", "banned_ids", "prompt_ids", "output_ids"],
-    meta_fields=["use_penalties", "use_top_k_p", "num_logprobs"],
+                 "frequency_penalty", "repetition_penalty", "banned_ids", "history_ids",
+                 "prompt_lens"],
+    meta_fields=["use_penalties", "use_top_k", "use_top_p", "use_min_p",
+                 "num_logprobs"],
 )
 
 
@@ -53,25 +75,77 @@ jax.tree_util.register_dataclass(
     SamplerOutput, data_fields=["token_ids", "logprobs", "top_ids", "top_logprobs"], meta_fields=[])
 
 
+# ---- random numbers -----------------------------------------------------------------------------
+def _mix32(x: jax.Array) -> jax.Array:
+    """murmur3's 32-bit finalizer: a bijection of u32 with full avalanche."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def row_keys(seeds: jax.Array, counters: jax.Array, rnd) -> jax.Array:
+    """u32[B] key of each row's draw number `rnd` at token count `counters` (i32[B])."""
+    x = _mix32(seeds.astype(jnp.uint32) ^ jnp.uint32(0x5BD1E995))
+    x = _mix32(x + counters.astype(jnp.uint32) * jnp.uint32(0x9E3779B9))
+    return _mix32(x + (jnp.asarray(rnd).astype(jnp.uint32) + 1) * jnp.uint32(0x27D4EB2F))
+
+
+def gumbel(keys: jax.Array, vocab: int) -> jax.Array:
+    """f32[B, V] standard Gumbel noise: hash(key_b + token index) -> uniform w -> -log(-log(1-w)).
+
+    w keeps 24 significant bits down to 2^-33, so the large Gumbel values, which decide the
+    argmax, are not quantized (a plain 24-bit u in [0, 1) steps by ~1% near the maximum)."""
+    idx = jax.lax.broadcasted_iota(jnp.uint32, (1, vocab), 1)
+    bits = _mix32(keys[:, None] + idx * jnp.uint32(0x9E3779B9))
+    w = bits.astype(jnp.float32) * jnp.float32(2.0**-32) + jnp.float32(2.0**-33)
+    return -jnp.log(-jnp.log1p(-w))
+
+
+# ---- penalties ----------------------------------------------------------------------------------
+def apply_penalties(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
+    """vLLM semantics, O(B*L) gathers/scatters over md.history_ids: repetition over prompt+output,
+    then frequency (per occurrence) and presence (once) over the output.
+
+    Scatter-set with duplicate ids is deterministic here because every duplicate writes the same
+    value (computed from the one original logit); the frequency term is a scatter-add."""
+    B, V = logits.shape
+    ids = md.history_ids
+    is_out = jnp.arange(ids.shape[1])[None, :] >= md.prompt_lens[:, None]
+    orig = jnp.take_along_axis(logits, jnp.minimum(ids, V - 1), axis=1)  # f32[B, L]
+    rep = md.repetition_penalty[:, None]
+    penalized = jnp.where(orig > 0, orig / rep, orig * rep)
+    rows = jnp.arange(B)[:, None]
+    prompt_ids, out_ids = jnp.where(is_out, V, ids), jnp.where(is_out, ids, V)
+    logits = logits.at[rows, prompt_ids].set(penalized, mode="drop")
+    logits = logits.at[rows, out_ids].set(penalized - md.presence_penalty[:, None], mode="drop")
+    freq = jnp.broadcast_to(-md.frequency_penalty[:, None], ids.shape)
+    return logits.at[rows, out_ids].add(freq, mode="drop")
+
+
 def _counts(ids: jax.Array, vocab: int) -> jax.Array:
     """i32[B, L] (pad = vocab) -> f32[B, V] occurrence counts."""
     rows = jnp.arange(ids.shape[0])[:, None]
     return jnp.zeros((ids.shape[0], vocab), jnp.float32).at[rows, ids].add(1.0, mode="drop")
 
 
-def apply_penalties(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
-    """vLLM semantics: repetition over prompt+output; presence/frequency over output only."""
+def apply_penalties_reference(logits, prompt_ids, output_ids, md: SamplingMetadata) -> jax.Array:
+    """The slow, obvious version (the test oracle): [B, V] counts of i32[B, Lp] prompt and
+    i32[B, Lo] output ids (pad = V)."""
     vocab = logits.shape[-1]
-    out_counts = _counts(md.output_ids, vocab)
-    seen = (out_counts + _counts(md.prompt_ids, vocab)) > 0
+    out_counts = _counts(output_ids, vocab)
+    seen = (out_counts + _counts(prompt_ids, vocab)) > 0
     rep = md.repetition_penalty[:, None]
     logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
     logits = logits - md.frequency_penalty[:, None] * out_counts
     return logits - md.presence_penalty[:, None] * (out_counts > 0)
 
 
-def _truncate(scaled: jax.Array, md: SamplingMetadata) -> jax.Array:
-    """Mask logits outside top_k / top_p / min_p with -inf (ties at the cut-off are kept)."""
+# ---- truncation ---------------------------------------------------------------------------------
+def truncate_reference(scaled: jax.Array, md: SamplingMetadata) -> jax.Array:
+    """Sort-based: mask logits outside top_k / top_p / min_p with -inf (ties at the cut-off are
+    kept). The oracle of the kept set, and the fallback after MAX_ROUNDS rejections."""
     vocab = scaled.shape[-1]
     sorted_desc = -jnp.sort(-scaled, axis=-1)
     probs = jax.nn.softmax(sorted_desc, axis=-1)
@@ -81,29 +155,147 @@ def _truncate(scaled: jax.Array, md: SamplingMetadata) -> jax.Array:
     keep = (rank < k) & ((cum - probs) < md.top_p[:, None])
     keep &= probs >= md.min_p[:, None] * probs[:, :1]
     keep = keep.at[:, 0].set(True)
-    # Smallest kept logit of each row is the threshold.
     threshold = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(scaled >= threshold, scaled, -jnp.inf)
 
 
+def _chunked(x: jax.Array, fill: float) -> jax.Array:
+    """f32[B, V] -> f32[B, C, CHUNK], padded with `fill` (padding indices are >= V)."""
+    B, V = x.shape
+    C = -(-V // CHUNK)
+    if C * CHUNK != V:
+        x = jnp.pad(x, ((0, 0), (0, C * CHUNK - V)), constant_values=fill)
+    return x.reshape(B, C, CHUNK)
+
+
+def _top_k_floor(scaled: jax.Array, top_k: jax.Array) -> jax.Array:
+    """f32[B] value below which no token is in the top_k (-inf if top_k is off or > chunks): the
+    top_k-th largest chunk maximum; k chunks hold a token >= it, so the k-th token is >= it."""
+    chunk_max = _chunked(scaled, -jnp.inf).max(axis=-1)  # f32[B, C]
+    num_chunks = chunk_max.shape[1]
+    ordered = -jnp.sort(-chunk_max, axis=-1)
+    kth = jnp.take_along_axis(ordered, jnp.clip(top_k - 1, 0, num_chunks - 1)[:, None], 1)[:, 0]
+    return jnp.where((top_k > 0) & (top_k <= num_chunks), kth, -jnp.inf)
+
+
+def _draw(scaled, floor, pivot, md: SamplingMetadata, rnd) -> jax.Array:
+    """i32[B] Gumbel-max draw among tokens with scaled >= floor and scaled > pivot (f32[B])."""
+    noise = gumbel(row_keys(md.seeds, md.counters, rnd), scaled.shape[1])
+    ok = (scaled >= floor[:, None]) & (scaled > pivot[:, None])
+    return jnp.argmax(jnp.where(ok, scaled + noise, -jnp.inf), axis=-1).astype(jnp.int32)
+
+
+def _sample_truncated(scaled, row_max, floor, first, md: SamplingMetadata) -> jax.Array:
+    """Rejection rounds for rows with top_k / top_p; `first` is round 0's draw. Each round is one
+    pass: the check of the current draw and the next draw above it (used only if rejected)."""
+    V = scaled.shape[1]
+    random = md.temperature > 0
+    check = random & (((md.top_k > 0) & (md.top_k < V)) | (md.top_p < 1.0))
+    k_eff = jnp.where(md.top_k > 0, md.top_k, V + 1)
+    total = jnp.sum(jnp.exp(scaled - row_max[:, None]), axis=-1) if md.use_top_p else None
+
+    def accepts(j):
+        value = jnp.take_along_axis(scaled, j[:, None], axis=1)  # f32[B, 1]
+        above = scaled > value
+        ok = jnp.sum(above, axis=-1) < k_eff
+        if md.use_top_p:
+            mass = jnp.sum(jnp.where(above, jnp.exp(scaled - row_max[:, None]), 0.0), axis=-1)
+            ok &= (md.top_p >= 1.0) | (mass < md.top_p * total)
+        return ok, value[:, 0]
+
+    def body(state):
+        rnd, j, done, token = state
+        ok, value = accepts(j)
+        token = jnp.where(ok & ~done, j, token)
+        done = done | ok
+        j = jnp.where(done, j, _draw(scaled, floor, value, md, rnd + 1))
+        return rnd + 1, j, done, token
+
+    state = (jnp.int32(0), first, ~check, first)
+    _, _, done, token = jax.lax.while_loop(
+        lambda s: (s[0] < MAX_ROUNDS) & ~jnp.all(s[2]), body, state)
+
+    def fallback():
+        kept = truncate_reference(scaled, md)
+        noise = gumbel(row_keys(md.seeds, md.counters, MAX_ROUNDS + 1), V)
+        return jnp.where(done, token, jnp.argmax(kept + noise, axis=-1).astype(jnp.int32))
+
+    return jax.lax.cond(jnp.all(done), lambda: token, fallback)
+
+
+def _sample_random(logits, row_max, md: SamplingMetadata) -> jax.Array:
+    """i32[B] tokens of the rows with temperature > 0 (other rows: anything)."""
+    temp = jnp.where(md.temperature > 0, md.temperature, 1.0)
+    scaled = logits / temp[:, None]
+    scaled_max = row_max / temp
+    floor = jnp.full_like(scaled_max, -jnp.inf)
+    if md.use_min_p:  # p_i >= min_p * p_max  <=>  scaled_i >= max + log(min_p)
+        floor = jnp.where(md.min_p > 0, scaled_max + jnp.log(md.min_p), floor)
+    if md.use_top_k:
+        floor = jnp.maximum(floor, _top_k_floor(scaled, md.top_k))
+    first = _draw(scaled, floor, jnp.full_like(floor, -jnp.inf), md, 0)
+    if not (md.use_top_k or md.use_top_p):
+        return first
+    return _sample_truncated(scaled, scaled_max, floor, first, md)
+
+
+# ---- logprobs -----------------------------------------------------------------------------------
+def top_k_exact(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """(f32[B, k] values, i32[B, k] ids) of the k largest of f32[B, V], as lax.top_k (descending,
+    ties to the lower index), for small static k: one pass for the chunk maxima, then k rounds
+    over [B, C] + one [B, CHUNK] chunk (a two-level tournament), never a sort of the vocabulary."""
+    B, V = x.shape
+    chunks = _chunked(x, -jnp.inf)  # f32[B, C, W]
+    lane = jnp.arange(CHUNK, dtype=jnp.int32)[None, :]
+    pos = jnp.argmax(chunks, axis=-1).astype(jnp.int32)  # i32[B, C] lane of each chunk's max
+    best = jnp.take_along_axis(chunks, pos[..., None], axis=-1)[..., 0]  # f32[B, C]
+    rows = jnp.arange(B)
+    values, ids = [], []
+    for _ in range(k):
+        c = jnp.argmax(best, axis=-1).astype(jnp.int32)  # first max = lowest index among ties
+        v, w = best[rows, c], pos[rows, c]
+        values.append(v)
+        ids.append(c * CHUNK + w)
+        chunk = jnp.take_along_axis(chunks, c[:, None, None], axis=1)[:, 0]  # f32[B, W]
+        # Taken from this chunk so far: every (value, lane) >= (v, w) in (desc, asc) order.
+        left = (chunk < v[:, None]) | ((chunk == v[:, None]) & (lane > w[:, None]))
+        nxt = jnp.where(left, chunk, -jnp.inf)
+        nw = jnp.argmax(nxt, axis=-1).astype(jnp.int32)
+        best = best.at[rows, c].set(nxt[rows, nw])
+        pos = pos.at[rows, c].set(nw)
+    return jnp.stack(values, axis=1), jnp.minimum(jnp.stack(ids, axis=1), V - 1)
+
+
+def _logprobs(raw: jax.Array, tokens: jax.Array, k: int):
+    """Raw-distribution logprobs: f32[B] of tokens, top-k (f32[B, k], i32[B, k])."""
+    lse = jax.nn.logsumexp(raw, axis=-1)
+    token_lp = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0] - lse
+    if k == 0:
+        B = raw.shape[0]
+        return token_lp, jnp.zeros((B, 0), jnp.int32), jnp.zeros((B, 0), jnp.float32)
+    values, ids = top_k_exact(raw, k)
+    return token_lp, ids, values - lse[:, None]
+
+
 def sample(logits: jax.Array, md: SamplingMetadata) -> SamplerOutput:
-    """f32[B, V] logits -> SamplerOutput. Logprobs are of the raw (unpenalized) distribution."""
+    """f32[B, V] logits -> SamplerOutput. Logprobs are of the raw (unpenalized) distribution; when
+    no row asked (num_logprobs < 0) they are zeros and [B, 0]."""
     with jax.named_scope("sample"):
-        logits = logits.astype(jnp.float32)
-        raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
-        if md.use_penalties:
-            logits = apply_penalties(logits, md)
+        raw = logits.astype(jnp.float32)
+        logits = apply_penalties(raw, md) if md.use_penalties else raw
         rows = jnp.arange(logits.shape[0])[:, None]
         logits = logits.at[rows, md.banned_ids].set(-jnp.inf, mode="drop")
         greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        temp = jnp.where(md.temperature > 0, md.temperature, 1.0)[:, None]
-        scaled = logits / temp
-        if md.use_top_k_p:
-            scaled = _truncate(scaled, md)
-        keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(md.seeds, md.counters)
-        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (logits.shape[-1],), jnp.float32))(keys)
-        sampled = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
-        tokens = jnp.where(md.temperature > 0, sampled, greedy)
-        token_logprobs = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
-        top_logprobs, top_ids = jax.lax.top_k(raw_logprobs, md.num_logprobs)
-        return SamplerOutput(tokens, token_logprobs, top_ids.astype(jnp.int32), top_logprobs)
+
+        def draw():
+            row_max = jnp.take_along_axis(logits, greedy[:, None], axis=-1)[:, 0]
+            return jnp.where(md.temperature > 0, _sample_random(logits, row_max, md), greedy)
+
+        # A runtime branch, not a static flag: greedy and plain sampling share one compiled step.
+        tokens = jax.lax.cond(jnp.any(md.temperature > 0), draw, lambda: greedy)
+        B = logits.shape[0]
+        if md.num_logprobs < 0:
+            zeros = jnp.zeros((B, 0), jnp.float32)
+            return SamplerOutput(tokens, jnp.zeros(B, jnp.float32), zeros.astype(jnp.int32), zeros)
+        token_lp, top_ids, top_lp = _logprobs(raw, tokens, md.num_logprobs)
+        return SamplerOutput(tokens, token_lp, top_ids, top_lp)
