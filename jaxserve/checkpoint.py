@@ -241,10 +241,12 @@ def _unpermute_rope(w: np.ndarray, num_heads: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(path: str):
-    """AutoTokenizer for a HF directory or a .gguf file (cached: GGUF vocab conversion is slow)."""
+    """AutoTokenizer for a HF directory; for a .gguf file, one built from its metadata without
+    torch (gguf_tokenizer.py; transformers' GGUF route imports torch). Cached: both take seconds."""
+    if path.endswith(".gguf"):
+        from jaxserve.gguf_tokenizer import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path)
     from transformers import AutoTokenizer
 
-    if path.endswith(".gguf"):
-        return AutoTokenizer.from_pretrained(os.path.dirname(path) or ".",
-                                             gguf_file=os.path.basename(path))
     return AutoTokenizer.from_pretrained(path)
