@@ -3,7 +3,10 @@ server tests; the load test's offline references are generated on the same engin
 """
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -58,6 +61,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_cli(model_dir: Path, *flags: str, env: dict[str, str] | None = None,
+              scheme: str = "http") -> tuple[subprocess.Popen, str]:
+    """`jaxserve serve` on the tiny model as a subprocess (ENGINE_KW limits); waits for /health."""
+    port = free_port()
+    engine_flags = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE_KW.items()]
+    cmd = [sys.executable, "-m", "jaxserve.cli", "serve", str(model_dir), "--port", str(port),
+           *engine_flags, *flags]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
+    base = f"{scheme}://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "server did not come up"
+        try:
+            if httpx.get(base + "/health", timeout=1, verify=False).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")
