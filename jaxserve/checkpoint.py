@@ -1,6 +1,7 @@
-"""Model sources before placement: a HF directory (safetensors), a .gguf file, a dummy preset, or the
-embedded SmolLM2 GGUF. Each becomes a Checkpoint: an HF-style config dict plus lazily read tensors
-named and laid out as in HF checkpoints. weights.py maps and places them.
+"""Model sources before placement: a HF directory (safetensors), a .gguf file, a hub repo id (via
+hub.py), a dummy preset (load_format="dummy" only), or the embedded SmolLM2 GGUF. Each becomes a
+Checkpoint: an HF-style config dict plus lazily read tensors named and laid out as in HF
+checkpoints. weights.py maps and places them.
 """
 from __future__ import annotations
 
@@ -11,13 +12,12 @@ import json
 import logging
 import os
 import re
-import struct
 from dataclasses import dataclass, field
 from typing import Callable
 
-import ml_dtypes
 import numpy as np
 
+from jaxserve.hub import is_hub_spec, resolve_model
 from models import architecture_of, get_model_class
 from models.presets import get_preset, preset_names
 
@@ -25,9 +25,13 @@ logger = logging.getLogger("jaxserve")
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-              "BOOL": np.bool_}
+# safetensors dtypes read with framework="np" (BF16 comes back as ml_dtypes.bfloat16).
+_ST_DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
+# Tensor-name suffixes that only quantized checkpoints carry -> the method that writes them.
+_QUANT_TENSORS = {".qweight": "gptq/awq", ".qzeros": "gptq/awq", ".g_idx": "gptq",
+                  ".weight_scale": "fp8/compressed-tensors", ".weight_packed": "compressed-tensors",
+                  ".absmax": "bitsandbytes", ".quant_state.bitsandbytes__nf4": "bitsandbytes",
+                  ".SCB": "bitsandbytes"}
 _GGUF_ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _GGUF_NAMES = [  # llama.cpp tensor name -> HF tensor name
@@ -65,23 +69,40 @@ def embedded_gguf_path() -> str:
     return os.path.join(spec.submodule_search_locations[0], EMBEDDED_GGUF)
 
 
-def open_checkpoint(model: str | None, load_format: str) -> Checkpoint:
-    """Resolve `model` (None, .gguf path, HF directory or preset name) to a Checkpoint."""
+def open_checkpoint(model: str | None, load_format: str, *, revision: str | None = None,
+                    download_dir: str | None = None) -> Checkpoint:
+    """Resolve `model` to a Checkpoint: None (the embedded SmolLM2), a .gguf file, a HF directory,
+    a hub spec (`org/name`, `org/name:QUANT`, `org/name/file.gguf`; hub.resolve_model with
+    `revision` and `download_dir`), or, with load_format="dummy" only, a preset (random weights)."""
+    dummy = load_format == "dummy"
     if model is None:  # served as "SmolLM2-135M-Instruct", like a hub id
-        ckpt = read_gguf(embedded_gguf_path(), dummy=load_format == "dummy")
-        return dataclasses.replace(ckpt, name=EMBEDDED_NAME)
+        return dataclasses.replace(read_gguf(embedded_gguf_path(), dummy=dummy), name=EMBEDDED_NAME)
     if os.path.isfile(model) and model.endswith(".gguf"):
-        return dataclasses.replace(read_gguf(model, dummy=load_format == "dummy"), name=model)
+        return dataclasses.replace(read_gguf(model, dummy=dummy), name=model)
     if os.path.isdir(model):
-        return read_hf_dir(model, dummy=load_format == "dummy")
+        return read_hf_dir(model, dummy=dummy)
+    if os.path.exists(model):
+        raise ValueError(f"model path {model!r} is neither a directory nor a .gguf file")
     preset = get_preset(model)
-    if preset is not None and load_format in ("auto", "dummy"):
+    if dummy and preset is not None:
         return Checkpoint(name=model, hf_config=preset, tensors={},
                           tokenizer_path=None,  # the embedded SmolLM2 one, resolved on use
                           eos_token_ids=_as_ids(preset.get("eos_token_id")),
                           native_dtype=_float_dtype(preset))
-    raise ValueError(f"model path {model!r} does not exist (and is not a dummy preset: "
-                     f"{', '.join(preset_names())})")
+    if not is_hub_spec(model):
+        raise ValueError(f"model path {model!r} does not exist and is not a hub repo id")
+    try:
+        path = resolve_model(model, revision=revision, download_dir=download_dir,
+                             weights=not dummy)
+    except ValueError as e:
+        if preset is None:
+            raise
+        raise ValueError(f"{e}. ({model!r} is also a dummy preset: load_format='dummy' gives "
+                         f"random weights with its shapes; presets: {', '.join(preset_names())})"
+                         ) from e
+    ckpt = read_gguf(path, dummy=dummy) if path.endswith(".gguf") else read_hf_dir(path,
+                                                                                    dummy=dummy)
+    return dataclasses.replace(ckpt, name=model)
 
 
 def _as_ids(value) -> set[int]:
@@ -98,6 +119,7 @@ def read_hf_dir(path: str, *, dummy: bool = False) -> Checkpoint:
     with open(config_path) as f:
         hf = json.load(f)
     get_model_class(architecture_of(hf))  # fail early on an unsupported architecture
+    _refuse_quantization_config(hf, path)
     eos = _as_ids(hf.get("eos_token_id"))
     gen_path = os.path.join(path, "generation_config.json")
     if os.path.isfile(gen_path):
@@ -105,11 +127,9 @@ def read_hf_dir(path: str, *, dummy: bool = False) -> Checkpoint:
             eos |= _as_ids(json.load(f).get("eos_token_id"))
     tensors = {}
     if not dummy:
-        files = _safetensors_files(path)
-        if not files:
-            raise ValueError(f"no *.safetensors files in {path!r} (load_format='dummy' for random)")
-        for file in files:
+        for file in _safetensors_files(path):
             tensors.update(read_safetensors(file))
+        _refuse_quantized_tensors(tensors, path)
     return Checkpoint(name=path, hf_config=hf, tensors=tensors, tokenizer_path=path,
                       eos_token_ids=eos, native_dtype=_float_dtype(hf))
 
@@ -120,35 +140,62 @@ def _float_dtype(hf: dict) -> str:
     return name if name in ("float32", "bfloat16", "float16") else "bfloat16"
 
 
+def _refuse_quantization_config(hf: dict, path: str) -> None:
+    """AWQ/GPTQ/FP8/bitsandbytes/compressed-tensors checkpoints say so in config.json."""
+    quant = hf.get("quantization_config") or hf.get("compression_config")
+    if quant:
+        method = quant.get("quant_method") or quant.get("format") or "unknown"
+        raise ValueError(f"quantization method {method!r} is not supported (config.json "
+                         f"quantization_config in {path!r}); jaxserve loads bf16/f16/f32 "
+                         f"safetensors and GGUF files")
+
+
+def _refuse_quantized_tensors(tensors: dict, path: str) -> None:
+    for name in tensors:
+        for suffix, method in _QUANT_TENSORS.items():
+            if name.endswith(suffix):
+                raise ValueError(f"quantization method {method!r} is not supported: {path!r} "
+                                 f"holds quantized tensors such as {name!r}")
+
+
 def _safetensors_files(path: str) -> list[str]:
+    """The checkpoint's safetensors files; ValueError naming `path` and what was looked for."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
             names = sorted(set(json.load(f)["weight_map"].values()))
+        missing = [n for n in names if not os.path.isfile(os.path.join(path, n))]
+        if missing:
+            raise ValueError(f"{index!r} names shards missing from {path!r}: {missing[:4]}")
         return [os.path.join(path, n) for n in names]
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(single):
         return [single]
-    return sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors"))
+    files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors"))
+    if not files:
+        other = [n for n in os.listdir(path) if n.endswith((".bin", ".pt", ".pth", ".gguf"))]
+        raise ValueError(
+            f"no weights in {path!r}: looked for model.safetensors.index.json, model.safetensors "
+            f"and *.safetensors" + (f"; {other[:4]} are not read (safetensors only; a .gguf "
+                                    f"file is passed as the model path)" if other else "")
+            + "; load_format='dummy' gives random weights")
+    return files
 
 
 def read_safetensors(file: str) -> dict[str, LazyTensor]:
-    """Memory-map a .safetensors file (8-byte header size, JSON header, raw little-endian data).
+    """Open a .safetensors file (memory-mapped by the safetensors library, numpy framework: BF16
+    comes back as ml_dtypes.bfloat16 without torch); each tensor is read only when called."""
+    from safetensors import safe_open
 
-    Parsed by hand so bf16 maps to ml_dtypes.bfloat16 without torch and nothing is read eagerly.
-    """
-    with open(file, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-    header.pop("__metadata__", None)
-    data = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + header_len)
-
-    def lazy(info) -> LazyTensor:
-        start, end = info["data_offsets"]
-        dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-        return lambda: data[start:end].view(dtype).reshape(info["shape"])
-
-    return {name: lazy(info) for name, info in header.items()}
+    handle = safe_open(file, framework="np")
+    for name in handle.keys():
+        dtype = handle.get_slice(name).get_dtype()
+        if dtype.startswith("F8"):
+            raise ValueError(f"quantization method 'fp8' is not supported: {file!r} stores "
+                             f"{name!r} as {dtype}")
+        if dtype not in _ST_DTYPES:
+            raise ValueError(f"{file!r} stores {name!r} as {dtype}; supported: {_ST_DTYPES}")
+    return {name: functools.partial(handle.get_tensor, name) for name in handle.keys()}
 
 
 def read_gguf(path: str, *, dummy: bool = False) -> Checkpoint:
@@ -195,8 +242,12 @@ def gguf_to_hf_config(meta: dict, tensor_names: set[str]) -> dict:
           "vocab_size": meta.get(p + "vocab_size") or meta.get("tokenizer.ggml.vocab_size"),
           "tie_word_embeddings": "output.weight" not in tensor_names,
           "sliding_window": meta.get(p + "attention.sliding_window")}
-    if meta.get(p + "rope.scaling.type") == "linear":
-        hf["rope_scaling"] = {"rope_type": "linear", "factor": meta[p + "rope.scaling.factor"]}
+    scaling = meta.get(p + "rope.scaling.type")
+    if scaling not in (None, "none"):  # an unimplemented type fails at load (models/hf.py)
+        rope = {"rope_type": scaling, "factor": meta.get(p + "rope.scaling.factor"),
+                "original_max_position_embeddings": meta.get(
+                    p + "rope.scaling.original_context_length")}
+        hf["rope_scaling"] = {k: v for k, v in rope.items() if v is not None}
     if "rope_freqs.weight" in tensor_names:
         # TODO(models): Llama 3.1 GGUFs store llama3 rope factors as a tensor; not applied yet.
         logger.warning("GGUF rope_freqs tensor ignored: long-context rope scaling is not applied")

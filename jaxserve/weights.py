@@ -6,6 +6,7 @@ startup.py calls load_model once; the runner jits over (graphdef, state).
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from jaxserve.checkpoint import Checkpoint, embedded_gguf_path, load_tokenizer, open_checkpoint
+from jaxserve.hub import is_hub_spec, resolve_model
 from jaxserve.config import DTYPES, LOAD_FORMATS, ModelConfig
 from jaxserve.sharding import ShardingRules, make_mesh
 from models import architecture_of, config_from_hf, get_model_class, get_weight_map
@@ -42,45 +44,64 @@ class LoadedModel:
 def load_model(model: str | None, *, load_format: str = "auto", dtype: str = "auto",
                tensor_parallel_size: int = 1, mesh: Mesh | None = None,
                rules: ShardingRules = ShardingRules(), max_model_len: int | None = None,
-               seed: int = 0, hf_overrides=None, tokenizer: str | None = None) -> LoadedModel:
+               seed: int = 0, hf_overrides=None, tokenizer: str | None = None,
+               revision: str | None = None, download_dir: str | None = None) -> LoadedModel:
     """Load `model` onto `mesh` (default: make_mesh(tensor_parallel_size)).
 
-    model: HF directory (config.json + safetensors), a .gguf file, a dummy preset name or HF repo
-      id from models/presets.py (random weights; the tokenizer is the embedded SmolLM2 one), or
-      None for the embedded SmolLM2-135M-Instruct GGUF.
-    load_format: "auto" | "safetensors" | "gguf" | "dummy" (random uniform(-1e-3, 1e-3) weights).
+    model: HF directory (config.json + safetensors), a .gguf file, a hub repo id (`org/name`,
+      `org/name:QUANT` or `org/name/file.gguf`; the HF cache first, then a download), None for the
+      embedded SmolLM2-135M-Instruct GGUF, or with load_format="dummy" a preset name or repo id
+      from models/presets.py (the tokenizer is then the embedded SmolLM2 one).
+    load_format: "auto" | "safetensors" | "gguf" | "dummy" (random uniform(-1e-3, 1e-3) weights;
+      the only way random weights are ever loaded).
     dtype: "auto" = the checkpoint's torch_dtype; for quantized GGUF f32 on CPU, bf16 elsewhere.
+    max_model_len: None = the model's max_position_embeddings; above it is a ValueError (vLLM's).
     hf_overrides: dict (or tuple of pairs) merged over the HF config before parsing.
-    tokenizer: a directory or .gguf file to take the tokenizer from instead of the model's.
+    tokenizer: a directory, .gguf file or hub repo id to take the tokenizer from instead.
+    revision, download_dir: the hub revision of `model` and the cache directory for downloads.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"{load_format=} must be one of {LOAD_FORMATS}")
     if dtype not in DTYPES:
         raise ValueError(f"{dtype=} must be one of {DTYPES}")
-    ckpt = open_checkpoint(model, load_format)
+    ckpt = open_checkpoint(model, load_format, revision=revision, download_dir=download_dir)
     overrides = dict(hf_overrides or {})
     base = config_from_hf(ckpt.hf_config, overrides)
+    max_model_len = check_max_model_len(max_model_len, base.max_position_embeddings)
     config = base.with_kv_replication(tensor_parallel_size)
     param_dtype = resolve_dtype(dtype, ckpt)
     mesh = mesh if mesh is not None else make_mesh(tensor_parallel_size)
     graphdef, abstract, shardings = abstract_model(config, param_dtype, mesh, rules)
-    if load_format == "dummy" or not ckpt.tensors:
+    if load_format == "dummy":
         state = _random_state(abstract, shardings, seed)
     else:
         state = _checkpoint_state(ckpt, config, abstract, shardings)
-    tok = load_tokenizer(tokenizer or ckpt.tokenizer_path or embedded_gguf_path())
+    tok = load_tokenizer(_tokenizer_path(tokenizer, download_dir) or ckpt.tokenizer_path
+                         or embedded_gguf_path())
     # The checkpoint's own eos ids win: transformers' GGUF tokenizer conversion can report the
     # wrong eos_token (SmolLM2: <|im_start|>), so the tokenizer's is only a fallback.
     eos = set(ckpt.eos_token_ids) or ({tok.eos_token_id} - {None})
-    limit = config.max_position_embeddings
-    if max_model_len is not None and max_model_len > limit:
-        logger.warning("max_model_len=%d exceeds max_position_embeddings=%d; using %d",
-                       max_model_len, limit, limit)
     return LoadedModel(
         config=config, graphdef=graphdef, state=state, tokenizer=tok,
         eos_token_ids=frozenset(eos), chat_template=ckpt.chat_template or tok.chat_template,
-        dtype=param_dtype, max_model_len=min(limit, max_model_len or limit),
-        model_name=ckpt.name, mesh=mesh)
+        dtype=param_dtype, max_model_len=max_model_len, model_name=ckpt.name, mesh=mesh)
+
+
+def check_max_model_len(max_model_len: int | None, limit: int) -> int:
+    """None -> the model's max_position_embeddings; above it is a ValueError, as in vLLM (rope
+    and the model's training stop there; hf_overrides can raise the limit deliberately)."""
+    if max_model_len is not None and max_model_len > limit:
+        raise ValueError(f"{max_model_len=} exceeds the model's max_position_embeddings={limit}; "
+                         f"lower it, or raise the limit deliberately with hf_overrides="
+                         f"{{'max_position_embeddings': {max_model_len}}}")
+    return max_model_len or limit
+
+
+def _tokenizer_path(tokenizer: str | None, download_dir: str | None) -> str | None:
+    """A tokenizer given as a hub repo id resolves through the HF cache like the model."""
+    if tokenizer is None or os.path.exists(tokenizer) or not is_hub_spec(tokenizer):
+        return tokenizer
+    return resolve_model(tokenizer, download_dir=download_dir, weights=False)
 
 
 def resolve_dtype(dtype: str, ckpt: Checkpoint) -> jnp.dtype:
@@ -111,6 +132,9 @@ def _checkpoint_state(ckpt: Checkpoint, config: ModelConfig, abstract: nnx.State
                       shardings: nnx.State) -> nnx.State:
     """Each param: read its HF tensor, transform to our layout, cast, and place shard by shard."""
     weight_map = get_weight_map(architecture_of({"architectures": [config.architecture]}))
+    if not ckpt.tensors:
+        raise ValueError(f"checkpoint {ckpt.name!r} holds no tensors (load_format='dummy' gives "
+                         f"random weights)")
     mapped, unmatched = map_weight_names(ckpt.tensors, weight_map)
     if unmatched:
         logger.info("ignoring checkpoint tensors: %s", unmatched[:8])

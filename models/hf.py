@@ -9,6 +9,7 @@ from typing import Callable
 import numpy as np
 
 from jaxserve.config import ModelConfig, hashable_rope_scaling
+from models.layers import check_rope_scaling
 
 # (HF tensor [out, in] in numpy, config) -> array in our param layout
 Transform = Callable[[np.ndarray, ModelConfig], np.ndarray]
@@ -32,6 +33,7 @@ def base_config_from_hf(hf: dict, **flags) -> ModelConfig:
         raise ValueError("mlp_bias=True is not supported")
     num_heads = hf["num_attention_heads"]
     theta, scaling = rope_from_hf(hf)
+    check_rope_scaling(scaling)
     arch = (hf.get("architectures") or ["?"])[0]
     fields = dict(
         architecture=arch,

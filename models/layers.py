@@ -18,7 +18,23 @@ from jaxserve.kv_cache import AttentionMetadata, KVCache, write_kv
 from jaxserve.sharding import heads_parallel, shard
 from kernels_pallas.ragged_paged_attention import ragged_paged_attention
 
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# Implemented HF rope_type values -> the rope_scaling keys each needs (checked at load, hf.py).
+ROPE_REQUIRED_KEYS = {"default": (), "linear": ("factor",), "yarn": ("factor",),
+                      "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                 "original_max_position_embeddings")}
+ROPE_TYPES = tuple(ROPE_REQUIRED_KEYS)
+
+
+def check_rope_scaling(scaling: dict | None) -> None:
+    """ValueError naming an unimplemented rope_type or a missing key, so a model fails at load
+    rather than at its first forward pass (where rope_frequencies reads these)."""
+    scaling = scaling or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"rope_scaling {rope_type=} is not supported; supported: {ROPE_TYPES}")
+    missing = [k for k in ROPE_REQUIRED_KEYS[rope_type] if scaling.get(k) is None]
+    if missing:
+        raise ValueError(f"rope_scaling {rope_type=} lacks {missing}: {scaling}")
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], dtype,
@@ -55,9 +71,8 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
     dim = cfg.head_dim
     inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
     scaling = cfg.rope_scaling_dict or {}
+    check_rope_scaling(scaling)
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        raise ValueError(f"{rope_type=} is not supported; supported: {ROPE_TYPES}")
     if rope_type == "linear":
         inv_freq = inv_freq / scaling["factor"]
     elif rope_type == "llama3":

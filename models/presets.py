@@ -1,5 +1,6 @@
 """Real HF config.json dicts for load_format="dummy" (random weights, real shapes): benchmarking
-without downloading checkpoints. Keys are short names; ALIASES map HF repo ids to them.
+without downloading checkpoints. Keys are short names; ALIASES map HF repo ids to them. Only
+load_format="dummy" reads them: with "auto" a repo id goes to the hub (jaxserve/hub.py).
 """
 from __future__ import annotations
 

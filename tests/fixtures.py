@@ -167,3 +167,39 @@ def check_against_hf(hf_model, loaded, prompts=PROMPTS, num_tokens: int = 8, ato
             np.testing.assert_allclose(decode[s][b], ref[len(ids) + s], atol=atol, rtol=0)
         assert tokens[b] == hf_greedy(hf_model, ids, num_tokens), f"prompt {b}"
     return tokens
+
+
+def save_numpy_llama(path, seed: int = 0, dtype=np.float32, **config) -> str:
+    """A tiny random Llama checkpoint (config.json, model.safetensors, word tokenizer) written with
+    numpy and the safetensors library only: no torch, so hub and loader tests stay cheap."""
+    import json
+    import os
+
+    from safetensors.numpy import save_file
+
+    hf = {**TINY, "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+          "torch_dtype": np.dtype(dtype).name, "eos_token_id": 2, **config}
+    d, f, v = hf["hidden_size"], hf["intermediate_size"], hf["vocab_size"]
+    h = d // hf["num_attention_heads"]
+    shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,),
+              "lm_head.weight": (v, d)}
+    for i in range(hf["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (d,),
+                       p + "post_attention_layernorm.weight": (d,),
+                       p + "self_attn.q_proj.weight": (hf["num_attention_heads"] * h, d),
+                       p + "self_attn.k_proj.weight": (hf["num_key_value_heads"] * h, d),
+                       p + "self_attn.v_proj.weight": (hf["num_key_value_heads"] * h, d),
+                       p + "self_attn.o_proj.weight": (d, hf["num_attention_heads"] * h),
+                       p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
+                       p + "mlp.down_proj.weight": (d, f)})
+    rng = np.random.default_rng(seed)
+    tensors = {name: (1.0 + 0.2 * rng.standard_normal(s) if "norm" in name
+                      else 0.1 * rng.standard_normal(s)).astype(dtype)
+               for name, s in shapes.items()}
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w") as fh:
+        json.dump(hf, fh)
+    save_word_tokenizer(path, v)
+    return str(path)

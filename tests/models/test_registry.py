@@ -62,7 +62,7 @@ def test_hf_overrides():
 
 @pytest.mark.parametrize("name", ["mistral-7b", "Qwen/Qwen2-7B"])
 def test_dummy_preset_builds(name):
-    loaded = load_model(name, load_format="dummy", hf_overrides=SMALL, max_model_len=1 << 20)
+    loaded = load_model(name, load_format="dummy", hf_overrides=SMALL)
     assert loaded.dtype == np.dtype("bfloat16")
     assert loaded.max_model_len == loaded.config.max_position_embeddings
     flat = dict(nnx.to_flat_state(loaded.state))
