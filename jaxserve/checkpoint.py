@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+import ml_dtypes  # noqa: F401  registers "bfloat16" with numpy: safetensors' np framework needs it
 import numpy as np
 
 from jaxserve.hub import is_hub_spec, resolve_model

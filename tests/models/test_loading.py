@@ -3,6 +3,8 @@ types, quantized checkpoints, missing weights, presets outside load_format="dumm
 safetensors reader (the safetensors library, numpy framework, bf16 without torch)."""
 import json
 import os
+import subprocess
+import sys
 
 import huggingface_hub.constants
 import ml_dtypes
@@ -153,6 +155,14 @@ def test_safetensors_reader_bf16_lazy(tmp_path):
     assert got.dtype == ml_dtypes.bfloat16 and got.shape == (3, 4)
     np.testing.assert_array_equal(got.astype(np.float32), w.astype(np.float32))
     np.testing.assert_array_equal(tensors["b"](), np.arange(3))
+    # A fresh process with torch blocked and nothing importing jax or ml_dtypes first.
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from jaxserve.checkpoint import read_safetensors\n"
+            f"w = read_safetensors({str(tmp_path / 'm.safetensors')!r})['w']()\n"
+            "print(w.dtype, float(w[2, 3]))")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    assert out.stdout.split() == ["bfloat16", "1.375"], out.stderr[-2000:]
 
 
 def test_bf16_checkpoint_loads_in_bf16(tmp_path):
