@@ -1,5 +1,6 @@
-"""vLLM's HTTP-layer flags on one `jaxserve serve` process: CORS (--allowed-origins ...), --root-path,
---ssl-keyfile/--ssl-certfile (HTTPS), --enable-log-requests, and the API key from $VLLM_API_KEY."""
+"""vLLM's HTTP-layer flags on one `jaxserve serve` process: CORS (--allowed-origins ...),
+--root-path, --ssl-keyfile/--ssl-certfile (HTTPS), --enable-log-requests, and the API key from
+$VLLM_API_KEY."""
 from __future__ import annotations
 
 import subprocess
