@@ -200,10 +200,14 @@ class InputProcessor:
         return ProcessedPrompt(text, ids)
 
     # ---- sampling parameters and admission -----------------------------------------------------
-    def check_params(self, params: SamplingParams, prompt_len: int,
-                     prompt_param: str = "prompt") -> SamplingParams:
-        """Engine-dependent checks; returns the params to run (max_tokens filled in, top_k >= V
-        meaning off). The worst case of the request must fit the context and the KV pool."""
+    def check_params(self, params: SamplingParams, prompt_len: int, prompt_param: str = "prompt",
+                     strict_context: bool = False) -> SamplingParams:
+        """Engine-dependent checks; returns the params to run (max_tokens filled in and capped
+        at the context, top_k >= V meaning off), so the worst case always fits the KV pool.
+
+        strict_context: a max_tokens beyond the context is an error (the OpenAI server's rule)
+        rather than capped (what LLM.generate does: generation stops at max_model_len, as in vLLM).
+        """
         if not isinstance(params, SamplingParams):
             raise InvalidRequest(f"sampling params must be SamplingParams, got "
                                  f"{type(params).__name__}")
@@ -229,6 +233,8 @@ class InputProcessor:
                                  f"model's context (max_model_len={lim.max_model_len})", prompt_param,
                                  "context_length_exceeded")
         max_tokens = params.max_tokens if params.max_tokens is not None else room
+        if max_tokens > room and not strict_context:
+            max_tokens = room
         if max_tokens > room:
             raise InvalidRequest(
                 f"This model's maximum context length is {lim.max_model_len} tokens. However, "

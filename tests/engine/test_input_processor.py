@@ -85,7 +85,6 @@ def test_lone_surrogate_in_chat_content_is_a_value_error(llm):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(stop_token_ids=[2147483648], min_tokens=1), "stop_token_ids"),
-    (dict(max_tokens=10**12), "maximum context length"),
     (dict(temperature=float("inf")), "temperature"),
     (dict(repetition_penalty=float("inf")), "repetition_penalty"),
 ])
@@ -106,10 +105,13 @@ def test_top_k_beyond_the_vocabulary_means_off(llm):
     assert a.outputs[0].token_ids == b.outputs[0].token_ids
 
 
-def test_missing_max_tokens_is_admitted_up_to_the_context(llm):
-    out = llm.generate(["hi"], SamplingParams(temperature=0, max_tokens=None, ignore_eos=True),
-                       use_tqdm=False)[0]
+@pytest.mark.parametrize("max_tokens", [None, 10**12])
+def test_offline_generation_stops_at_the_context(llm, max_tokens):
+    """vLLM's LLM.generate: no max_tokens, or one beyond the context, runs to max_model_len."""
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    out = llm.generate(["hi"], params, use_tqdm=False)[0]
     assert len(out.prompt_token_ids) + len(out.outputs[0].token_ids) == 64
+    assert out.outputs[0].finish_reason == "length"
 
 
 def test_start_up_refuses_a_context_the_pool_cannot_hold(tmp_path):
