@@ -98,8 +98,8 @@ def open_checkpoint(model: str | None, load_format: str, *, revision: str | None
     except ValueError as e:
         if preset is None:
             raise
-        raise ValueError(f"{e}. ({model!r} is also a dummy preset: load_format='dummy' gives "
-                         f"random weights with its shapes; presets: {', '.join(preset_names())})"
+        raise ValueError(f"{e}; {model!r} is also a dummy preset: load_format='dummy' gives "
+                         f"random weights with its shapes (presets: {', '.join(preset_names())})"
                          ) from e
     ckpt = read_gguf(path, dummy=dummy) if path.endswith(".gguf") else read_hf_dir(path,
                                                                                     dummy=dummy)

@@ -103,21 +103,22 @@ def _snapshot(repo: str, patterns: list[str], revision: str | None,
     cache alone; huggingface_hub's errors become ValueErrors naming the repo."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HFValidationError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+                                        LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
 
     where = f"{repo!r}" + (f" at revision {revision!r}" if revision else "")
     kw = dict(revision=revision, cache_dir=download_dir, allow_patterns=patterns)
-    offline = constants.is_offline_mode()
+    why = "HF_HUB_OFFLINE=1" if constants.is_offline_mode() else None
     try:
-        if not offline:
+        if why is None:
             try:
                 return snapshot_download(repo, **kw)
             except (RevisionNotFoundError, GatedRepoError, RepositoryNotFoundError,
                     HFValidationError):
                 raise
             except Exception as e:  # no network, hub down, proxy: the cache may still hold it
-                logger.warning("hub unreachable for %s (%s: %s); trying the local cache", where,
-                               type(e).__name__, e)
+                why = f"{type(e).__name__}: {e}"
+                logger.warning("hub unreachable for %s (%s); trying the local cache", where, why)
         # local_files_only: with a commit-hash revision huggingface_hub would otherwise still ask
         # the hub for the file list even under HF_HUB_OFFLINE=1.
         return snapshot_download(repo, local_files_only=True, **kw)
@@ -128,7 +129,6 @@ def _snapshot(repo: str, patterns: list[str], revision: str | None,
                          f"{e}") from e
     except Exception as e:
         cache = download_dir or constants.HF_HUB_CACHE
-        why = "HF_HUB_OFFLINE=1" if offline else "no network or hub error"
-        raise ValueError(
-            f"model {where} is not a local path and not in the Hugging Face cache ({cache}), "
-            f"and the hub was not reachable ({why}): {type(e).__name__}: {e}") from e
+        found = "" if isinstance(e, LocalEntryNotFoundError) else f" ({type(e).__name__}: {e})"
+        raise ValueError(f"model {where} is not a local path and not in the Hugging Face cache "
+                         f"({cache}){found}, and the hub was not reachable ({why})") from e
