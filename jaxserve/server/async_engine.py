@@ -136,7 +136,7 @@ class AsyncEngine:
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        if self._thread.is_alive():
+        if self._thread.is_alive() and self.error is None:  # a dead one may be stuck for good
             self._thread.join(timeout)
 
     @property

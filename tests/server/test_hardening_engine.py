@@ -119,7 +119,7 @@ def test_failures_in_a_row_kill_the_engine_without_leaking_text():
         assert str(info.value) == DEAD_MESSAGE and SECRET not in str(info.value)
 
     asyncio.run(main())
-    engine.stop()  # the thread calls on_dead after failing the waiters: wait for it
+    engine._thread.join(5)  # it calls on_dead after failing the waiters, then ends
     assert engine.error is not None and dead == [True] and not engine.running
 
 
@@ -132,7 +132,7 @@ def test_device_error_kills_at_once():
         assert type(info.value) is EngineDeadError and SECRET not in str(info.value)
 
     asyncio.run(main())
-    engine.stop()
+    engine._thread.join(5)
     assert dead == [True] and engine.error is not None
 
 
