@@ -145,3 +145,13 @@ def test_environment_variables_alone(hub_cache, tmp_path):
                          check=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
                              os.path.abspath(__file__)))))
     assert out.stdout.strip().endswith(os.path.join("models--org--tiny", "snapshots", REV_B))
+
+
+def test_tokenizer_repo_id_resolves_through_the_cache(hub_cache, tmp_path):
+    from jaxserve.weights import _tokenizer_path
+
+    snapshot = os.path.join(hub_cache, "models--org--tiny", "snapshots", REV_A)
+    assert os.path.samefile(_tokenizer_path("org/tiny", None), snapshot)
+    assert _tokenizer_path(str(tmp_path), None) == str(tmp_path)  # local paths pass through
+    with pytest.raises(ValueError, match="'org/absent'"):
+        _tokenizer_path("org/absent", None)
