@@ -32,7 +32,7 @@ PRE_TOKENIZERS = {
 @dataclass(frozen=True, kw_only=True)
 class GGUFVocab:
     """The tokenizer.* fields of a GGUF file (llama.cpp's names in the comments)."""
-    model: str | None  # tokenizer.ggml.model: "gpt2" (byte-level BPE) | "llama" (SentencePiece) | ...
+    model: str | None  # tokenizer.ggml.model: "gpt2" (byte-level BPE), "llama" (SentencePiece), ...
     pre: str  # tokenizer.ggml.pre: pre-tokenizer name, a key of PRE_TOKENIZERS
     tokens: list[str]  # tokenizer.ggml.tokens [V]
     token_types: list[int]  # tokenizer.ggml.token_type [V]: 1 normal, 3 control, 4 user-defined
@@ -44,7 +44,7 @@ class GGUFVocab:
 
 
 def load_gguf_tokenizer(path: str, reader=None):
-    """The tokenizer of a .gguf file as a PreTrainedTokenizerFast (`reader`: an open GGUFReader of it)."""
+    """A .gguf file's tokenizer as a PreTrainedTokenizerFast (`reader`: its open GGUFReader)."""
     if reader is None:
         import gguf
 
@@ -59,7 +59,8 @@ def read_gguf_vocab(reader, path: str) -> GGUFVocab:
         return default if field is None else field.contents()
 
     if "tokenizer.ggml.tokens" not in reader.fields:
-        raise ValueError(f"GGUF file {path!r} has no tokenizer.ggml.tokens: pass tokenizer=<HF dir>")
+        raise ValueError(f"GGUF file {path!r} has no tokenizer.ggml.tokens: "
+                         "pass tokenizer=<HF directory>")
     ids = {name: get(f"tokenizer.ggml.{key}_token_id") for name, key in
            (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))}
     return GGUFVocab(model=get("tokenizer.ggml.model"), pre=get("tokenizer.ggml.pre", "default"),

