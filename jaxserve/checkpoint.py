@@ -59,6 +59,7 @@ class Checkpoint:
     eos_token_ids: set[int] = field(default_factory=set)
     chat_template: str | None = None  # when the source carries one outside the tokenizer
     native_dtype: str | None = None  # "bfloat16"/"float16"/"float32"; None = quantized GGUF
+    generation_config: dict = field(default_factory=dict)  # generation_config.json, if any
 
 
 def embedded_gguf_path() -> str:
@@ -122,17 +123,25 @@ def read_hf_dir(path: str, *, dummy: bool = False) -> Checkpoint:
     get_model_class(architecture_of(hf))  # fail early on an unsupported architecture
     _refuse_quantization_config(hf, path)
     eos = _as_ids(hf.get("eos_token_id"))
-    gen_path = os.path.join(path, "generation_config.json")
-    if os.path.isfile(gen_path):
-        with open(gen_path) as f:
-            eos |= _as_ids(json.load(f).get("eos_token_id"))
+    generation = read_generation_config(path)
+    eos |= _as_ids(generation.get("eos_token_id"))
     tensors = {}
     if not dummy:
         for file in _safetensors_files(path):
             tensors.update(read_safetensors(file))
         _refuse_quantized_tensors(tensors, path)
     return Checkpoint(name=path, hf_config=hf, tensors=tensors, tokenizer_path=path,
-                      eos_token_ids=eos, native_dtype=_float_dtype(hf))
+                      eos_token_ids=eos, native_dtype=_float_dtype(hf),
+                      generation_config=generation)
+
+
+def read_generation_config(path: str) -> dict:
+    """generation_config.json of a model directory ({} when absent)."""
+    gen_path = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(gen_path):
+        return {}
+    with open(gen_path) as f:
+        return json.load(f)
 
 
 def _float_dtype(hf: dict) -> str:

@@ -61,7 +61,7 @@ class LLMEngine:
         self.input_processor = InputProcessor(self.tokenizer, self.chat_template, InputLimits(
             vocab_size=self.model_config.vocab_size, max_model_len=self.max_model_len,
             page_size=config.page_size, num_kv_pages=self.num_kv_pages,
-            max_logprobs=config.max_logprobs))
+            max_logprobs=config.max_logprobs), defaults=parts.sampling_defaults)
         self._requests: dict[str, _RequestState] = {}
         self._rng = np.random.default_rng(config.seed)
         self._inflight = None  # the step dispatched ahead (StepHandle), if any
@@ -148,11 +148,9 @@ class LLMEngine:
         return self._process_outputs(touched)
 
     def _can_schedule_ahead(self, batch) -> bool:
-        """Penalties need every output token on the host: such steps run one at a time."""
-        if not self.async_scheduling:
-            return False
-        return not any(s.params.uses_penalties for s, sampled in zip(batch.seqs, batch.sample_mask)
-                       if sampled)
+        """Always, unless turned off: penalties read the runner's device token history, which the
+        step in flight updates on device."""
+        return self.async_scheduling
 
     def _record_logprobs(self, batch, out) -> None:
         for b, seq in enumerate(batch.seqs):

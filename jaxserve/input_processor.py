@@ -55,11 +55,18 @@ class InputProcessor:
     """Shared by LLM and the server; holds the tokenizer, the default chat template and limits."""
 
     def __init__(self, tokenizer, chat_template: str | None, limits: InputLimits,
-                 template_timeout: float = 10.0):
+                 defaults: dict | None = None, template_timeout: float = 10.0):
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.limits = limits
+        # SamplingParams fields a request that does not set them gets (the model's
+        # generation_config.json under --generation-config auto, as in vLLM).
+        self.defaults = dict(defaults or {})
         self.template_timeout = template_timeout  # seconds, for templates sent with a request
+
+    def default_params(self) -> SamplingParams:
+        """vLLM's LLM.get_default_sampling_params()."""
+        return SamplingParams(**self.defaults)
 
     # ---- prompts -------------------------------------------------------------------------------
     @staticmethod

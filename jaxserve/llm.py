@@ -26,6 +26,10 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams() with the model's generation_config.json defaults (vLLM's method)."""
+        return self.llm_engine.input_processor.default_params()
+
     def reset_prefix_cache(self) -> bool:
         return self.llm_engine.reset_prefix_cache()
 
@@ -34,7 +38,8 @@ class LLM:
         """prompts: a str, a list of str, a list of token ids, a list of token-id lists, or dicts
         with "prompt" / "prompt_token_ids". Outputs come back in the order of the prompts."""
         prompts = self.llm_engine.input_processor.prompt_list(prompts)
-        params = sampling_params if sampling_params is not None else SamplingParams()
+        params = sampling_params if sampling_params is not None else \
+            self.get_default_sampling_params()
         if isinstance(params, list):
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")

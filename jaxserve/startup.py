@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from jaxserve.checkpoint import read_generation_config
 from jaxserve.config import EngineConfig, ModelConfig
 from jaxserve.kv_cache import init_kv_cache, kv_cache_bytes_per_page
 from jaxserve.runner import ModelRunner
@@ -33,6 +34,7 @@ class EngineParts:
     max_model_len: int
     num_kv_pages: int
     runner: ModelRunner
+    sampling_defaults: dict  # SamplingParams fields from generation_config.json (--generation-config)
 
 
 def num_kv_pages_for(config: EngineConfig, model_config: ModelConfig, dtype, max_model_len: int,
@@ -76,6 +78,27 @@ def reserve_device_memory(gpu_memory_utilization: float) -> None:
     if "XLA_PYTHON_CLIENT_MEM_FRACTION" in os.environ:
         return
     os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{gpu_memory_utilization:.4f}"
+
+
+# generation_config.json key -> SamplingParams field (the fields vLLM's --generation-config reads)
+_GENERATION_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                      "min_p": "min_p", "repetition_penalty": "repetition_penalty",
+                      "max_new_tokens": "max_tokens"}
+
+
+def sampling_defaults(config: EngineConfig, model_generation_config: dict) -> dict:
+    """vLLM's --generation-config: "auto" takes the model's generation_config.json sampling fields
+    as the defaults of requests that do not set them, "vllm" none, a directory its file's."""
+    if config.generation_config == "vllm":
+        return {}
+    source = (model_generation_config if config.generation_config == "auto"
+              else read_generation_config(config.generation_config))
+    defaults = {field: source[key] for key, field in _GENERATION_FIELDS.items()
+                if source.get(key) is not None}
+    if defaults:
+        logger.info("request defaults from generation_config.json: %s (--generation-config vllm "
+                    "turns them off)", defaults)
+    return defaults
 
 
 def enable_compilation_cache() -> None:
@@ -129,4 +152,5 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         runner.warmup()  # every token bucket compiled now, in parallel, not mid-run
     return EngineParts(model_config=mc, model_name=loaded.model_name, tokenizer=loaded.tokenizer,
                        chat_template=loaded.chat_template, eos_token_ids=loaded.eos_token_ids,
-                       max_model_len=max_model_len, num_kv_pages=num_pages, runner=runner)
+                       max_model_len=max_model_len, num_kv_pages=num_pages, runner=runner,
+                       sampling_defaults=sampling_defaults(config, loaded.generation_config))

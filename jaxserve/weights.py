@@ -39,6 +39,7 @@ class LoadedModel:
     max_model_len: int
     model_name: str
     mesh: Mesh
+    generation_config: dict  # the checkpoint's generation_config.json ({} if none)
 
 
 def load_model(model: str | None, *, load_format: str = "auto", dtype: str = "auto",
@@ -84,7 +85,8 @@ def load_model(model: str | None, *, load_format: str = "auto", dtype: str = "au
     return LoadedModel(
         config=config, graphdef=graphdef, state=state, tokenizer=tok,
         eos_token_ids=frozenset(eos), chat_template=ckpt.chat_template or tok.chat_template,
-        dtype=param_dtype, max_model_len=max_model_len, model_name=ckpt.name, mesh=mesh)
+        dtype=param_dtype, max_model_len=max_model_len, model_name=ckpt.name, mesh=mesh,
+        generation_config=ckpt.generation_config)
 
 
 def check_max_model_len(max_model_len: int | None, limit: int) -> int:

@@ -95,9 +95,11 @@ class _SamplingRequest(BaseModel):
     user: str | None = None
 
     def sampling_params(self, *, max_tokens: int | None, logprobs: int | None,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
-        """SamplingParams for one prompt; raises ValueError (-> 400) on inconsistent values."""
-        return SamplingParams(
+                        prompt_logprobs: int | None = None,
+                        defaults: dict | None = None) -> SamplingParams:
+        """SamplingParams for one prompt; raises ValueError (-> 400) on inconsistent values.
+        defaults: the model's generation_config.json fields, for those the request leaves unset."""
+        fields = dict(
             n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             min_p=self.min_p, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
@@ -105,6 +107,13 @@ class _SamplingRequest(BaseModel):
             stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output)
+        given = self.model_fields_set
+        for name, value in (defaults or {}).items():
+            unset = not ({"max_tokens", "max_completion_tokens"} & given) if name == "max_tokens" \
+                else name not in given
+            if unset:
+                fields[name] = value
+        return SamplingParams(**fields)
 
     @property
     def include_usage(self) -> bool:

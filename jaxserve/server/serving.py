@@ -162,10 +162,9 @@ class OpenAIServing:
         except EngineDeadError as e:
             raise APIError(500, str(e), type="server_error", code="engine_dead") from e
 
-    @staticmethod
-    def _params(body, **kw):
+    def _params(self, body, **kw):
         try:
-            return body.sampling_params(**kw)
+            return body.sampling_params(defaults=self.inputs.defaults, **kw)
         except ValueError as e:
             raise APIError(400, str(e)) from e
 
