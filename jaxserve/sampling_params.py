@@ -34,6 +34,11 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     spaces_between_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # vLLM fields not implemented yet: accepted by name so that setting one is a ValueError naming
+    # it, never silently ignored.
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -79,6 +84,9 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        for name in ("logit_bias", "allowed_token_ids", "bad_words"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name} is not implemented yet, got {name}={getattr(self, name)!r}")
 
     @property
     def greedy(self) -> bool:
