@@ -76,12 +76,8 @@ def init_kv_cache(num_layers: int, num_pages: int, page_size: int, num_kv_heads:
                   head_dim: int, dtype, sharding=None) -> KVCache:
     """Zeroed cache; with a sharding, each page array is created directly on its shards."""
     shape = (num_pages, page_size, num_kv_heads, head_dim)
-
-    def make():
-        if sharding is None:
-            return jnp.zeros(shape, dtype)
-        return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
-
+    # One jitted filler for all 2L arrays: a fresh lambda per array compiled 2L times.
+    make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
     return KVCache(k=[make() for _ in range(num_layers)], v=[make() for _ in range(num_layers)])
 
 

@@ -79,8 +79,8 @@ def load_model(model: str | None, *, load_format: str = "auto", dtype: str = "au
         state = _checkpoint_state(ckpt, config, abstract, shardings)
     tok = load_tokenizer(_tokenizer_path(tokenizer, download_dir) or ckpt.tokenizer_path
                          or embedded_gguf_path())
-    # The checkpoint's own eos ids win: transformers' GGUF tokenizer conversion can report the
-    # wrong eos_token (SmolLM2: <|im_start|>), so the tokenizer's is only a fallback.
+    # The checkpoint's own eos ids win (config.json / generation_config.json / GGUF metadata);
+    # the tokenizer's eos_token is only a fallback.
     eos = set(ckpt.eos_token_ids) or ({tok.eos_token_id} - {None})
     return LoadedModel(
         config=config, graphdef=graphdef, state=state, tokenizer=tok,
