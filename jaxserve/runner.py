@@ -30,7 +30,8 @@ from flax import nnx
 
 from jaxserve.batch import Batch
 from jaxserve.kv_cache import AttentionMetadata, KVCache
-from jaxserve.sampler import SamplerOutput, SamplingMetadata, sample
+from jaxserve.sampler import (SamplerOutput, SamplingMetadata, read_history, sample,
+                              write_prefix)
 
 logger = logging.getLogger(__name__)
 
@@ -87,15 +88,6 @@ class StepKey:
     leaves: tuple  # (shape, dtype) of each input array
 
 
-def _penalty_history(history, pen: PenaltyInputs, token_ids, md: AttentionMetadata, vocab: int):
-    """Write this step's input tokens into their rows; return (history, i32[B, L] tokens at
-    positions 0..L-1 of each row's sequence, pad = vocab past kv_lens or without a row)."""
-    history = history.at[pen.token_slot, md.positions].set(token_ids, mode="drop")
-    ids = history.at[pen.row_slot].get(mode="fill", fill_value=vocab)
-    valid = jnp.arange(ids.shape[1])[None, :] < md.kv_lens[:, None]
-    return history, jnp.where(valid, ids, vocab)
-
-
 def _step(graphdef, state, kv_cache: KVCache, history, prev_tokens, token_ids, token_src,
           logits_idx, next_ids, md: AttentionMetadata, smd: SamplingMetadata,
           pen: PenaltyInputs | None, prompt_logprobs_k: int):
@@ -107,7 +99,8 @@ def _step(graphdef, state, kv_cache: KVCache, history, prev_tokens, token_ids, t
     hidden, kv_cache = model(token_ids, md, kv_cache)
     logits = model.compute_logits(hidden[logits_idx])
     if pen is not None:
-        history, ids = _penalty_history(history, pen, token_ids, md, logits.shape[-1])
+        history, ids = read_history(history, pen.token_slot, pen.row_slot, token_ids, md,
+                                    logits.shape[-1])
         smd = dataclasses.replace(smd, history_ids=ids)
     out = sample(logits, smd)
     padded = jnp.zeros_like(prev_tokens).at[:out.token_ids.shape[0]].set(out.token_ids)
@@ -119,13 +112,6 @@ def _step(graphdef, state, kv_cache: KVCache, history, prev_tokens, token_ids, t
             top_lp, top_ids = jax.lax.top_k(all_logprobs, prompt_logprobs_k)
             prompt = (nxt, top_ids.astype(jnp.int32), top_lp)
     return out, padded, prompt, kv_cache, history
-
-
-def _write_prefix(history, slots, ids):
-    """history[slots[i], :W] <- ids[i] (i32[N, W]; pad rows slot = num rows): the tokens before a
-    sequence's first chunk (prefix-cache hits, or all of them after its row was reassigned)."""
-    cols = jnp.arange(ids.shape[1])[None, :]
-    return history.at[slots[:, None], cols].set(ids, mode="drop")
 
 
 @dataclass
@@ -168,7 +154,7 @@ class ModelRunner:
         self._history = None  # i32[num_history_rows, max_model_len]
         self._row_of: dict[int, tuple[Any, int]] = {}  # seq_id -> (Sequence, history row)
         self._free_rows = list(range(self.num_history_rows - 1, -1, -1))
-        self._write_prefix = jax.jit(_write_prefix, donate_argnames=("history",))
+        self._write_prefix = jax.jit(write_prefix, donate_argnames=("history",))
 
     # ---- padding -------------------------------------------------------------------------------
     def bucket_for(self, num_tokens: int) -> int:

@@ -124,6 +124,23 @@ def apply_penalties(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
     return logits.at[rows, out_ids].add(freq, mode="drop")
 
 
+def read_history(history, token_slot, row_slot, token_ids, md, vocab: int):
+    """The runner's token history i32[R, L_max] <- this step's input tokens i32[T] at (token_slot
+    i32[T], md.positions); returns (history, i32[B, L_max] tokens at positions 0..L-1 of row_slot
+    i32[B]'s sequences, pad = vocab past md.kv_lens or without a row). Out-of-range rows drop."""
+    history = history.at[token_slot, md.positions].set(token_ids, mode="drop")
+    ids = history.at[row_slot].get(mode="fill", fill_value=vocab)
+    valid = jnp.arange(ids.shape[1])[None, :] < md.kv_lens[:, None]
+    return history, jnp.where(valid, ids, vocab)
+
+
+def write_prefix(history, slots, ids):
+    """history[slots[i], :W] <- ids[i] (i32[N, W]; pad rows slot = num rows): the tokens before a
+    sequence's first chunk (prefix-cache hits, or all of them after its row was reassigned)."""
+    cols = jnp.arange(ids.shape[1])[None, :]
+    return history.at[slots[:, None], cols].set(ids, mode="drop")
+
+
 def _counts(ids: jax.Array, vocab: int) -> jax.Array:
     """i32[B, L] (pad = vocab) -> f32[B, V] occurrence counts."""
     rows = jnp.arange(ids.shape[0])[:, None]
