@@ -48,7 +48,7 @@ def _params(settings: dict, index: int, max_tokens: int):
 def run_engine(args) -> dict:
     from jaxserve import LLM
 
-    llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype,
+    llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, tokenizer=args.tokenizer,
               max_model_len=args.input_len + args.output_len + 16, max_num_seqs=args.num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.page_size)
     engine = llm.llm_engine
@@ -125,6 +125,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="qwen2-7b")
     p.add_argument("--load-format", default="dummy")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the model's)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--num-prompts", type=int, default=512)
     p.add_argument("--input-len", type=int, default=100)
