@@ -102,7 +102,7 @@ def _kv(base: str) -> dict:
                           ("vllm:num_requests_running", "running"),
                           ("vllm:num_requests_waiting", "waiting")):
             if line.startswith(name + "{"):
-                out[key] = float(line.rsplit(" ", 1)[1])
+                out[key] = round(float(line.rsplit(" ", 1)[1]), 4)
     return out
 
 
