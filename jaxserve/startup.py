@@ -48,10 +48,12 @@ def num_kv_pages_for(config: EngineConfig, model_config: ModelConfig, dtype, max
     stats = devices[0].memory_stats() or {}
     if "bytes_limit" in stats:
         # Room for one step's activations (the MLP's [T, F] intermediates) and the sampler's f32
-        # [B, V] logits and temporaries (B <= max_num_seqs rows are sampled per step).
+        # [B, V] logits and temporaries (B <= max_num_seqs rows are sampled per step; the top-k /
+        # top-p search keeps several [B, V] buffers live: 8 were seen on the H200, 16 reserved).
         tokens = config.max_num_batched_tokens
         rows = min(tokens, config.max_num_seqs)
-        act = tokens * model_config.intermediate_size * 8 + rows * model_config.vocab_size * 16 // tp
+        act = (tokens * model_config.intermediate_size * 8
+               + rows * model_config.vocab_size * 4 * 16 // tp)
         # bytes_limit is gpu_memory_utilization of the device (reserve_device_memory), unless the
         # backend started earlier or XLA_PYTHON_CLIENT_MEM_FRACTION was set: then that share.
         budget = stats["bytes_limit"] - stats["bytes_in_use"] - act
