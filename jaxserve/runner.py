@@ -171,8 +171,9 @@ class ModelRunner:
             return self.max_pages_per_seq
         return min(max(_pow2_at_least(needed, 8), needed), max(self.max_pages_per_seq, needed))
 
-    def _inputs(self, batch: Batch) -> tuple[tuple, int]:
-        """Padded host arrays for the step (everything but state, cache and prev tokens)."""
+    def _inputs(self, batch: Batch, full_sampler: bool = False) -> tuple[tuple, int]:
+        """Padded host arrays for the step (everything but state, cache and prev tokens);
+        full_sampler forces the full sampler variant (warm-up compiles both)."""
         t_pad = self.bucket_for(batch.num_tokens)
         b_pad = self._rows_for(t_pad)
         assert batch.num_seqs <= b_pad, (batch.num_seqs, b_pad)
@@ -189,13 +190,17 @@ class ModelRunner:
             num_seqs=np.array([B], np.int32), attention_impl=self.attention_impl)
         logits_idx = _pad(batch.cu_q_lens[1:] - 1, b_pad, 0)
         prompt_k, next_ids = self._prompt_inputs(batch, t_pad)
-        smd = self._sampling_metadata(batch, b_pad)
+        smd = self._sampling_metadata(batch, b_pad, full_sampler)
         pen = self._penalty_inputs(batch, t_pad, b_pad) if smd.use_penalties else None
         args = (_pad(batch.token_ids, t_pad, 0), _pad(batch.token_src, t_pad, -1), logits_idx,
                 next_ids, md, smd, pen)
         return args, prompt_k
 
-    def _sampling_metadata(self, batch: Batch, b_pad: int) -> SamplingMetadata:
+    def _sampling_metadata(self, batch: Batch, b_pad: int, full: bool = False) -> SamplingMetadata:
+        """Two compiled sampler variants only: plain (greedy and temperature) and full (penalties,
+        top-k / top-p / min-p and max_logprobs logprobs, each a no-op for rows that do not ask).
+        One static flag per setting multiplied the compiled steps, and a setting first seen
+        mid-run compiled every token bucket lazily (seconds each on the H200)."""
         seqs = batch.seqs
         B = len(seqs)
 
@@ -205,8 +210,10 @@ class ModelRunner:
             return a
 
         params = [s.params for s in seqs]
-        rand = [p for p in params if not p.greedy]
-        asked = [p.logprobs for p in params if p.logprobs is not None]
+        full = full or any(
+            p.uses_penalties or p.logprobs is not None
+            or (not p.greedy and (0 < p.top_k < self.vocab_size or p.top_p < 1.0 or p.min_p > 0))
+            for p in params)
         # Tokens the step samples are output number len(output) + num_pending (pending counted at
         # schedule time): stop tokens are banned while that number is below min_tokens.
         banned = [sorted(s.eos_token_ids | set(s.params.stop_token_ids))
@@ -228,10 +235,8 @@ class ModelRunner:
             repetition_penalty=col(lambda s: s.params.repetition_penalty, np.float32, 1.0),
             banned_ids=banned_arr, history_ids=np.zeros((b_pad, 0), np.int32),
             prompt_lens=col(lambda s: s.num_prompt_tokens, np.int32, 0),
-            use_penalties=any(p.uses_penalties for p in params),
-            use_top_k=any(0 < p.top_k < self.vocab_size for p in rand),
-            use_top_p=any(p.top_p < 1.0 for p in rand), use_min_p=any(p.min_p > 0 for p in rand),
-            num_logprobs=min(self.max_logprobs, max(asked)) if asked else -1)
+            use_penalties=full, use_top_k=full, use_top_p=full, use_min_p=full,
+            num_logprobs=self.max_logprobs if full else -1)
 
     def _penalty_inputs(self, batch: Batch, t_pad: int, b_pad: int) -> PenaltyInputs:
         """History rows of the batch's penalty sequences; a sequence new to its row gets the tokens
@@ -325,7 +330,7 @@ class ModelRunner:
         return exe
 
     def warmup(self) -> None:
-        """Compile the plain variant of every token bucket: each bucket is traced and lowered on
+        """Compile both sampler variants of every token bucket: each is traced and lowered on
         this thread (Python, holds the GIL) and compiled in a pool of up to 8 threads as soon as it
         is lowered (XLA compiles off the GIL), so tracing overlaps compiling. On the H100,
         Llama-3-8B, 11 buckets: lowering all first, then compiling, took 25 s + 46.5 s."""
@@ -333,11 +338,13 @@ class ModelRunner:
         workers = max(1, min(len(self.buckets), 8, os.cpu_count() or 1))
         futures = []
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for t_pad in self.buckets:
-                args, prompt_k = self._inputs(self._padding_batch(t_pad))
-                key = self._key(args, prompt_k)
-                if key not in self._executables:
-                    futures.append(pool.submit(self._compile, key, self._lower(args, prompt_k)))
+            for full in (False, True):
+                for t_pad in self.buckets:
+                    args, prompt_k = self._inputs(self._padding_batch(t_pad), full_sampler=full)
+                    key = self._key(args, prompt_k)
+                    if key not in self._executables:
+                        futures.append(pool.submit(self._compile, key,
+                                                   self._lower(args, prompt_k)))
             lowered_at = time.perf_counter()
             for f in futures:
                 f.result()  # re-raise a failed compile here

@@ -210,18 +210,20 @@ def test_async_scheduling_gives_the_same_outputs(llm):
     engine.scheduler.allocator.check_integrity()
 
 
-def test_warmup_compiles_every_plain_step_shape(model_dir):
+def test_warmup_compiles_every_step_shape_of_both_sampler_variants(model_dir):
     llm = LLM(str(model_dir), dtype="float32", page_size=4, num_kv_pages=64, max_num_seqs=8,
               max_num_batched_tokens=32, max_model_len=64)
     runner = llm.llm_engine.runner
     runner.full_width_page_table = True  # as with the Pallas kernels on an accelerator
     runner.warmup()
     compiled = runner.num_compiles
-    assert compiled == len(runner.buckets)
-    llm.generate(_prompts(8, seed=17), SamplingParams(temperature=0.7, max_tokens=6,
-                                                      ignore_eos=True), use_tqdm=False)
-    llm.generate(_prompts(3, seed=18), SamplingParams(temperature=0, max_tokens=3),
-                 use_tqdm=False)
+    assert compiled == 2 * len(runner.buckets)  # plain and full sampler
+    settings = [dict(temperature=0.7), dict(temperature=0), dict(temperature=0.7, top_p=0.9),
+                dict(temperature=0.7, top_k=5, min_p=0.1, repetition_penalty=1.1),
+                dict(temperature=0, logprobs=3), dict(temperature=0, presence_penalty=0.5)]
+    for i, kw in enumerate(settings):
+        llm.generate(_prompts(8, seed=17 + i), SamplingParams(max_tokens=6, ignore_eos=True, **kw),
+                     use_tqdm=False)
     assert runner.num_compiles == compiled, "a step shape was compiled after warm-up"
 
 
