@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,11 +116,11 @@ def _step(graphdef, state, kv_cache: KVCache, history, prev_tokens, token_ids, t
 
 @dataclass
 class StepHandle:
-    """A dispatched step: its launch on the dispatch thread resolves to (SamplerOutput, prompt
-    logprob triple or None), device results not yet read."""
+    """A dispatched step: device results not yet read."""
 
     batch: Batch
-    launched: Future
+    out: SamplerOutput
+    prompt: tuple | None
 
 
 class ModelRunner:
@@ -155,8 +155,6 @@ class ModelRunner:
         self._row_of: dict[int, tuple[Any, int]] = {}  # seq_id -> (Sequence, history row)
         self._free_rows = list(range(self.num_history_rows - 1, -1, -1))
         self._write_prefix = jax.jit(write_prefix, donate_argnames=("history",))
-        # Steps (and history writes) launch in order on one thread of their own: see _launch.
-        self._launches = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxserve-launch")
 
     # ---- padding -------------------------------------------------------------------------------
     def bucket_for(self, num_tokens: int) -> int:
@@ -246,7 +244,6 @@ class ModelRunner:
         if self._history is None:
             with self._mesh_context():
                 self._history = jnp.zeros((self.num_history_rows, self.max_model_len), jnp.int32)
-            self._launches.submit(lambda: None).result()  # no launch in flight saw it None
         none = self.num_history_rows
         row_slot = np.full(b_pad, none, np.int32)
         in_batch = {s.seq_id for s in batch.seqs}
@@ -286,11 +283,8 @@ class ModelRunner:
         for i, (row, tokens) in enumerate(prefixes):
             slots[i] = row
             ids[i, :len(tokens)] = tokens
-        def write():
-            with self._mesh_context():
-                self._history = self._write_prefix(self._history, slots, ids)
-
-        self._launches.submit(write)  # ordered before the step that reads it
+        with self._mesh_context():
+            self._history = self._write_prefix(self._history, slots, ids)
 
     def _prompt_inputs(self, batch: Batch, t_pad: int) -> tuple[int, np.ndarray]:
         """(-1 if no prompt logprobs wanted else k, i32[t_pad] next prompt token of each token)."""
@@ -371,35 +365,24 @@ class ModelRunner:
         """Start the step on the device and return without waiting for it."""
         args, prompt_k = self._inputs(batch)
         key = self._key(args, prompt_k)
-        exe = self._executables.get(key)
-        if exe is None:  # lowering reads the cache arrays: let launches in flight swap them first
-            self._launches.submit(lambda: None).result()
-            exe = self._compile(key, self._lower(args, prompt_k))
-        return StepHandle(batch, self._launches.submit(self._launch, exe, args))
-
-    def _launch(self, exe, args):
-        """On the dispatch thread: the one place that calls a step and swaps the cache, previous
-        tokens and history it chains through. A launch can block its caller (the sampler's
-        rejection loop reads its condition on the host), so it never blocks the engine's own
-        thread, whose bookkeeping for the next step then overlaps the device again."""
+        exe = self._executables.get(key) or self._compile(key, self._lower(args, prompt_k))
         history = self._history if args[-1] is not None else None
         out, self._prev_tokens, prompt, self.kv_cache, history = exe(
             self.state, self.kv_cache, history, self._prev_tokens, *args)
         if history is not None:
             self._history = history
-        return out, prompt
+        return StepHandle(batch, out, prompt)
 
     def fetch(self, handle: StepHandle) -> StepOutput:
         """Wait for a dispatched step and copy its results to the host."""
         B, T = handle.batch.num_seqs, handle.batch.num_tokens
-        out, prompt = handle.launched.result()
-        out = jax.device_get(out)
+        out = jax.device_get(handle.out)
         result = StepOutput(token_ids=np.asarray(out.token_ids[:B]),
                             logprobs=np.asarray(out.logprobs[:B]),
                             top_ids=np.asarray(out.top_ids[:B]),
                             top_logprobs=np.asarray(out.top_logprobs[:B]))
-        if prompt is not None:
-            nxt, ids, lps = jax.device_get(prompt)
+        if handle.prompt is not None:
+            nxt, ids, lps = jax.device_get(handle.prompt)
             result.prompt_logprobs = np.asarray(nxt[:T])
             result.prompt_top_ids = np.asarray(ids[:T])
             result.prompt_top_logprobs = np.asarray(lps[:T])
