@@ -26,10 +26,19 @@ class Detokenizer:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.vocab_len = len(tokenizer)
+        self._token_texts: dict[int, str] = {}
 
     def _clamp(self, ids: list[int]) -> list[int]:
         """Dummy-weight models may emit ids the stand-in tokenizer lacks: fold them into range."""
         return [i if i < self.vocab_len else i % self.vocab_len for i in ids]
+
+    def token_text(self, token_id: int) -> str:
+        """One token's own text (Logprob.decoded_token), cached: logprobs ask for the same few
+        thousand ids over and over."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.decode([token_id], skip_special_tokens=False)
+        return text
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(self._clamp(ids), skip_special_tokens=skip_special_tokens,

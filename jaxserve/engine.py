@@ -153,21 +153,22 @@ class LLMEngine:
         return self.async_scheduling
 
     def _record_logprobs(self, batch, out) -> None:
+        text = self.detokenizer.token_text
         for b, seq in enumerate(batch.seqs):
             if seq.params.logprobs is not None and batch.sample_mask[b]:
                 k = seq.params.logprobs
-                entry = {int(t): Logprob(float(lp), r + 1) for r, (t, lp) in
+                entry = {int(t): Logprob(float(lp), r + 1, text(int(t))) for r, (t, lp) in
                          enumerate(zip(out.top_ids[b, :k], out.top_logprobs[b, :k]))}
                 token = int(out.token_ids[b])
                 if token not in entry:
                     rank = int((out.top_logprobs[b] > out.logprobs[b]).sum()) + 1
-                    entry[token] = Logprob(float(out.logprobs[b]), rank)
+                    entry[token] = Logprob(float(out.logprobs[b]), rank, text(token))
                 seq.logprobs.append((token, float(out.logprobs[b]), entry))
             if out.prompt_logprobs is not None and seq.params.prompt_logprobs is not None:
                 self._record_prompt_logprobs(batch, b, seq, out)
 
-    @staticmethod
-    def _record_prompt_logprobs(batch, b, seq, out) -> None:
+    def _record_prompt_logprobs(self, batch, b, seq, out) -> None:
+        text = self.detokenizer.token_text
         k = seq.params.prompt_logprobs
         if not seq.prompt_logprobs:
             seq.prompt_logprobs.append(None)  # the first prompt token has no logprob
@@ -176,9 +177,9 @@ class LLMEngine:
             if nxt >= seq.num_prompt_tokens or len(seq.prompt_logprobs) > nxt:
                 continue
             token = seq.prompt_token_ids[nxt]
-            entry = {int(i): Logprob(float(lp), r + 1) for r, (i, lp) in
+            entry = {int(i): Logprob(float(lp), r + 1, text(int(i))) for r, (i, lp) in
                      enumerate(zip(out.prompt_top_ids[t, :k], out.prompt_top_logprobs[t, :k]))}
-            entry.setdefault(token, Logprob(float(out.prompt_logprobs[t]), None))
+            entry.setdefault(token, Logprob(float(out.prompt_logprobs[t]), None, text(token)))
             seq.prompt_logprobs.append(entry)
 
     def _process_outputs(self, touched: list[Sequence]) -> list[RequestOutput]:

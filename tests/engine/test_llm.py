@@ -114,10 +114,14 @@ def test_logprobs_match_transformers(llm, model_dir):
         assert entry[token].rank == 1
         top = np.argsort(-row)[:3]
         assert set(entry) >= set(int(t) for t in top)
+        tok = llm.get_tokenizer()
+        for t, lp in entry.items():  # vLLM's Logprob.decoded_token: the token's own text
+            assert lp.decoded_token == tok.decode([t], skip_special_tokens=False)
     assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
     for p in range(1, len(prompt)):
         assert out.prompt_logprobs[p][prompt[p]].logprob == pytest.approx(ref[p - 1][prompt[p]],
                                                                            abs=1e-4)
+        assert out.prompt_logprobs[p][prompt[p]].decoded_token is not None
 
 
 def test_repetition_penalty_matches_transformers(llm, model_dir):
