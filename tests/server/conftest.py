@@ -4,6 +4,7 @@ server tests; the load test's offline references are generated on the same engin
 from __future__ import annotations
 
 import os
+import contextlib
 import socket
 import subprocess
 import sys
@@ -55,6 +56,19 @@ class Served:
             if not any(gauges.values()) or time.monotonic() > deadline:
                 return gauges
             time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def override(obj, **kw):
+    """Set attributes of a live object (the app, its serving) for one test, then restore them."""
+    old = {k: getattr(obj, k) for k in kw}
+    for k, v in kw.items():
+        setattr(obj, k, v)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            setattr(obj, k, v)
 
 
 def free_port() -> int:

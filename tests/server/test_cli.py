@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 
-from tests.server.conftest import ENGINE_KW, free_port
+from tests.server.conftest import start_cli
 
 KEY = "test-key"
 TEMPLATE = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}A:"
@@ -21,23 +19,9 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def cli_server(tiny_model_dir):
-    port = free_port()
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in ENGINE_KW.items()]
-    cmd = [sys.executable, "-m", "jaxserve.cli", "serve", str(tiny_model_dir), "--port",
-           str(port), "--api-key", KEY, "--served-model-name", "alpha", "beta",
-           "--chat-template", TEMPLATE, "--drain-timeout", "60",
-           "--disable-uvicorn-access-log", *flags]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.monotonic() < deadline, "server did not come up"
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
+    proc, base = start_cli(tiny_model_dir, "--api-key", KEY, "--served-model-name", "alpha",
+                           "beta", "--chat-template", TEMPLATE, "--drain-timeout", "60",
+                           "--disable-uvicorn-access-log")
     yield proc, base
     if proc.poll() is None:
         proc.kill()

@@ -2,7 +2,6 @@
 bad requests leave a concurrent good one untouched."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import threading
 
@@ -10,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server.conftest import LOAD_MAX_TOKENS, LOAD_PROMPTS, MODEL
+from tests.server.conftest import LOAD_MAX_TOKENS, LOAD_PROMPTS, MODEL, override
 
 PROMPT = LOAD_PROMPTS[0]
 
@@ -90,20 +89,8 @@ def test_oversized_body_413(served):
     assert resp.status_code == 413
 
 
-@contextlib.contextmanager
-def _override(obj, **kw):
-    old = {k: getattr(obj, k) for k in kw}
-    for k, v in kw.items():
-        setattr(obj, k, v)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            setattr(obj, k, v)
-
-
 def test_api_key_401(served):
-    with _override(served.app, api_key=b"s3cret"):
+    with override(served.app, api_key=b"s3cret"):
         bad = openai.OpenAI(base_url=served.base_url + "/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
@@ -118,7 +105,7 @@ def test_api_key_401(served):
 def test_overload_503_with_retry_after(client, served):
     serving = served.app.serving
     config = dataclasses.replace(serving.config, max_waiting_requests=0)
-    with _override(serving, config=config):
+    with override(serving, config=config):
         with pytest.raises(openai.InternalServerError) as info:
             client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
     assert info.value.status_code == 503

@@ -3,7 +3,6 @@ a quitting non-streaming client, and an engine step that raises (fault injection
 the requests it ran while everyone else finishes with the offline outputs."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -15,7 +14,7 @@ import httpx
 import pytest
 
 from jaxserve.server import faults, gate
-from tests.server.conftest import LOAD_MAX_TOKENS, LOAD_PROMPTS, MODEL
+from tests.server.conftest import LOAD_MAX_TOKENS, LOAD_PROMPTS, MODEL, override
 
 PROMPT = LOAD_PROMPTS[0]
 
@@ -28,18 +27,6 @@ def _assert_shape(resp: httpx.Response, status: int, code: str | None = None) ->
     if code is not None:
         assert body["error"]["code"] == code
     return body["error"]
-
-
-@contextlib.contextmanager
-def _override(obj, **kw):
-    old = {k: getattr(obj, k) for k in kw}
-    for k, v in kw.items():
-        setattr(obj, k, v)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            setattr(obj, k, v)
 
 
 def test_fastapi_errors_in_openai_shape(served):
@@ -56,7 +43,7 @@ def test_fastapi_errors_in_openai_shape(served):
 
 def test_api_key_guards_operator_routes_and_refuses_two_headers(served):
     key = "s3cret"
-    with _override(served.app, api_key=key.encode()):
+    with override(served.app, api_key=key.encode()):
         _assert_shape(served.post("/reset_prefix_cache"), 401, "invalid_api_key")
         ok = served.post("/reset_prefix_cache", headers={"Authorization": f"Bearer {key}"})
         assert ok.status_code in (200, 409)
@@ -71,7 +58,7 @@ def test_api_key_compare_is_on_digests(served, monkeypatch):
     seen = []
     real = gate.hmac.compare_digest
     monkeypatch.setattr(gate.hmac, "compare_digest", lambda a, b: seen.append((a, b)) or real(a, b))
-    with _override(served.app, api_key=b"a-much-longer-key-than-the-guess"):
+    with override(served.app, api_key=b"a-much-longer-key-than-the-guess"):
         assert httpx.get(served.base_url + "/v1/models",
                          headers={"Authorization": "Bearer short"}).status_code == 401
     assert seen and all(len(a) == len(b) == 32 for a, b in seen)
@@ -159,7 +146,7 @@ def test_failing_step_spares_everyone_not_in_it(served, poisoned):
     """One sequence per step: the poisoned request fails alone, the queued ones all finish with
     the offline greedy text, nothing leaks, and the server keeps serving."""
     good = LOAD_PROMPTS[:6]
-    with _override(poisoned.scheduler, max_num_seqs=1):
+    with override(poisoned.scheduler, max_num_seqs=1):
         out = _concurrently(served, [good[0], "POISON " + PROMPT, *good[1:]])
     _check_failed(out["POISON " + PROMPT])
     for p in good:
