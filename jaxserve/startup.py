@@ -77,7 +77,20 @@ def reserve_device_memory(gpu_memory_utilization: float) -> None:
     """Let JAX's GPU allocator take gpu_memory_utilization of the device (vLLM's meaning), not its
     default 75%: without it the KV pool of an H200 was sized from 75% of 141 GB. Effective only
     before the backend starts; an XLA_PYTHON_CLIENT_MEM_FRACTION set by the user wins."""
-    if "XLA_PYTHON_CLIENT_MEM_FRACTION" in os.environ:
+    from jax._src import xla_bridge  # no public API tells whether the backend has started
+
+    fraction = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
+    if fraction is not None:
+        if fraction != f"{gpu_memory_utilization:.4f}":
+            logger.info("XLA_PYTHON_CLIENT_MEM_FRACTION=%s is set: it is the device share for "
+                        "weights and KV cache, not gpu_memory_utilization=%s", fraction,
+                        gpu_memory_utilization)
+        return
+    if getattr(xla_bridge, "backends_are_initialized", lambda: False)():
+        if jax.default_backend() != "cpu":
+            logger.warning("the JAX backend started before the engine: its allocator keeps "
+                           "JAX's own share of device memory (75%% by default), not "
+                           "gpu_memory_utilization=%s", gpu_memory_utilization)
         return
     os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{gpu_memory_utilization:.4f}"
 
