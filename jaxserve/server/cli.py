@@ -202,8 +202,15 @@ def serve(args: argparse.Namespace) -> int:
                          access_log=not args.disable_uvicorn_access_log,
                          ssl=(args.ssl_keyfile, args.ssl_certfile) if args.ssl_keyfile else None)
     server_ref.append(server)
+    # uvicorn handles signals while it runs and then restores these: a signal that arrives during
+    # the shutdown after it (engine thread stopping) exits at once, cleanly, instead of killing the
+    # process by the default action (exit -15 was seen in CI).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: _exit_now(0))
     server.run()
-    return _shutdown(app.serving.async_engine)
+    # Leave without interpreter finalization, which restores the default signal actions while it
+    # joins threads: a signal then killed the process (-15) after a clean drain.
+    _exit_now(_shutdown(app.serving.async_engine))
 
 
 def _shutdown(async_engine) -> int:
