@@ -196,10 +196,9 @@ class ModelRunner:
         return args, prompt_k
 
     def _sampling_metadata(self, batch: Batch, b_pad: int, full: bool = False) -> SamplingMetadata:
-        """Two compiled sampler variants only: plain (greedy and temperature) and full (penalties,
-        top-k / top-p / min-p and max_logprobs logprobs, each a no-op for rows that do not ask).
-        One static flag per setting multiplied the compiled steps, and a setting first seen
-        mid-run compiled every token bucket lazily (seconds each on the H200)."""
+        """Two sampler variants only: plain (greedy, temperature) and full (penalties, top-k/p,
+        min-p, max_logprobs logprobs; no-ops for rows that do not ask). A static flag per setting
+        compiled every token bucket mid-run when a setting first appeared (seconds each)."""
         seqs = batch.seqs
         B = len(seqs)
 
