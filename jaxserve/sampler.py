@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+_EXACT_TOP_K_MAX = 32  # larger logprob counts use lax.top_k (a sort) instead of k unrolled rounds
 MAX_ROUNDS = 32  # rejection rounds before the exact sort-based fallback (lax.cond, rare)
 CHUNK = 128  # tokens per chunk of the top-k floor and of top_k_exact
 
@@ -290,8 +291,9 @@ def _logprobs(raw: jax.Array, tokens: jax.Array, k: int):
     if k == 0:
         B = raw.shape[0]
         return token_lp, jnp.zeros((B, 0), jnp.int32), jnp.zeros((B, 0), jnp.float32)
-    values, ids = top_k_exact(raw, k)
-    return token_lp, ids, values - lse[:, None]
+    # top_k_exact unrolls k rounds: fine for the usual k <= 20, not for --max-logprobs 1000.
+    values, ids = top_k_exact(raw, k) if k <= _EXACT_TOP_K_MAX else jax.lax.top_k(raw, k)
+    return token_lp, ids.astype(jnp.int32), values - lse[:, None]
 
 
 def sample(logits: jax.Array, md: SamplingMetadata) -> SamplerOutput:

@@ -164,6 +164,17 @@ def test_top_k_exact_matches_lax_top_k(V, k):
     np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_i))
 
 
+@pytest.mark.parametrize("k", [5, 100])  # 100: beyond the unrolled exact top-k, lax.top_k
+def test_logprobs_are_the_log_softmax_top_k(k):
+    rng = np.random.default_rng(k)
+    logits = rng.standard_normal((3, 700)).astype(np.float32)
+    out = _sample(jnp.asarray(logits), make_md(3, 700, temperature=0.0, num_logprobs=k))
+    logprobs = jax.nn.log_softmax(jnp.asarray(logits), axis=-1)
+    want_v, want_i = jax.lax.top_k(logprobs, k)
+    np.testing.assert_array_equal(np.asarray(out.top_ids), np.asarray(want_i))
+    np.testing.assert_allclose(np.asarray(out.top_logprobs), np.asarray(want_v), atol=1e-5)
+
+
 def test_logprobs_only_when_asked():
     rng = np.random.default_rng(5)
     logits = rng.standard_normal((3, 700)).astype(np.float32)
