@@ -262,7 +262,8 @@ class InputProcessor:
 
 
 def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) or type(x).__name__.startswith("int")
+    """Python ints (not bools) and numpy integer scalars."""
+    return (isinstance(x, int) and not isinstance(x, bool)) or type(x).__name__.startswith("int")
 
 
 def _short(value) -> str:

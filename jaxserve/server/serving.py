@@ -75,7 +75,6 @@ class OpenAIServing:
         self.chat_template = config.chat_template or engine.chat_template
         self.max_model_len = engine.max_model_len
         self.max_n = engine.config.max_num_seqs
-        self.max_logprobs = engine.config.max_logprobs
 
     # ---- prompts -------------------------------------------------------------------------------
     def check_model(self, model: str | None) -> str:
