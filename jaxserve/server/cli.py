@@ -57,7 +57,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server")
     p.add_argument("model", nargs="?", default=None,
-                   help="HF dir, .gguf file or preset (default: the embedded SmolLM2)")
+                   help="hub repo id, HF dir or .gguf file; a preset with --load-format dummy "
+                        "(default: the embedded SmolLM2)")
     p.add_argument("--model", dest="model_flag", default=None, help="same as MODEL")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
