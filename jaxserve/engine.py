@@ -70,9 +70,6 @@ class LLMEngine:
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0}
 
     # ---- requests ------------------------------------------------------------------------------
-    def tokenize(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-
     def add_request(self, request_id: str, prompt: str | list[int] | dict,
                     params: SamplingParams | None = None, arrival_time: float | None = None) -> None:
         """Validate and queue a request; raises ValueError (and queues nothing) on bad input."""

@@ -6,6 +6,7 @@ deltas are cut from the cumulative text, logprobs in both OpenAI layouts, and us
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
@@ -13,19 +14,9 @@ from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
 _MIN_LOGPROB = -9999.0  # -inf is not JSON; vLLM clamps the same way
 
 
-class TokenDecoder:
-    """token id -> its text alone (cached); what logprobs call a "token"."""
-
-    def __init__(self, tokenizer):
-        self._tokenizer = tokenizer
-        self._cache: dict[int, str] = {}
-
-    def __call__(self, token_id: int) -> str:
-        text = self._cache.get(token_id)
-        if text is None:
-            text = self._tokenizer.decode([token_id])
-            self._cache[token_id] = text
-        return text
+# token id -> its text alone, what logprobs call a "token": Detokenizer.token_text (cached) or
+# token_id_text.
+TokenDecoder = Callable[[int], str]
 
 
 def token_id_text(token_id: int) -> str:
@@ -111,7 +102,7 @@ class ResponseMeta:
     created: int
     model: str
     logprobs: int | None  # completions: top-k; chat: top_logprobs (0 when only logprobs=true)
-    decode: TokenDecoder | object  # token id -> str (TokenDecoder or token_id_text)
+    decode: TokenDecoder  # Detokenizer.token_text or token_id_text
     include_usage: bool = False
 
 

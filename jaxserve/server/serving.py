@@ -16,7 +16,7 @@ from jaxserve.input_processor import InvalidRequest
 from jaxserve.server.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from jaxserve.server.metrics import ServerMetrics
 from jaxserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
-from jaxserve.server.responses import (ChoiceCursor, ResponseMeta, TokenDecoder, chat_body,
+from jaxserve.server.responses import (ChoiceCursor, ResponseMeta, chat_body,
                                        chat_chunks, completion_body, completion_chunk, sse,
                                        token_id_text, usage_chunk)
 
@@ -70,7 +70,7 @@ class OpenAIServing:
         self.async_engine = AsyncEngine(engine, self.metrics)
         self.tokenizer = engine.tokenizer
         self.inputs = engine.input_processor  # the same intake LLM uses
-        self.decode = TokenDecoder(engine.tokenizer)
+        self.decode = engine.detokenizer.token_text  # the engine's cache, shared with Logprob
         self.detokenizer = engine.detokenizer
         self.chat_template = config.chat_template or engine.chat_template
         self.max_model_len = engine.max_model_len
