@@ -50,7 +50,7 @@ def busy_fraction(trace_path: str) -> dict:
             cur_end = max(cur_end, end)
     busy += cur_end - cur_start
     span = spans[-1][1] - spans[0][0]
-    top = sorted(per_name.items(), key=lambda kv: -kv[1])[:15]
+    top = sorted(per_name.items(), key=lambda kv: -kv[1])[:25]
     return {"busy_fraction": busy / span, "span_ms": span / 1e3, "busy_ms": busy / 1e3,
             "num_device_events": len(spans), "top_ops_ms": [(n, d / 1e3) for n, d in top]}
 

@@ -64,16 +64,56 @@ def run_engine(args) -> dict:
         llm.reset_prefix_cache()
         compiles = engine.runner.num_compiles
         params = [_params(settings, i, args.output_len) for i in range(len(batch))]
-        start = time.perf_counter()
-        outs = llm.generate(batch, params, use_tqdm=False)
-        elapsed = time.perf_counter() - start
+        steps, waited = engine.stats["steps"], _time_fetch_waits(engine.runner)
+        waited[0] = 0.0
+        result = {}
+
+        def timed():
+            start = time.perf_counter()
+            result["outs"] = llm.generate(batch, params, use_tqdm=False)
+            result["elapsed"] = time.perf_counter() - start
+
+        trace = common.trace_device(timed)[0] if args.profile else None
+        if not args.profile:
+            timed()
+        outs, elapsed = result["outs"], result["elapsed"]
         llm.reset_prefix_cache()
         tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+        steps = engine.stats["steps"] - steps
         rows[name] = {"output_tokens_per_s": tokens / elapsed, "elapsed_s": elapsed,
-                      "output_tokens": tokens, "settings": settings,
+                      "output_tokens": tokens, "settings": settings, "steps": steps,
+                      "ms_per_step": elapsed * 1e3 / steps,
+                      "fetch_wait_ms_per_step": waited[0] * 1e3 / steps,
                       "compiles_during_timed_run": engine.runner.num_compiles - compiles}
-        print(f"{name:52s} {tokens / elapsed:10.0f} tok/s  ({elapsed:.1f} s)", flush=True)
+        print(f"{name:52s} {tokens / elapsed:10.0f} tok/s  ({elapsed:.1f} s, {steps} steps, "
+              f"{rows[name]['ms_per_step']:.1f} ms/step, waiting for the device "
+              f"{rows[name]['fetch_wait_ms_per_step']:.1f})", flush=True)
+        if trace is not None:
+            rows[name]["device_trace"] = trace
+            busy = (trace.get("busy_ms") or 0.0) / steps
+            print(f"    device busy {busy:.1f} ms/step ({trace.get('busy_fraction')})"
+                  "; top ops (ms/step): " + ", ".join(
+                      f"{op[:60]} {ms / steps:.2f}" for op, ms in trace.get("top_ops_ms", [])[:12]),
+                  flush=True)
     return rows
+
+
+def _time_fetch_waits(runner) -> list[float]:
+    """[seconds] the engine has spent blocked in runner.fetch (the host waiting for the device),
+    accumulating from now on (installed once per runner); a host-bound step waits ~0."""
+    if hasattr(runner, "_fetch_wait_total"):
+        return runner._fetch_wait_total
+    total = runner._fetch_wait_total = [0.0]
+    fetch = type(runner).fetch
+
+    def timed_fetch(handle):
+        start = time.perf_counter()
+        out = fetch(runner, handle)
+        total[0] += time.perf_counter() - start
+        return out
+
+    runner.fetch = timed_fetch
+    return total
 
 
 def run_micro(args) -> dict:
@@ -106,6 +146,12 @@ def run_micro(args) -> dict:
                 prompt_lens=np.full(B, L // 2, np.int32), use_penalties=L > 0,
                 use_top_k=rand and "top_k" in s, use_top_p=rand and "top_p" in s,
                 use_min_p=rand and "min_p" in s, num_logprobs=-1 if n_lp is None else n_lp)
+            if args.micro_engine_variant and name != "greedy":
+                md.history_ids = np.random.default_rng(1).integers(
+                    0, args.vocab, (B, 2 * args.micro_history)).astype(np.int32)
+                md.prompt_lens = np.full(B, args.micro_history, np.int32)
+                md.use_penalties = md.use_top_k = md.use_top_p = md.use_min_p = True
+                md.num_logprobs = 20
             sets = [(logits, md)]
             try:
                 us, wall = common.device_us(fn, sets, calls=args.micro_calls)
@@ -136,6 +182,11 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names (see ROWS)")
     p.add_argument("--micro", action="store_true", help="time sample() alone")
+    p.add_argument("--profile", action="store_true",
+                   help="engine rows under the JAX profiler: device busy time and top ops per step")
+    p.add_argument("--micro-engine-variant", action="store_true",
+                   help="--micro: every non-greedy row with the runner's full variant flags "
+                        "(penalties, top-k/p, min-p, max_logprobs logprobs), as the engine runs it")
     p.add_argument("--vocab", type=int, default=152064, help="--micro: V")
     p.add_argument("--batches", default="512,1024", help="--micro: batch sizes")
     p.add_argument("--scale", type=float, default=0.05,
