@@ -168,10 +168,11 @@ class Attention(nnx.Module):
 
 
 class GatedMLP(nnx.Module):
-    """down(silu(gate(x)) * up(x))."""
+    """down(silu(gate(x)) * up(x)); `intermediate_size` overrides cfg's F (MoE shared experts)."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
-        D, F = cfg.hidden_size, cfg.intermediate_size
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs,
+                 intermediate_size: int | None = None):
+        D, F = cfg.hidden_size, intermediate_size or cfg.intermediate_size
         self.gate_proj = param(rngs, (D, F), ("embed", "ffw"), dtype)
         self.up_proj = param(rngs, (D, F), ("embed", "ffw"), dtype)
         self.down_proj = param(rngs, (F, D), ("ffw", "embed"), dtype)
@@ -183,13 +184,16 @@ class GatedMLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
 
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    `mlp` replaces the GatedMLP with any [T, D] -> [T, D] module (a mixture of experts, models/moe.py).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, mlp: nnx.Module | None = None):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
         self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
-        self.mlp = GatedMLP(cfg, dtype=dtype, rngs=rngs)
+        self.mlp = mlp if mlp is not None else GatedMLP(cfg, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, md: AttentionMetadata, k_pages: jax.Array,
                  v_pages: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -208,11 +212,15 @@ class CausalLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dtype)
-        self.layers = nnx.List(
-            [DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.layers = nnx.List([self.make_layer(cfg, i, dtype=dtype, rngs=rngs)
+                                for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
         if not cfg.tie_word_embeddings:
             self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
+
+    def make_layer(self, cfg: ModelConfig, layer_idx: int, *, dtype, rngs: nnx.Rngs) -> nnx.Module:
+        """Decoder layer `layer_idx`; architectures whose layers differ (MoE) override this."""
+        return DecoderLayer(cfg, dtype=dtype, rngs=rngs)
 
     def __call__(self, token_ids: jax.Array, md: AttentionMetadata,
                  kv: KVCache) -> tuple[jax.Array, KVCache]:
