@@ -10,6 +10,10 @@ from types import ModuleType
 from jaxserve.config import ModelConfig
 
 REGISTRY = {
+    "Gemma2ForCausalLM": "models.gemma2:Gemma2",
+    "Gemma3ForCausalLM": "models.gemma3:Gemma3",
+    # Refused by models.gemma3.config_from_hf with the reason (its vision tower is not implemented).
+    "Gemma3ForConditionalGeneration": "models.gemma3:Gemma3",
     "LlamaForCausalLM": "models.llama:Llama",
     "MistralForCausalLM": "models.mistral:Mistral",
     "Qwen2ForCausalLM": "models.qwen2:Qwen2",

@@ -51,15 +51,22 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], dtype,
 
 
 class RMSNorm(nnx.Module):
-    """y = x / rms(x) * scale, with the statistics in f32 (HF LlamaRMSNorm)."""
+    """y = x / rms(x) * scale, with the statistics in f32 (HF LlamaRMSNorm).
 
-    def __init__(self, dim: int, eps: float, *, dtype, rngs: nnx.Rngs):
-        self.scale = param(rngs, (dim,), ("norm",), dtype, init="ones")
+    unit_offset=True (Gemma): y = x / rms(x) * (1 + scale), all in f32 and cast last (HF
+    GemmaRMSNorm); checkpoints store `scale` around 0.
+    """
+
+    def __init__(self, dim: int, eps: float, *, dtype, rngs: nnx.Rngs, unit_offset: bool = False):
+        self.scale = param(rngs, (dim,), ("norm",), dtype, init="zeros" if unit_offset else "ones")
         self.eps = eps
+        self.unit_offset = unit_offset
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [..., dim] -> [..., dim]
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.unit_offset:
+            return (xf * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
         return xf.astype(x.dtype) * self.scale[...]
 
 
@@ -125,11 +132,18 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray,
 
 
 class Attention(nnx.Module):
-    """GQA self-attention over the paged KV cache; flags cover Qwen2 (qkv_bias) and Qwen3 (qk_norm)."""
+    """GQA self-attention over the paged KV cache; flags cover Qwen2 (qkv_bias) and Qwen3 (qk_norm).
 
-    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    sm_scale: the softmax scale (None = head_dim ** -0.5; Gemma: query_pre_attn_scalar ** -0.5).
+    norm_unit_offset: the q/k norms are Gemma's (1 + scale) RMSNorm. The window, soft cap and rope
+    come from `cfg`, which Gemma builds per layer (sliding or global).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs, sm_scale: float | None = None,
+                 norm_unit_offset: bool = False):
         D, N, K, H = cfg.hidden_size, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim
         self.cfg = cfg
+        self.sm_scale = cfg.head_dim ** -0.5 if sm_scale is None else sm_scale
         self.q_proj = param(rngs, (D, N, H), ("embed", "q_heads", "head_dim"), dtype)
         self.k_proj = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dtype)
         self.v_proj = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dtype)
@@ -139,8 +153,10 @@ class Attention(nnx.Module):
             self.k_bias = param(rngs, (K, H), ("kv_heads", "head_dim"), dtype, init="zeros")
             self.v_bias = param(rngs, (K, H), ("kv_heads", "head_dim"), dtype, init="zeros")
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(H, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
-            self.k_norm = RMSNorm(H, cfg.rms_norm_eps, dtype=dtype, rngs=rngs)
+            self.q_norm = RMSNorm(H, cfg.rms_norm_eps, dtype=dtype, rngs=rngs,
+                                  unit_offset=norm_unit_offset)
+            self.k_norm = RMSNorm(H, cfg.rms_norm_eps, dtype=dtype, rngs=rngs,
+                                  unit_offset=norm_unit_offset)
 
     def __call__(self, x: jax.Array, md: AttentionMetadata, k_pages: jax.Array,
                  v_pages: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -159,7 +175,7 @@ class Attention(nnx.Module):
         k_pages = write_kv(k_pages, k, md.slot_mapping)
         v_pages = write_kv(v_pages, v, md.slot_mapping)
         attend = functools.partial(
-            ragged_paged_attention, sm_scale=cfg.head_dim ** -0.5,
+            ragged_paged_attention, sm_scale=self.sm_scale,
             sliding_window=cfg.sliding_window, soft_cap=cfg.attn_logits_soft_cap,
             impl=md.attention_impl)
         o = heads_parallel(attend)(q, k_pages, v_pages, md.kv_lens, md.page_table, md.cu_q_lens,
@@ -168,11 +184,13 @@ class Attention(nnx.Module):
 
 
 class GatedMLP(nnx.Module):
-    """down(silu(gate(x)) * up(x)); `intermediate_size` overrides cfg's F (MoE shared experts)."""
+    """down(act(gate(x)) * up(x)); `intermediate_size` overrides cfg's F (MoE shared experts);
+    `activation` is silu (Llama) or tanh-approximated gelu (Gemma's GeGLU)."""
 
     def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs,
-                 intermediate_size: int | None = None):
+                 intermediate_size: int | None = None, activation=jax.nn.silu):
         D, F = cfg.hidden_size, intermediate_size or cfg.intermediate_size
+        self.activation = activation
         self.gate_proj = param(rngs, (D, F), ("embed", "ffw"), dtype)
         self.up_proj = param(rngs, (D, F), ("embed", "ffw"), dtype)
         self.down_proj = param(rngs, (F, D), ("ffw", "embed"), dtype)
@@ -180,7 +198,7 @@ class GatedMLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:  # [T, D] -> [T, D]
         gate = jnp.einsum("TD,DF->TF", x, self.gate_proj[...])
         up = jnp.einsum("TD,DF->TF", x, self.up_proj[...])
-        return jnp.einsum("TF,FD->TD", jax.nn.silu(gate) * up, self.down_proj[...])
+        return jnp.einsum("TF,FD->TD", self.activation(gate) * up, self.down_proj[...])
 
 
 class DecoderLayer(nnx.Module):
