@@ -5,6 +5,51 @@ import enum
 from dataclasses import dataclass, field
 
 
+@dataclass(kw_only=True)
+class StructuredOutputsParams:
+    """One output constraint (vLLM's names); jaxserve.structured_outputs compiles it to a token
+    mask. Exactly one of json, regex, choice, grammar, json_object may be set."""
+
+    json: str | dict | None = None  # a JSON Schema (dict or its JSON text)
+    regex: str | None = None  # Rust `regex` syntax, matched in full
+    choice: list[str] | None = None  # the output is exactly one of these strings
+    grammar: str | None = None  # a Lark grammar or a GBNF (llama.cpp) one
+    json_object: bool | None = None  # any JSON object
+    disable_fallback: bool = False  # accepted: there is one backend (llguidance), no fallback
+    disable_any_whitespace: bool = False  # JSON: no whitespace between tokens
+    disable_additional_properties: bool = False  # JSON: additionalProperties false by default
+    whitespace_pattern: str | None = None  # JSON: the regex whitespace must match
+    structural_tag: str | None = None  # vLLM's; not implemented (refused)
+
+    KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+    def __post_init__(self):
+        given = [k for k in self.KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("structured_outputs needs exactly one of "
+                             f"{', '.join(self.KINDS)}; got {given or 'none'}")
+        if self.structural_tag is not None:
+            raise ValueError(f"structured_outputs.structural_tag is not implemented yet, got "
+                             f"{self.structural_tag=}")
+        checks = {
+            "json": isinstance(self.json, (str, dict)),
+            "regex": isinstance(self.regex, str),
+            "choice": isinstance(self.choice, list) and bool(self.choice)
+            and all(isinstance(c, str) for c in self.choice),
+            "grammar": isinstance(self.grammar, str) and bool(self.grammar.strip()),
+            "json_object": self.json_object is True,
+        }
+        kind = given[0]
+        if not checks[kind]:
+            value = getattr(self, kind)
+            raise ValueError(f"structured_outputs.{kind} is not valid: {kind}={value!r:.200}")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint is set: "json", "regex", "choice", "grammar" or "json_object"."""
+        return next(k for k in self.KINDS if getattr(self, k) is not None)
+
+
 class RequestOutputKind(enum.Enum):
     """What step() reports for a request (vLLM's names): the text so far, or only the end."""
 
@@ -34,6 +79,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     spaces_between_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None  # a grammar the output must match
     # vLLM fields not implemented yet: accepted by name so that setting one is a ValueError naming
     # it, never silently ignored.
     logit_bias: dict[int, float] | None = None
@@ -81,6 +127,10 @@ class SamplingParams:
              f"stop_token_ids must be ints >= 0, got {self.stop_token_ids=}"),
             (self.seed is None or isinstance(self.seed, int), f"seed must be an int, got {self.seed=}"),
         ]
+        checks.append((self.structured_outputs is None
+                       or isinstance(self.structured_outputs, StructuredOutputsParams),
+                       "structured_outputs must be a StructuredOutputsParams, got "
+                       f"{type(self.structured_outputs).__name__}"))
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)

@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 py=.venv/bin/python
 # The import closure of fastapi + uvicorn (h11 protocol, asyncio loop) + pydantic.
 names=(fastapi starlette pydantic pydantic-core annotated-types annotated-doc typing-inspection
-       typing-extensions opentelemetry-api anyio sniffio idna uvicorn h11 click)
+       typing-extensions opentelemetry-api anyio sniffio idna uvicorn h11 click
+       llguidance)  # structured outputs (a manylinux_2_31 wheel)
 if [ "${1:-}" = --with-client ]; then
   names+=(openai jiter httpx2 httpcore2 truststore httpx httpcore certifi)
 fi
@@ -22,7 +23,7 @@ for name in "${names[@]}"; do
   specs+=("$name==$version")
 done
 platforms=()
-for tag in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
+for tag in manylinux_2_31_x86_64 manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
            manylinux2014_x86_64 manylinux1_x86_64; do
   platforms+=(--platform "$tag")
 done
