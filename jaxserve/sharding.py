@@ -7,6 +7,7 @@ Logical axis names used by models/ and kv_cache (documented here):
   ffw       MLP hidden width F                  vocab    vocabulary V
   pages     KV pages P                          page_slot slots in a page S
   layers    decoder layers L                    norm     norm scales (replicated)
+  expert    MoE experts E (expert parallel)     expert_ffw a MoE expert's hidden width F
 Mesh axes: "data" (replicas, unused by the engine so far) and "model" (tensor parallelism).
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -34,6 +36,10 @@ class ShardingRules:
     page_slot: str | None = None
     layers: str | None = None
     norm: str | None = None
+    # Expert parallelism: each model shard holds E / tp whole experts (experts_parallel below).
+    # Tensor-parallel experts instead would be expert=None, expert_ffw="model".
+    expert: str | None = "model"
+    expert_ffw: str | None = None
 
     def as_pairs(self) -> tuple[tuple[str, str | None], ...]:
         return tuple((k, getattr(self, k)) for k in self.__dataclass_fields__)
@@ -90,3 +96,30 @@ def heads_parallel(attention_fn):
     rep = PartitionSpec()
     return jax.shard_map(attention_fn, in_specs=(q_spec, kv_spec, kv_spec, rep, rep, rep, rep),
                          out_specs=q_spec, check_vma=False)
+
+
+def experts_parallel(expert_fn):
+    """Run a MoE expert op once per model shard on the experts it holds, and sum the shards.
+
+    expert_fn(x [T, D], weights f32[T, k], expert_ids i32[T, k], w_gate [E', D, F'],
+    w_up [E', D, F'], w_down [E', F', D], first_expert i32[]) -> partial y [T, D] over its E'
+    experts, numbered from first_expert. Tokens and routing are replicated; expert weights split by
+    the rules' `expert` (and `expert_ffw`) axes. Outside a mesh or with one model shard: one call
+    over all experts with first_expert=0.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = ShardingRules()
+    axes = tuple(dict.fromkeys(a for a in (rules.expert, rules.expert_ffw) if a is not None))
+    if mesh is None or mesh.empty or all(dict(mesh.shape).get(a, 1) == 1 for a in axes):
+        return lambda *args: expert_fn(*args, jnp.int32(0))
+    up_spec = logical_to_spec(("expert", "embed", "expert_ffw"), rules)
+    down_spec = logical_to_spec(("expert", "expert_ffw", "embed"), rules)
+    rep = PartitionSpec()
+
+    def per_shard(x, weights, expert_ids, w_gate, w_up, w_down):
+        first = (jax.lax.axis_index(rules.expert) * w_gate.shape[0] if rules.expert
+                 else jnp.int32(0))
+        return jax.lax.psum(expert_fn(x, weights, expert_ids, w_gate, w_up, w_down, first), axes)
+
+    return jax.shard_map(per_shard, in_specs=(rep, rep, rep, up_spec, up_spec, down_spec),
+                         out_specs=rep, check_vma=False)

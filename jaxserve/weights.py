@@ -147,7 +147,10 @@ def _checkpoint_state(ckpt: Checkpoint, config: ModelConfig, abstract: nnx.State
         raise ValueError(f"checkpoint {ckpt.name!r} lacks tensors for params {missing[:8]}")
     for path, var in tqdm(params, desc="loading weights", unit="tensor"):
         hf_name, transform = mapped[path]
-        host = transform(ckpt.tensors[hf_name](), config)
+        if isinstance(hf_name, tuple):  # one tensor per expert, stacked (models.hf.Stacked)
+            host = transform([ckpt.tensors[n]() for n in hf_name], config)
+        else:
+            host = transform(ckpt.tensors[hf_name](), config)
         if tuple(host.shape) != tuple(var.get_value().shape):
             raise ValueError(f"{hf_name}: shape {host.shape} after transform, param {path} "
                              f"expects {var.get_value().shape}")

@@ -16,8 +16,11 @@ REGISTRY = {
     "Gemma3ForConditionalGeneration": "models.gemma3:Gemma3",
     "LlamaForCausalLM": "models.llama:Llama",
     "MistralForCausalLM": "models.mistral:Mistral",
+    "MixtralForCausalLM": "models.mixtral:Mixtral",
     "Qwen2ForCausalLM": "models.qwen2:Qwen2",
+    "Qwen2MoeForCausalLM": "models.qwen2_moe:Qwen2Moe",
     "Qwen3ForCausalLM": "models.qwen3:Qwen3",
+    "Qwen3MoeForCausalLM": "models.qwen3_moe:Qwen3Moe",
 }
 
 

@@ -4,6 +4,7 @@ HF tensor names -> our param paths plus a transform to the einsum layout. Used b
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -114,16 +115,40 @@ QK_NORM_WEIGHT_MAP: dict[str, tuple[str, Transform]] = {
 }
 
 
+@dataclass(frozen=True)
+class Stacked:
+    """A weight-map transform for a param that stacks one HF tensor per expert along a new leading
+    axis E (Mixtral's experts.{e}.w1 -> [E, D, F]); the pattern's LAST group is the expert index.
+    The loader calls it with the list of HF tensors in expert order."""
+
+    transform: Transform  # applied to each expert's tensor
+
+    def __call__(self, tensors: list[np.ndarray], cfg: ModelConfig) -> np.ndarray:
+        return np.stack([self.transform(t, cfg) for t in tensors])
+
+
 def map_weight_names(names, weight_map: dict[str, tuple[str, Transform]]
                      ) -> tuple[dict[str, tuple[str, Transform]], list[str]]:
-    """HF tensor names -> ({param path: (HF name, transform)}, unmatched HF names)."""
-    compiled = [(re.compile(pattern), target) for pattern, target in weight_map.items()]
-    mapped, unmatched = {}, []
+    """HF tensor names -> ({param path: (HF name, transform)}, unmatched HF names).
+
+    A weight-map value may be a list of (path, transform): one fused HF tensor feeding several
+    params (Phi-3's qkv_proj). A Stacked transform maps to (tuple of HF names by expert, transform).
+    """
+    compiled = [(re.compile(pattern), target if isinstance(target, list) else [target])
+                for pattern, target in weight_map.items()]
+    mapped, unmatched, experts = {}, [], {}
     for name in names:
-        for pattern, (path, transform) in compiled:
+        for pattern, targets in compiled:
             if (m := pattern.fullmatch(name)) is not None:
-                mapped[path.format(*m.groups())] = (name, transform)
+                for path, transform in targets:
+                    if isinstance(transform, Stacked):
+                        *groups, expert = m.groups()
+                        experts.setdefault((path.format(*groups), transform), {})[int(expert)] = name
+                    else:
+                        mapped[path.format(*m.groups())] = (name, transform)
                 break
         else:
             unmatched.append(name)
+    for (path, transform), by_expert in experts.items():
+        mapped[path] = (tuple(by_expert[e] for e in sorted(by_expert)), transform)
     return mapped, unmatched

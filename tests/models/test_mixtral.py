@@ -1,0 +1,107 @@
+"""Mixtral vs transformers (tiny random checkpoint), routing ties as torch.topk breaks them, the
+grouped-matmul MoE block against a dense masked reference, and expert parallelism on fake devices."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from fixtures import Driver, check_against_hf, make_hf_model, save_hf_checkpoint
+from flax import nnx
+
+from jaxserve.sharding import make_mesh
+from jaxserve.weights import load_model
+from models.moe import experts_reference, grouped_experts, route
+
+
+def _mixtral(seed=0, **kw):
+    return make_hf_model(transformers.MixtralConfig, transformers.MixtralForCausalLM, seed=seed,
+                         **{"num_local_experts": 4, "num_experts_per_tok": 2, **kw})
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    hf = _mixtral(sliding_window=8)
+    path = save_hf_checkpoint(hf, tmp_path_factory.mktemp("mixtral"))
+    return hf, path, load_model(path, dtype="float32")
+
+
+def test_config_and_stacked_experts(mixtral):
+    hf, _, loaded = mixtral
+    cfg = loaded.config
+    assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size) == (4, 2, 128)
+    assert cfg.norm_topk_prob and cfg.sliding_window == 8
+    params = dict(nnx.to_flat_state(loaded.state))
+    up = params[("layers", 1, "mlp", "up_proj")].get_value()  # [E, D, F]
+    want = hf.model.layers[1].mlp.experts.gate_up_proj.detach()[2, 128:].numpy().T  # expert 2's w3
+    np.testing.assert_array_equal(np.asarray(up[2]), want)
+
+
+def test_matches_transformers(mixtral):
+    # The window (8) is shorter than the 20-token prompt.
+    check_against_hf(mixtral[0], mixtral[2])
+
+
+def test_route_breaks_ties_to_the_lower_expert():
+    """Exact ties (common with bf16 router logits) go to the lower expert id, at the top and at
+    the k-th place, as a stable descending sort (vLLM's topk_softmax kernel does the same).
+    torch.topk leaves ties unspecified: on CPU it keeps neither the lower nor the higher id."""
+    rng = np.random.default_rng(0)
+    logits = rng.integers(0, 3, size=(200, 8)).astype(np.float32)  # many ties
+    for k in (1, 2, 3):
+        _, ids = route(jnp.asarray(logits), k, normalize=True)
+        want = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+        np.testing.assert_array_equal(np.asarray(ids), want)
+
+
+def test_routing_ties_match_transformers(tmp_path):
+    """Router rows [a, a, a, b]: every token ties experts 0-2, for both top-2 slots or the second
+    only. Experts 0-2 share weights, so transformers' arbitrary tie choice gives the same output;
+    a tie mishandled (one expert twice, a weight lost) would not."""
+    hf = _mixtral(seed=3)
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.mlp.gate.weight[1:3] = layer.mlp.gate.weight[0]
+            layer.mlp.experts.gate_up_proj[1:3] = layer.mlp.experts.gate_up_proj[0]
+            layer.mlp.experts.down_proj[1:3] = layer.mlp.experts.down_proj[0]
+    loaded = load_model(save_hf_checkpoint(hf, tmp_path), dtype="float32")
+    check_against_hf(hf, loaded, num_tokens=4)
+
+
+@pytest.mark.parametrize("num_tokens,top_k", [(1, 2), (7, 2), (13, 3)])
+def test_grouped_experts_match_dense_reference(num_tokens, top_k):
+    """Token counts not divisible by anything, and expert 4 of 6 that no token picks."""
+    E, D, F = 6, 16, 24
+    rng = np.random.default_rng(num_tokens)
+    x = jnp.asarray(rng.standard_normal((num_tokens, D)), jnp.float32)
+    logits = jnp.asarray(rng.standard_normal((num_tokens, E))).at[:, 4].set(-1e9)
+    w_gate, w_up = (jnp.asarray(rng.standard_normal((E, D, F)) / 4, jnp.float32) for _ in "gu")
+    w_down = jnp.asarray(rng.standard_normal((E, F, D)) / 4, jnp.float32)
+    weights, ids = route(logits, top_k, normalize=False)
+    assert 4 not in set(np.asarray(ids).ravel())
+    got = grouped_experts(x, weights, ids, w_gate, w_up, w_down, jnp.int32(0))
+    want = experts_reference(x, weights, ids, w_gate, w_up, w_down)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+    # Experts 2..3 only (one shard's view): the rest of the assignments contribute nothing.
+    part = grouped_experts(x, weights, ids, w_gate[2:4], w_up[2:4], w_down[2:4], jnp.int32(2))
+    held = jnp.where((ids >= 2) & (ids < 4), weights, 0.0)
+    want = experts_reference(x, held, ids, w_gate, w_up, w_down)
+    np.testing.assert_allclose(np.asarray(part), np.asarray(want), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tp", [4])  # one expert per device
+def test_expert_parallel_matches_single_device(mixtral, tp):
+    if len(jax.devices()) < tp:
+        pytest.skip(f"needs {tp} devices")
+    _, path, loaded = mixtral
+    sharded = load_model(path, dtype="float32", tensor_parallel_size=tp, mesh=make_mesh(tp))
+    up = dict(nnx.to_flat_state(sharded.state))[("layers", 0, "mlp", "up_proj")].get_value()
+    assert up.sharding.shard_shape(up.shape)[0] == 4 // tp  # whole experts per device
+    prompts = [list(range(3, 23)), [5, 9, 200]]
+    with jax.set_mesh(sharded.mesh):
+        got = Driver(sharded, 2).greedy(prompts, 4)
+    want = Driver(loaded, 2).greedy(prompts, 4)
+    for b in range(2):
+        np.testing.assert_allclose(got[0][b], want[0][b], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.stack(got[1]), np.stack(want[1]), atol=1e-4, rtol=0)
+    assert got[2] == want[2]
