@@ -26,10 +26,12 @@ WEIGHT_MAP = {**LLAMA_WEIGHT_MAP, **QKV_BIAS_WEIGHT_MAP, **EXPERT_WEIGHT_MAP,
 
 
 def qwen_moe_fields(hf: dict) -> dict:
-    """The expert fields Qwen2-MoE and Qwen3-MoE config.json share."""
-    if not hf.get("num_experts"):
-        raise ValueError(f"num_experts={hf.get('num_experts')!r}: a MoE config needs experts")
-    return dict(num_experts=hf["num_experts"], num_experts_per_tok=hf["num_experts_per_tok"],
+    """The expert fields Qwen2-MoE and Qwen3-MoE config.json share (transformers 5 writes
+    Qwen3-MoE's num_experts as num_local_experts)."""
+    num_experts = hf.get("num_experts") or hf.get("num_local_experts")
+    if not num_experts:
+        raise ValueError(f"{num_experts=}: a MoE config needs experts")
+    return dict(num_experts=num_experts, num_experts_per_tok=hf["num_experts_per_tok"],
                 moe_intermediate_size=hf["moe_intermediate_size"],
                 norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
                 mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
