@@ -54,6 +54,29 @@ PRESETS: dict[str, dict] = {
         "sliding_window": 4096, "tie_word_embeddings": False, "hidden_act": "silu",
         "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
     },
+    # mistralai/Mixtral-8x7B-v0.1: 8 experts, top-2 (46.7B params, 12.9B active per token)
+    "mixtral-8x7b": {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
+        "num_local_experts": 8, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.02,
+        "max_position_embeddings": 32768, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0,
+        "sliding_window": None, "tie_word_embeddings": False, "hidden_act": "silu",
+        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
+    },
+    # Qwen/Qwen3-30B-A3B: 128 experts of F=768, top-8 renormalized (30.5B params, 3.3B active)
+    "qwen3-30b-a3b": {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+        "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 48,
+        "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+        "vocab_size": 151936, "num_experts": 128, "num_experts_per_tok": 8,
+        "moe_intermediate_size": 768, "norm_topk_prob": True, "decoder_sparse_step": 1,
+        "mlp_only_layers": [], "max_position_embeddings": 40960, "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0, "rope_scaling": None, "attention_bias": False,
+        "use_sliding_window": False, "sliding_window": None, "max_window_layers": 48,
+        "tie_word_embeddings": False, "hidden_act": "silu", "bos_token_id": 151643,
+        "eos_token_id": 151645, "torch_dtype": "bfloat16",
+    },
 }
 
 ALIASES: dict[str, str] = {
@@ -63,6 +86,8 @@ ALIASES: dict[str, str] = {
     "Qwen/Qwen2-7B": "qwen2-7b",
     "Qwen/Qwen2-72B": "qwen2-72b",
     "mistralai/Mistral-7B-v0.1": "mistral-7b",
+    "mistralai/Mixtral-8x7B-v0.1": "mixtral-8x7b",
+    "Qwen/Qwen3-30B-A3B": "qwen3-30b-a3b",
 }
 
 

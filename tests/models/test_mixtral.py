@@ -105,3 +105,27 @@ def test_expert_parallel_matches_single_device(mixtral, tp):
         np.testing.assert_allclose(got[0][b], want[0][b], atol=1e-4, rtol=0)
     np.testing.assert_allclose(np.stack(got[1]), np.stack(want[1]), atol=1e-4, rtol=0)
     assert got[2] == want[2]
+
+
+def preset_param_counts(name: str) -> tuple[int, int]:
+    """(total, active per token) parameters of a preset, counted on the abstract model."""
+    from jaxserve.sharding import ShardingRules
+    from jaxserve.weights import abstract_model
+    from models import config_from_hf
+    from models.presets import get_preset
+
+    cfg = config_from_hf(get_preset(name))
+    _, abstract, _ = abstract_model(cfg, np.dtype("bfloat16"), make_mesh(1), ShardingRules())
+    total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
+    experts = cfg.num_layers * cfg.num_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    return total, total - experts + experts * cfg.num_experts_per_tok // cfg.num_experts
+
+
+def test_mixtral_preset():
+    total, active = preset_param_counts("mistralai/Mixtral-8x7B-v0.1")
+    assert round(total / 1e9, 1) == 46.7 and round(active / 1e9, 1) == 12.9  # as published
+    small = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 96,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}
+    loaded = load_model("mixtral-8x7b", load_format="dummy", hf_overrides=small)
+    down = dict(nnx.to_flat_state(loaded.state))[("layers", 1, "mlp", "down_proj")].get_value()
+    assert down.shape == (8, 96, 64) and down.dtype == np.dtype("bfloat16")

@@ -44,3 +44,10 @@ def test_refused_variants(arch):
         config_from_hf({**hf, "num_experts": 0})
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         config_from_hf({**hf, "num_experts_per_tok": 7})
+
+
+def test_qwen3_30b_a3b_preset():
+    from test_mixtral import preset_param_counts
+
+    total, active = preset_param_counts("Qwen/Qwen3-30B-A3B")
+    assert round(total / 1e9, 1) == 30.5 and 3.3e9 < active < 3.4e9  # published: 30.5B, 3.3B
