@@ -64,8 +64,8 @@ def run_engine(args) -> dict:
         llm.reset_prefix_cache()
         compiles = engine.runner.num_compiles
         params = [_params(settings, i, args.output_len) for i in range(len(batch))]
-        steps, waited = engine.stats["steps"], _time_fetch_waits(engine.runner)
-        waited[0] = 0.0
+        steps, timers = engine.stats["steps"], _host_timers(engine)
+        timers.update(dict.fromkeys(timers, 0.0))
         result = {}
 
         def timed():
@@ -83,11 +83,12 @@ def run_engine(args) -> dict:
         rows[name] = {"output_tokens_per_s": tokens / elapsed, "elapsed_s": elapsed,
                       "output_tokens": tokens, "settings": settings, "steps": steps,
                       "ms_per_step": elapsed * 1e3 / steps,
-                      "fetch_wait_ms_per_step": waited[0] * 1e3 / steps,
+                      "host_ms_per_step": {k: v * 1e3 / steps for k, v in timers.items()},
                       "compiles_during_timed_run": engine.runner.num_compiles - compiles}
         print(f"{name:52s} {tokens / elapsed:10.0f} tok/s  ({elapsed:.1f} s, {steps} steps, "
-              f"{rows[name]['ms_per_step']:.1f} ms/step, waiting for the device "
-              f"{rows[name]['fetch_wait_ms_per_step']:.1f})", flush=True)
+              f"{rows[name]['ms_per_step']:.1f} ms/step; host ms/step: " + ", ".join(
+                  f"{k} {v:.1f}" for k, v in rows[name]["host_ms_per_step"].items()) + ")",
+              flush=True)
         if trace is not None:
             rows[name]["device_trace"] = trace
             busy = (trace.get("busy_ms") or 0.0) / steps
@@ -98,22 +99,28 @@ def run_engine(args) -> dict:
     return rows
 
 
-def _time_fetch_waits(runner) -> list[float]:
-    """[seconds] the engine has spent blocked in runner.fetch (the host waiting for the device),
-    accumulating from now on (installed once per runner); a host-bound step waits ~0."""
-    if hasattr(runner, "_fetch_wait_total"):
-        return runner._fetch_wait_total
-    total = runner._fetch_wait_total = [0.0]
-    fetch = type(runner).fetch
+def _host_timers(engine) -> dict[str, float]:
+    """Seconds spent in each host phase of LLMEngine.step (accumulating; the caller zeroes them).
+    `fetch` is the host waiting for the device: ~0 when the host is the bottleneck."""
+    if hasattr(engine, "_bench_timers"):
+        return engine._bench_timers
+    timers = engine._bench_timers = {}
+    targets = [(engine.scheduler, "schedule"), (engine.runner, "dispatch"),
+               (engine.runner, "fetch"), (engine.scheduler, "update"),
+               (engine, "_record_logprobs"), (engine, "_process_outputs")]
+    for obj, name in targets:
+        timers[name] = 0.0
+        method = getattr(obj, name)
 
-    def timed_fetch(handle):
-        start = time.perf_counter()
-        out = fetch(runner, handle)
-        total[0] += time.perf_counter() - start
-        return out
+        def timed(*a, _method=method, _name=name, **kw):
+            start = time.perf_counter()
+            try:
+                return _method(*a, **kw)
+            finally:
+                timers[_name] += time.perf_counter() - start
 
-    runner.fetch = timed_fetch
-    return total
+        setattr(obj, name, timed)
+    return timers
 
 
 def run_micro(args) -> dict:
@@ -143,6 +150,7 @@ def run_micro(args) -> dict:
                 frequency_penalty=np.full(B, s.get("frequency_penalty", 0.0), np.float32),
                 repetition_penalty=np.full(B, s.get("repetition_penalty", 1.0), np.float32),
                 banned_ids=np.full((B, 1), args.vocab, np.int32), history_ids=hist,
+                want_logprobs=np.full(B, n_lp is not None),
                 prompt_lens=np.full(B, L // 2, np.int32), use_penalties=L > 0,
                 use_top_k=rand and "top_k" in s, use_top_p=rand and "top_p" in s,
                 use_min_p=rand and "min_p" in s, num_logprobs=-1 if n_lp is None else n_lp)

@@ -14,6 +14,7 @@ import numpy as np
 from jaxserve.config import EngineConfig
 from jaxserve.detokenizer import Detokenizer, DetokenizerState
 from jaxserve.input_processor import InputLimits, InputProcessor
+from jaxserve.logprobs import SampleLogprobs
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxserve.request import Sequence
 from jaxserve.sampling_params import RequestOutputKind, SamplingParams
@@ -85,6 +86,8 @@ class LLMEngine:
                            eos_token_ids=self.eos_token_ids, arrival_time=arrival,
                            parent=seqs[0] if seqs else None)
             seq.sampling_seed = self._sampling_seed(params, i)
+            if params.logprobs is not None:
+                seq.logprobs = SampleLogprobs(self.detokenizer.token_text)
             seqs.append(seq)
         state = _RequestState(request_id, processed.text, list(ids), params, seqs,
                               [self.detokenizer.start(ids) for _ in seqs], arrival)
@@ -150,17 +153,14 @@ class LLMEngine:
         return self.async_scheduling
 
     def _record_logprobs(self, batch, out) -> None:
-        text = self.detokenizer.token_text
+        """Append this step's logprobs to the sequences that asked and kept their token (one that
+        finished a step earlier drops the token its speculative step sampled)."""
         for b, seq in enumerate(batch.seqs):
-            if seq.params.logprobs is not None and batch.sample_mask[b]:
+            if (seq.params.logprobs is not None and batch.sample_mask[b]
+                    and len(seq.logprobs) < len(seq.output_token_ids)):
                 k = seq.params.logprobs
-                entry = {int(t): Logprob(float(lp), r + 1, text(int(t))) for r, (t, lp) in
-                         enumerate(zip(out.top_ids[b, :k], out.top_logprobs[b, :k]))}
-                token = int(out.token_ids[b])
-                if token not in entry:
-                    rank = int((out.top_logprobs[b] > out.logprobs[b]).sum()) + 1
-                    entry[token] = Logprob(float(out.logprobs[b]), rank, text(token))
-                seq.logprobs.append((token, float(out.logprobs[b]), entry))
+                seq.logprobs.append(int(out.token_ids[b]), float(out.logprobs[b]),
+                                    int(out.ranks[b]), out.top_ids[b, :k], out.top_logprobs[b, :k])
             if out.prompt_logprobs is not None and seq.params.prompt_logprobs is not None:
                 self._record_prompt_logprobs(batch, b, seq, out)
 
@@ -228,10 +228,9 @@ class LLMEngine:
             stops = seq.params.stop_strings
             if stops and not seq.is_finished:  # hold back a possible stop-string prefix
                 text = text[:max(0, len(text) - max(map(len, stops)) + 1)]
-            logprobs = None
+            logprobs = cumulative = None
             if seq.params.logprobs is not None:
-                logprobs = [entry for _, _, entry in seq.logprobs]
-            cumulative = sum(lp for _, lp, _ in seq.logprobs) if seq.logprobs else None
+                logprobs, cumulative = seq.logprobs.view(), seq.logprobs.cumulative_logprob
             completions.append(CompletionOutput(
                 index=seq.index, text=text, token_ids=list(seq.output_token_ids),
                 cumulative_logprob=cumulative, logprobs=logprobs,

@@ -49,7 +49,8 @@ class Sequence:
     # its full pages in the prefix cache instead of recomputing them.
     parent: "Sequence | None" = None
     # Filled by the engine's output path (not the scheduler):
-    logprobs: list = field(default_factory=list)  # per output token: {token_id: logprob}
+    # Per output token {token_id: Logprob}: a SampleLogprobs when the request asked (engine).
+    logprobs: list = field(default_factory=list)
     prompt_logprobs: list = field(default_factory=list)  # per prompt token: None | {token_id: logprob}
 
     @property

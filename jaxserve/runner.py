@@ -56,6 +56,7 @@ class StepOutput:
 
     token_ids: np.ndarray  # i32[B]
     logprobs: np.ndarray  # f32[B] logprob of the sampled token
+    ranks: np.ndarray  # i32[B] its rank in the vocabulary (1 = the most likely)
     top_ids: np.ndarray  # i32[B, k]
     top_logprobs: np.ndarray  # f32[B, k]
     # Only when some sequence asked for prompt_logprobs (else None): row t = new token t of the batch.
@@ -232,6 +233,7 @@ class ModelRunner:
             frequency_penalty=col(lambda s: s.params.frequency_penalty, np.float32, 0.0),
             repetition_penalty=col(lambda s: s.params.repetition_penalty, np.float32, 1.0),
             banned_ids=banned_arr, history_ids=np.zeros((b_pad, 0), np.int32),
+            want_logprobs=col(lambda s: s.params.logprobs is not None, bool, False),
             prompt_lens=col(lambda s: s.num_prompt_tokens, np.int32, 0),
             use_penalties=full, use_top_k=full, use_top_p=full, use_min_p=full,
             num_logprobs=self.max_logprobs if full else -1)
@@ -377,6 +379,7 @@ class ModelRunner:
         out = jax.device_get(handle.out)
         result = StepOutput(token_ids=np.asarray(out.token_ids[:B]),
                             logprobs=np.asarray(out.logprobs[:B]),
+                            ranks=np.asarray(out.ranks[:B]),
                             top_ids=np.asarray(out.top_ids[:B]),
                             top_logprobs=np.asarray(out.top_logprobs[:B]))
         if handle.prompt is not None:

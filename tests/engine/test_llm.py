@@ -124,6 +124,37 @@ def test_logprobs_match_transformers(llm, model_dir):
         assert out.prompt_logprobs[p][prompt[p]].decoded_token is not None
 
 
+def test_sampled_logprobs_ranks_and_lengths(llm, model_dir):
+    """Sampled tokens outside the top-k get their whole-vocabulary rank; one entry per output
+    token (also when a stop token ends the sequence while a speculative step ran); the
+    cumulative logprob is their sum; a streamed output's logprobs stay as they were sent."""
+    prompt = _prompts(1, seed=12)[0]
+    first = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+                         use_tqdm=False)[0].outputs[0].token_ids
+    params = SamplingParams(temperature=1.5, max_tokens=12, logprobs=1, seed=3, ignore_eos=True)
+    comp = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    ref = hf_logprobs(model_dir, prompt + comp.token_ids)
+    ranks = [int((ref[len(prompt) - 1 + i] > ref[len(prompt) - 1 + i][t]).sum()) + 1
+             for i, t in enumerate(comp.token_ids)]
+    assert [entry[t].rank for entry, t in zip(comp.logprobs, comp.token_ids)] == ranks
+    assert max(ranks) > 1  # some draws were not the top-1, which has its own entry
+    assert comp.cumulative_logprob == pytest.approx(
+        sum(e[t].logprob for e, t in zip(comp.logprobs, comp.token_ids)), abs=1e-4)
+    stopped = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, logprobs=2,
+                                                    stop_token_ids=[first[1]]),
+                           use_tqdm=False)[0].outputs[0]
+    assert stopped.token_ids == first[:2] and len(stopped.logprobs) == 2
+    engine = llm.llm_engine
+    engine.add_request("stream-lp", prompt, SamplingParams(temperature=0, max_tokens=4, logprobs=2,
+                                                           ignore_eos=True))
+    sent = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            sent.append((len(out.outputs[0].token_ids), out.outputs[0].logprobs))
+    assert [len(lp) for _, lp in sent] == [n for n, _ in sent] == [1, 2, 3, 4]
+    assert sent[0][1][0] == sent[-1][1][0] and sent[-1][1][1:] == sent[-1][1][1:4]
+
+
 def test_repetition_penalty_matches_transformers(llm, model_dir):
     prompt = _prompts(1, seed=11)[0]
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,

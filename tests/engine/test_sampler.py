@@ -18,7 +18,8 @@ def make_md(B: int, V: int, **fields) -> SamplingMetadata:
     cols = dict(temperature=(1.0, np.float32), top_k=(0, np.int32), top_p=(1.0, np.float32),
                 min_p=(0.0, np.float32), seeds=(0, np.uint32), counters=(0, np.int32),
                 presence_penalty=(0.0, np.float32), frequency_penalty=(0.0, np.float32),
-                repetition_penalty=(1.0, np.float32), prompt_lens=(0, np.int32))
+                repetition_penalty=(1.0, np.float32), prompt_lens=(0, np.int32),
+                want_logprobs=(True, bool))
     kw = {name: np.broadcast_to(np.asarray(fields.pop(name, default), dtype), (B,)).copy()
           for name, (default, dtype) in cols.items()}
     kw["banned_ids"] = np.asarray(fields.pop("banned_ids", np.full((B, 1), V)), np.int32)
@@ -120,9 +121,9 @@ def test_ties_at_the_cut_off_are_kept():
     assert set(np.unique(tokens)) == {3}
 
 
-def test_fallback_after_max_rounds_is_exact(monkeypatch):
+def test_fallback_after_the_rounds_is_exact(monkeypatch):
     """With no rejection rounds every checked row takes the sort-based fallback: same distribution."""
-    monkeypatch.setattr(sampler, "MAX_ROUNDS", 0)
+    monkeypatch.setattr(sampler, "ROUNDS", 0)
     fn = jax.jit(sample)
     rng = np.random.default_rng(3)
     row = (rng.standard_normal(500) * 2).astype(np.float32)
@@ -184,6 +185,23 @@ def test_logprobs_only_when_asked():
     ref = np.asarray(jax.nn.log_softmax(jnp.asarray(logits)))
     np.testing.assert_allclose(np.asarray(out.logprobs), ref.max(-1), atol=1e-5)
     np.testing.assert_allclose(np.asarray(out.top_logprobs), -np.sort(-ref)[:, :5], atol=1e-5)
+    # A step of the logprobs variant where no row asked skips them (zeros), the tokens unchanged.
+    skipped = _sample(jnp.asarray(logits), make_md(3, 700, temperature=0.0, num_logprobs=5,
+                                                   want_logprobs=False))
+    assert not np.asarray(skipped.top_logprobs).any() and not np.asarray(skipped.ranks).any()
+    np.testing.assert_array_equal(np.asarray(skipped.token_ids), np.asarray(out.token_ids))
+
+
+def test_rank_of_the_sampled_token_counts_the_whole_vocabulary():
+    """rank = 1 + tokens with a larger raw logit, also far outside the top logprobs."""
+    rng = np.random.default_rng(6)
+    logits = rng.standard_normal((64, 700)).astype(np.float32)
+    out = _sample(jnp.asarray(logits), make_md(64, 700, temperature=1.0, seeds=np.arange(64),
+                                               num_logprobs=2))
+    tokens = np.asarray(out.token_ids)
+    want = (logits > logits[np.arange(64), tokens][:, None]).sum(-1) + 1
+    np.testing.assert_array_equal(np.asarray(out.ranks), want)
+    assert want.max() > 2  # some sampled tokens are outside the top 2
 
 
 def _random_history(rng, B, V, L):
