@@ -23,6 +23,7 @@ from jaxserve.config import DTYPES, LOAD_FORMATS, ModelConfig
 from jaxserve.sharding import ShardingRules, make_mesh
 from models import architecture_of, config_from_hf, get_model_class, get_weight_map
 from models.hf import map_weight_names
+from models.layers import longrope_for_context
 
 logger = logging.getLogger("jaxserve")
 
@@ -69,6 +70,7 @@ def load_model(model: str | None, *, load_format: str = "auto", dtype: str = "au
     overrides = dict(hf_overrides or {})
     base = config_from_hf(ckpt.hf_config, overrides)
     max_model_len = check_max_model_len(max_model_len, base.max_position_embeddings)
+    base = longrope_for_context(base, max_model_len)  # Phi-3's LongRoPE factors follow it
     config = base.with_kv_replication(tensor_parallel_size)
     param_dtype = resolve_dtype(dtype, ckpt)
     mesh = mesh if mesh is not None else make_mesh(tensor_parallel_size)

@@ -17,6 +17,7 @@ REGISTRY = {
     "LlamaForCausalLM": "models.llama:Llama",
     "MistralForCausalLM": "models.mistral:Mistral",
     "MixtralForCausalLM": "models.mixtral:Mixtral",
+    "Phi3ForCausalLM": "models.phi3:Phi3",
     "Qwen2ForCausalLM": "models.qwen2:Qwen2",
     "Qwen2MoeForCausalLM": "models.qwen2_moe:Qwen2Moe",
     "Qwen3ForCausalLM": "models.qwen3:Qwen3",

@@ -143,7 +143,8 @@ def map_weight_names(names, weight_map: dict[str, tuple[str, Transform]]
                 for path, transform in targets:
                     if isinstance(transform, Stacked):
                         *groups, expert = m.groups()
-                        experts.setdefault((path.format(*groups), transform), {})[int(expert)] = name
+                        key = (path.format(*groups), transform)
+                        experts.setdefault(key, {})[int(expert)] = name
                     else:
                         mapped[path.format(*m.groups())] = (name, transform)
                 break

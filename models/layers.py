@@ -5,6 +5,7 @@ Params carry logical axis names only (see jaxserve/sharding.py); weights.py plac
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxserve.config import ModelConfig
+from jaxserve.config import ModelConfig, hashable_rope_scaling
 from jaxserve.kv_cache import AttentionMetadata, KVCache, write_kv
 from jaxserve.sharding import heads_parallel, shard
 from kernels_pallas.ragged_paged_attention import ragged_paged_attention
@@ -21,7 +22,9 @@ from kernels_pallas.ragged_paged_attention import ragged_paged_attention
 # Implemented HF rope_type values -> the rope_scaling keys each needs (checked at load, hf.py).
 ROPE_REQUIRED_KEYS = {"default": (), "linear": ("factor",), "yarn": ("factor",),
                       "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                                 "original_max_position_embeddings")}
+                                 "original_max_position_embeddings"),
+                      "longrope": ("long_factor", "short_factor",
+                                   "original_max_position_embeddings")}
 ROPE_TYPES = tuple(ROPE_REQUIRED_KEYS)
 
 
@@ -86,7 +89,36 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
         inv_freq = _llama3_inv_freq(inv_freq, scaling)
     elif rope_type == "yarn":
         return _yarn_inv_freq(inv_freq, scaling, cfg)
+    elif rope_type == "longrope":
+        return _longrope_inv_freq(inv_freq, scaling, cfg)
     return inv_freq.astype(np.float32), 1.0
+
+
+def _longrope_inv_freq(inv_freq: np.ndarray, s: dict, cfg: ModelConfig) -> tuple[np.ndarray, float]:
+    """LongRoPE (Phi-3, HF `_compute_longrope_parameters`): inv_freq / long_factor or short_factor,
+    and cos/sin scaled by sqrt(1 + ln(factor) / ln(original_max)) with factor = max_position /
+    original_max. HF picks the set per forward pass by the sequence length; a paged cache cannot
+    re-rotate its keys, so the set is fixed per model by the served context (`max_model_len`, see
+    longrope_for_context), as llama.cpp does: long factors iff it exceeds original_max."""
+    original_max = s["original_max_position_embeddings"]
+    factor = s.get("factor") or cfg.max_position_embeddings / original_max
+    attn_factor = s.get("attention_factor") or (
+        1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original_max)))
+    use_long = s.get("max_model_len", cfg.max_position_embeddings) > original_max
+    ext = np.asarray(s["long_factor" if use_long else "short_factor"], np.float64)
+    if ext.shape != inv_freq.shape:
+        raise ValueError(f"longrope factors have {ext.shape[0]} entries, head_dim/2 is "
+                         f"{inv_freq.shape[0]}")
+    return (inv_freq / ext).astype(np.float32), float(attn_factor)
+
+
+def longrope_for_context(cfg: ModelConfig, max_model_len: int) -> ModelConfig:
+    """Record the served context in a LongRoPE config (it picks the factor set); others as is."""
+    scaling = cfg.rope_scaling_dict or {}
+    if scaling.get("rope_type", scaling.get("type")) != "longrope":
+        return cfg
+    return dataclasses.replace(cfg, rope_scaling=hashable_rope_scaling(
+        {**scaling, "max_model_len": max_model_len}))
 
 
 def _llama3_inv_freq(inv_freq: np.ndarray, s: dict) -> np.ndarray:

@@ -1,6 +1,6 @@
-"""Mixture-of-experts block shared by Mixtral, Qwen2-MoE and Qwen3-MoE: route each token to its top-k
-experts, run the experts as grouped matmuls (jax.lax.ragged_dot) over the tokens sorted by expert,
-and sum the results back per token with the routing weights. Used as DecoderLayer's `mlp`.
+"""Mixture-of-experts block shared by Mixtral, Qwen2-MoE and Qwen3-MoE: route each token to its
+top-k experts, run the experts as grouped matmuls (jax.lax.ragged_dot) over the tokens sorted by
+expert, and sum the results back per token with the routing weights. DecoderLayer's `mlp`.
 """
 from __future__ import annotations
 
@@ -48,8 +48,8 @@ def moe_config(base: ModelConfig, **moe_fields) -> MoEConfig:
 
 
 def route(logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
-    """Router logits [T, E] -> (weights f32[T, k], expert ids i32[T, k]), HF's TopKRouter: softmax in
-    f32, top-k (ties go to the lower expert id, as torch.topk), optionally renormalized."""
+    """Router logits [T, E] -> (weights f32[T, k], expert ids i32[T, k]), HF's TopKRouter:
+    softmax in f32, top-k (ties go to the lower expert id, as torch.topk), optionally renormalized."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     weights, expert_ids = jax.lax.top_k(probs, top_k)  # lax.top_k: equal values keep index order
     if normalize:
@@ -84,7 +84,7 @@ def grouped_experts(x: jax.Array, weights: jax.Array, expert_ids: jax.Array, w_g
 
 
 def experts_reference(x, weights, expert_ids, w_gate, w_up, w_down) -> jax.Array:
-    """grouped_experts' oracle: every expert on every token, masked by the routing. Slow, obvious."""
+    """grouped_experts' oracle: every expert on every token, masked by the routing. Slow."""
     y = jnp.zeros(x.shape, jnp.float32)
     for e in range(w_gate.shape[0]):
         h = jax.nn.silu(x @ w_gate[e]) * (x @ w_up[e])
@@ -94,7 +94,7 @@ def experts_reference(x, weights, expert_ids, w_gate, w_up, w_down) -> jax.Array
 
 
 class SparseMoE(nnx.Module):
-    """Top-k routed experts (+ Qwen2-MoE's shared expert, gated by sigmoid(x @ shared_expert_gate))."""
+    """Top-k routed experts (+ Qwen2-MoE's shared expert, gated by sigmoid(x @ its gate))."""
 
     def __init__(self, cfg: MoEConfig, *, dtype, rngs: nnx.Rngs):
         D, E, F = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size

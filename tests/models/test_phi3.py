@@ -1,0 +1,68 @@
+"""Phi-3 vs transformers on tiny random checkpoints: fused qkv_proj / gate_up_proj split at load,
+LongRoPE with both factor sets (chosen by the served context), a sliding window shorter than the
+prompt, and the refused partial rotary factor."""
+import numpy as np
+import pytest
+import transformers
+from fixtures import check_against_hf, make_hf_model, save_hf_checkpoint
+
+from jaxserve.weights import load_model
+from models import config_from_hf
+from models.layers import longrope_for_context, rope_frequencies
+
+ORIGINAL_MAX = 16  # LongRoPE's pretraining length; TINY's max_position_embeddings is 256
+
+
+def _longrope():
+    rng = np.random.default_rng(0)
+    return {"rope_type": "longrope", "short_factor": (1 + rng.random(8)).tolist(),
+            "long_factor": (2 + 4 * rng.random(8)).tolist()}  # head_dim 16 -> 8 factors
+
+
+@pytest.fixture(scope="module")
+def phi3(tmp_path_factory):
+    hf = make_hf_model(transformers.Phi3Config, transformers.Phi3ForCausalLM, pad_token_id=0,
+                       eos_token_id=2, rope_scaling=_longrope(),
+                       original_max_position_embeddings=ORIGINAL_MAX, sliding_window=12)
+    return hf, save_hf_checkpoint(hf, tmp_path_factory.mktemp("phi3"))
+
+
+def test_long_factors_match_transformers(phi3):
+    """Served context 256 > 16: long factors; every sequence is longer than 16 from its prefill
+    on, where transformers uses the long factors too. The window (12) is shorter than prompts."""
+    loaded = load_model(phi3[1], dtype="float32")
+    cfg = loaded.config
+    assert cfg.sliding_window == 12 and dict(cfg.rope_scaling)["rope_type"] == "longrope"
+    inv_freq, attn_factor = rope_frequencies(cfg)
+    long = np.asarray(dict(cfg.rope_scaling)["long_factor"])
+    np.testing.assert_allclose(inv_freq * long, 10000.0 ** -(np.arange(0, 16, 2) / 16), rtol=1e-6)
+    assert attn_factor == pytest.approx(np.sqrt(2.0))  # sqrt(1 + ln(256/16) / ln(16))
+    check_against_hf(phi3[0], loaded, prompts=[list(range(3, 23)), list(range(40, 57))],
+                     num_tokens=4)
+
+
+def test_short_factors_match_transformers(phi3):
+    """max_model_len=16: short factors (same attention factor); sequences stay within 16."""
+    loaded = load_model(phi3[1], dtype="float32", max_model_len=ORIGINAL_MAX)
+    check_against_hf(phi3[0], loaded, prompts=[[5, 9, 200, 7, 1], [42]], num_tokens=6)
+
+
+def test_default_rope_and_config_variants():
+    hf = {"architectures": ["Phi3ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "vocab_size": 256, "max_position_embeddings": 4096, "rope_scaling": None,
+          "sliding_window": 2047}
+    cfg = config_from_hf(hf)
+    assert cfg.rope_scaling is None and cfg.sliding_window == 2047
+    su = config_from_hf({**hf, "max_position_embeddings": 131072,
+                         "original_max_position_embeddings": 4096,
+                         "rope_scaling": {"type": "su", "short_factor": _longrope()["short_factor"],
+                                          "long_factor": _longrope()["long_factor"]}})
+    assert dict(su.rope_scaling)["type"] == "longrope"
+    short = rope_frequencies(longrope_for_context(su, 4096))[0]
+    long = rope_frequencies(longrope_for_context(su, 4097))[0]
+    np.testing.assert_allclose(short / long, np.divide(*[_longrope()[k] for k in
+                                                        ("long_factor", "short_factor")]),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        config_from_hf({**hf, "partial_rotary_factor": 0.75})
