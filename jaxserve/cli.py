@@ -16,10 +16,7 @@ from jaxserve.config import EngineConfig
 
 # `vllm serve` flags with no EngineConfig field, refused with the reason (never silently ignored).
 VLLM_FLAGS_NOT_IMPLEMENTED = {
-    "--enable-auto-tool-choice": "tool calling is not implemented yet",
-    "--tool-call-parser": "tool calling is not implemented yet",
-    "--tool-parser-plugin": "tool calling is not implemented yet",
-    "--reasoning-parser": "reasoning parsers are not implemented yet",
+    "--tool-parser-plugin": "only the built-in tool-call parsers (--tool-call-parser)",
     "--structured-outputs-config": "structured outputs are not implemented yet",
     "--guided-decoding-backend": "structured outputs are not implemented yet",
     "--lora-modules": "LoRA adapters are not supported yet",

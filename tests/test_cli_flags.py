@@ -43,8 +43,10 @@ def test_vllm_spellings():
     (["--quantization", "awq"], "quantization='awq' is not supported"),
     (["--kv-cache-dtype", "fp8"], "kv_cache_dtype='fp8' is not supported"),
     (["--enable-lora"], "enable_lora=True is not supported"),
-    (["--tool-call-parser", "hermes"], "--tool-call-parser is not supported"),
-    (["--enable-auto-tool-choice"], "--enable-auto-tool-choice is not supported"),
+    (["--tool-parser-plugin", "p.py"], "--tool-parser-plugin is not supported"),
+    (["--structured-outputs-config", "{}"], "--structured-outputs-config is not supported"),
+    (["--tool-call-parser", "nope"], "invalid choice"),
+    (["--enable-auto-tool-choice"], "--enable-auto-tool-choice needs --tool-call-parser"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--dtype", "int3"], "invalid choice"),
 ])

@@ -51,6 +51,22 @@ def _add_http_args(p: argparse.ArgumentParser) -> None:
                         "is declared hung and the server exits; 0 turns the watchdog off")
 
 
+def _add_tool_args(p: argparse.ArgumentParser) -> None:
+    """vLLM's tool-calling and reasoning flags."""
+    from jaxserve.reasoning import REASONING_PARSERS
+    from jaxserve.tool_parsers import TOOL_PARSERS
+
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='tool_choice "auto": parse the calls the model writes (needs '
+                        "--tool-call-parser)")
+    p.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                   help="the model's tool-call format (hermes: Qwen2/2.5/3, Hermes; llama3_json: "
+                        "Llama 3.x; mistral: [TOOL_CALLS])")
+    p.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                   help="put <think>...</think> in reasoning_content (deepseek_r1: the template "
+                        "opens <think>; qwen3: the model does)")
+
+
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Register `serve` on jaxserve's sub-command parser; sets func=serve."""
     from jaxserve.cli import add_engine_args
@@ -78,6 +94,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--disable-uvicorn-access-log", action="store_true")
+    _add_tool_args(p)
     _add_http_args(p)
     add_engine_args(p)
     p.set_defaults(func=serve)
@@ -119,7 +136,9 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         chat_template=load_chat_template(args.chat_template), api_key=api_key(args),
         trust_request_chat_template=args.trust_request_chat_template,
         max_waiting_requests=args.max_waiting_requests,
-        max_request_body_bytes=args.max_request_body_bytes, drain_timeout=args.drain_timeout)
+        max_request_body_bytes=args.max_request_body_bytes, drain_timeout=args.drain_timeout,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser)
 
 
 def _uvicorn_server_class():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 class APIError(Exception):
@@ -30,16 +30,29 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False
 
 
+def structured_from_response_format(response_format: dict) -> StructuredOutputsParams | None:
+    """OpenAI's response_format -> StructuredOutputsParams (None for "text"); ValueError naming
+    the bad part. json_schema's strict=true also closes objects that leave additionalProperties
+    unsaid (OpenAI's strict mode requires them closed)."""
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise ValueError("response_format.json_schema.schema must be a JSON Schema object, "
+                             f"got {spec!r:.200}")
+        return StructuredOutputsParams(json=spec["schema"],
+                                       disable_additional_properties=spec.get("strict") is True)
+    raise ValueError("response_format.type must be 'text', 'json_object' or 'json_schema', got "
+                     f"{kind!r:.100}")
+
+
 # OpenAI / vLLM request fields jaxserve does not implement yet: a request that sets one (to anything
 # but null, false or empty) gets a 400 naming it. Other unknown fields are ignored, as vLLM does.
 NOT_IMPLEMENTED_FIELDS = {
-    "response_format": "structured outputs are not implemented yet",
-    "structured_outputs": "structured outputs are not implemented yet",
-    "guided_json": "structured outputs are not implemented yet",
-    "guided_regex": "structured outputs are not implemented yet",
-    "guided_choice": "structured outputs are not implemented yet",
-    "guided_grammar": "structured outputs are not implemented yet",
-    "guided_decoding_backend": "structured outputs are not implemented yet",
     "functions": "function calling is not implemented yet",
     "function_call": "function calling is not implemented yet",
     "logit_bias": "logit_bias is not implemented yet",
@@ -63,7 +76,6 @@ NOT_IMPLEMENTED_FIELDS = {
     "kv_transfer_params": "KV transfer is not supported",
     "vllm_xargs": "vllm_xargs is not supported",
     "cache_salt": "cache_salt is not implemented yet",
-    "guided_whitespace_pattern": "structured outputs are not implemented yet",
 }
 
 
@@ -93,10 +105,20 @@ class _SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older
+    # guided_* fields; at most one of them (structured_outputs_params()).
+    response_format: dict | None = None
+    structured_outputs: dict | None = None
+    guided_json: str | dict | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
 
     def sampling_params(self, *, max_tokens: int | None, logprobs: int | None,
-                        prompt_logprobs: int | None = None,
-                        defaults: dict | None = None) -> SamplingParams:
+                        prompt_logprobs: int | None = None, defaults: dict | None = None,
+                        structured_outputs: StructuredOutputsParams | None = None
+                        ) -> SamplingParams:
         """SamplingParams for one prompt; raises ValueError (-> 400) on inconsistent values.
         defaults: the model's generation_config.json fields, for those the request leaves unset."""
         fields = dict(
@@ -106,7 +128,8 @@ class _SamplingRequest(BaseModel):
             seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop,
             stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
-            include_stop_str_in_output=self.include_stop_str_in_output)
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            structured_outputs=structured_outputs)
         given = self.model_fields_set
         for name, value in (defaults or {}).items():
             unset = not ({"max_tokens", "max_completion_tokens"} & given) if name == "max_tokens" \
@@ -114,6 +137,31 @@ class _SamplingRequest(BaseModel):
             if unset:
                 fields[name] = value
         return SamplingParams(**fields)
+
+    def structured_outputs_params(self) -> tuple[StructuredOutputsParams | None, str | None]:
+        """The request's output constraint and the field it came from; APIError(400) naming the
+        field when it is malformed or more than one field sets one."""
+        guided = {k: getattr(self, f"guided_{k}") for k in ("json", "regex", "choice", "grammar")
+                  if getattr(self, f"guided_{k}") is not None}
+        sources = [name for name, given in (
+            ("response_format", self.response_format is not None
+             and self.response_format.get("type") != "text"),
+            ("structured_outputs", bool(self.structured_outputs)),
+            *((f"guided_{k}", True) for k in guided)) if given]
+        if len(sources) > 1:
+            raise APIError(400, f"give one output constraint, got {sources}", param=sources[1])
+        if not sources:  # response_format {"type": "text"} included
+            return None, None
+        field = sources[0]
+        try:
+            if field == "response_format":
+                return structured_from_response_format(self.response_format), field
+            if field == "structured_outputs":
+                return StructuredOutputsParams(**self.structured_outputs), field
+            return StructuredOutputsParams(
+                **guided, whitespace_pattern=self.guided_whitespace_pattern), field
+        except (TypeError, ValueError) as e:
+            raise APIError(400, f"{field}: {e}", param=field) from None
 
     @property
     def include_usage(self) -> bool:
@@ -161,7 +209,7 @@ class ChatCompletionRequest(_SamplingRequest):
     chat_template: str | None = None
     chat_template_kwargs: dict | None = None
     documents: list[dict] | None = None
-    # Tools reach the chat template; tool calls are not parsed yet, so only tool_choice "none".
+    # Tools reach the chat template; serving.py's tool plan decides how the output is read.
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None

@@ -9,6 +9,8 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from jaxserve.tool_parsers.chat import ChatOutputParser
+
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
 
 _MIN_LOGPROB = -9999.0  # -inf is not JSON; vLLM clamps the same way
@@ -34,6 +36,7 @@ class ChoiceCursor:
     text_offset: int = 0
     started: bool = False
     finished: bool = False
+    parser: ChatOutputParser | None = None  # chat: reasoning / tool calls out of the text
 
 
 def usage(outs: list[RequestOutput]) -> dict:
@@ -104,6 +107,8 @@ class ResponseMeta:
     logprobs: int | None  # completions: top-k; chat: top_logprobs (0 when only logprobs=true)
     decode: TokenDecoder  # Detokenizer.token_text or token_id_text
     include_usage: bool = False
+    # chat: a new ChatOutputParser per choice (reasoning, tool calls); None: the text is content
+    output_parser: Callable[[], ChatOutputParser] | None = None
 
 
 def _choice_logprobs(meta: ResponseMeta, chat: bool, c: CompletionOutput, start: int,
@@ -152,9 +157,13 @@ def chat_body(meta: ResponseMeta, out: RequestOutput) -> dict:
     choices = []
     for c in out.outputs:
         logprobs, _ = _choice_logprobs(meta, True, c, 0, 0)
-        choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
-                        "logprobs": logprobs, "finish_reason": c.finish_reason,
-                        "stop_reason": c.stop_reason})
+        message, finish = {"role": "assistant", "content": c.text}, c.finish_reason
+        if meta.output_parser is not None:
+            parser = meta.output_parser()
+            message, called = parser.message(c.text)
+            finish = parser.finish_reason(finish, called)
+        choices.append({"index": c.index, "message": message, "logprobs": logprobs,
+                        "finish_reason": finish, "stop_reason": c.stop_reason})
     return {"id": meta.id, "object": "chat.completion", "created": meta.created,
             "model": meta.model, "choices": choices, "usage": usage([out]),
             "system_fingerprint": None}
@@ -168,7 +177,8 @@ def _chunk(meta: ResponseMeta, chat: bool, choice: dict) -> dict:
     return body
 
 
-def _has_news(meta: ResponseMeta, cur: ChoiceCursor, c: CompletionOutput, delta: str) -> bool:
+def _has_news(meta: ResponseMeta, cur: ChoiceCursor, c: CompletionOutput,
+              delta: str | dict) -> bool:
     """Text, the finish, or (when logprobs are asked for) tokens whose text is still held back."""
     if cur.finished:
         return False
@@ -195,21 +205,28 @@ def completion_chunk(meta: ResponseMeta, cur: ChoiceCursor, c: CompletionOutput,
 
 
 def chat_chunks(meta: ResponseMeta, cur: ChoiceCursor, c: CompletionOutput) -> list[dict]:
-    """Chat chunks for one choice: the role first, then the content delta (if any)."""
+    """Chat chunks for one choice: the role first, then the delta (content, or what the cursor's
+    parser makes of the text: reasoning_content, content, tool_calls), if any."""
     chunks = []
     if not cur.started:
         cur.started = True
         chunks.append(_chunk(meta, True, {"index": cur.index,
                                           "delta": {"role": "assistant", "content": ""},
                                           "logprobs": None, "finish_reason": None}))
-    delta = c.text[cur.num_chars:]
+    if cur.parser is None:
+        text = c.text[cur.num_chars:]
+        delta, finish = ({"content": text} if text else {}), c.finish_reason
+    elif cur.finished:
+        delta, finish = {}, None
+    else:
+        delta = cur.parser.delta(c.text, final=c.finish_reason is not None)
+        finish = cur.parser.finish_reason(c.finish_reason, cur.parser.streamed_calls)
     if not _has_news(meta, cur, c, delta):
         return chunks
     logprobs, _ = _choice_logprobs(meta, True, c, cur.num_tokens, 0)
     cur.num_chars, cur.num_tokens = len(c.text), len(c.token_ids)
-    chunks.append(_chunk(meta, True, {"index": cur.index, "delta": {"content": delta} if delta
-                                      else {}, "logprobs": logprobs,
-                                      "finish_reason": c.finish_reason,
+    chunks.append(_chunk(meta, True, {"index": cur.index, "delta": delta, "logprobs": logprobs,
+                                      "finish_reason": finish,
                                       "stop_reason": c.stop_reason}))
     return chunks
 

@@ -12,13 +12,19 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from jaxserve import structured_outputs
 from jaxserve.input_processor import InvalidRequest
+from jaxserve.reasoning import get_reasoning_parser
+from jaxserve.sampling_params import StructuredOutputsParams
 from jaxserve.server.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from jaxserve.server.metrics import ServerMetrics
 from jaxserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from jaxserve.server.responses import (ChoiceCursor, ResponseMeta, chat_body,
                                        chat_chunks, completion_body, completion_chunk, sse,
                                        token_id_text, usage_chunk)
+from jaxserve.server.tools import ToolPlan, plan_tools, template_messages
+from jaxserve.tool_parsers import get_tool_parser
+from jaxserve.tool_parsers.chat import ChatOutputParser
 
 logger = logging.getLogger("jaxserve.server")
 
@@ -42,6 +48,17 @@ class ServerConfig:
     max_request_body_bytes: int = 4 << 20  # larger bodies: 413
     drain_timeout: float = 30.0  # SIGTERM: seconds in-flight requests get to finish
     trust_request_chat_template: bool = False  # let requests send their own chat_template
+    enable_auto_tool_choice: bool = False  # tool_choice "auto" parses calls with tool_call_parser
+    tool_call_parser: str | None = None  # a jaxserve.tool_parsers.TOOL_PARSERS name
+    reasoning_parser: str | None = None  # a jaxserve.reasoning.REASONING_PARSERS name
+
+    def __post_init__(self):
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+        if self.tool_call_parser is not None:
+            get_tool_parser(self.tool_call_parser)  # ValueError naming the known ones
+        if self.reasoning_parser is not None:
+            get_reasoning_parser(self.reasoning_parser)
 
 
 @dataclass
@@ -75,6 +92,11 @@ class OpenAIServing:
         self.chat_template = config.chat_template or engine.chat_template
         self.max_model_len = engine.max_model_len
         self.max_n = engine.config.max_num_seqs
+        # Set by the engine once its sampler applies StructuredOutputsParams masks; until then
+        # constrained requests (and tool_choice required / named) are compiled, then refused.
+        self.structured_outputs_enabled = getattr(engine, "supports_structured_outputs", False)
+        self.reasoning = (get_reasoning_parser(config.reasoning_parser)
+                          if config.reasoning_parser else None)
 
     # ---- prompts -------------------------------------------------------------------------------
     def check_model(self, model: str | None) -> str:
@@ -112,26 +134,48 @@ class OpenAIServing:
                        add_generation_prompt=add_generation_prompt,
                        untrusted_template=template is not None, **kwargs)
 
-    def chat_prompt(self, body: ChatCompletionRequest) -> dict:
-        tools = self._tools(body)
-        text = self.render_chat(body.messages, body.add_generation_prompt, body.chat_template,
+    def chat_prompt(self, body: ChatCompletionRequest, tools: list[dict] | None) -> dict:
+        text = self.render_chat(template_messages(body.messages), body.add_generation_prompt,
+                                body.chat_template,
                                 continue_final_message=body.continue_final_message,
                                 chat_template_kwargs=body.chat_template_kwargs, tools=tools,
                                 documents=body.documents)
         return {"prompt": text, "prompt_token_ids": self.tokenize(text, body.add_special_tokens)}
 
-    @staticmethod
-    def _tools(body: ChatCompletionRequest) -> list[dict] | None:
-        """Tools go to the template; with no tool-call parser yet only tool_choice "none" is
-        honest (vLLM refuses "auto" without --enable-auto-tool-choice the same way)."""
-        if not body.tools:
+    def tool_plan(self, body: ChatCompletionRequest) -> ToolPlan:
+        return plan_tools(body, self.config.tool_call_parser
+                          if self.config.enable_auto_tool_choice else None)
+
+    def structured(self, body, forced: StructuredOutputsParams | None = None
+                   ) -> StructuredOutputsParams | None:
+        """The request's output constraint (response_format, structured_outputs, guided_*, or
+        the grammar of a forced tool choice), compiled once here so a bad one is a 400 naming
+        its field; refused while the engine cannot apply it."""
+        params, field = body.structured_outputs_params()
+        if forced is not None:
+            if params is not None:
+                raise APIError(400, f"{field} cannot be combined with tool_choice "
+                                    f"{body.tool_choice!r:.100}", param=field)
+            params, field = forced, "tool_choice"
+        if params is None:
             return None
-        if body.tool_choice != "none":
-            raise APIError(400, f"tool_choice={body.tool_choice!r} needs tool-call parsing, which "
-                                "jaxserve does not implement yet; send tool_choice=\"none\" to "
-                                "only show the tools to the model", param="tool_choice",
-                           code="unsupported_field")
-        return body.tools
+        try:
+            structured_outputs.compile(params, self.tokenizer)
+        except ValueError as e:
+            raise APIError(400, f"{field}: {e}", param=field) from None
+        if not self.structured_outputs_enabled:
+            what = f"tool_choice={body.tool_choice!r:.100}" if field == "tool_choice" else field
+            raise APIError(400, f"{what} is not supported by jaxserve yet: the sampler does not "
+                                "apply grammar masks yet", param=field, code="unsupported_field")
+        return params
+
+    def output_parser(self, plan: ToolPlan | None):
+        """A per-choice ChatOutputParser factory, or None when the text is the content as is."""
+        tools = plan.parser if plan is not None else None
+        if tools is None and self.reasoning is None:
+            return None
+        max_calls = plan.max_calls if plan is not None else None
+        return lambda: ChatOutputParser(self.reasoning, tools, max_calls)
 
     # ---- admission -----------------------------------------------------------------------------
     def _admit(self, prompts: list[dict], params, prompt_param: str) -> None:
@@ -161,11 +205,14 @@ class OpenAIServing:
         except EngineDeadError as e:
             raise APIError(500, str(e), type="server_error", code="engine_dead") from e
 
-    def _params(self, body, **kw):
+    def _params(self, body, keep_special_tokens: bool = False, **kw):
         try:
-            return body.sampling_params(defaults=self.inputs.defaults, **kw)
+            params = body.sampling_params(defaults=self.inputs.defaults, **kw)
         except ValueError as e:
             raise APIError(400, str(e)) from e
+        if keep_special_tokens:  # the tool parser's markers are special tokens ([TOOL_CALLS])
+            params.skip_special_tokens = False
+        return params
 
     def _check_request(self, body) -> str:
         model = self.check_model(body.model)
@@ -179,8 +226,9 @@ class OpenAIServing:
             raise APIError(400, "suffix is not supported", param="suffix")
         prompts = await asyncio.to_thread(self.completion_prompts, body.prompt, body.echo)
         prompt_lp = body.logprobs if body.echo and body.logprobs is not None else None
+        constraint = await asyncio.to_thread(self.structured, body)
         params = self._params(body, max_tokens=body.max_tokens, logprobs=body.logprobs,
-                              prompt_logprobs=prompt_lp)
+                              prompt_logprobs=prompt_lp, structured_outputs=constraint)
         self._admit(prompts, params, "prompt")
         stream = await self._start("cmpl", prompts, params)
         meta = ResponseMeta(stream.request_ids[0].rsplit("-", 1)[0], int(time.time()), model,
@@ -192,12 +240,18 @@ class OpenAIServing:
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
         top = (body.top_logprobs or 0) if body.logprobs else None
-        prompt = await asyncio.to_thread(self.chat_prompt, body)
-        params = self._params(body, max_tokens=body.max_new_tokens, logprobs=top)
+        plan = self.tool_plan(body)
+        prompt = await asyncio.to_thread(self.chat_prompt, body, plan.tools)
+        constraint = await asyncio.to_thread(self.structured, body, plan.grammar)
+        params = self._params(body, max_tokens=body.max_new_tokens, logprobs=top,
+                              structured_outputs=constraint,
+                              keep_special_tokens=bool(plan.parser
+                                                       and plan.parser.needs_special_tokens))
         self._admit([prompt], params, "messages")
         stream = await self._start("chatcmpl", [prompt], params)
         meta = ResponseMeta(stream.request_ids[0].rsplit("-", 1)[0], int(time.time()), model,
-                            top, self._decoder(body), body.include_usage)
+                            top, self._decoder(body), body.include_usage,
+                            output_parser=self.output_parser(plan))
         return Generation(stream, meta, [prompt])
 
     def _decoder(self, body):
@@ -243,9 +297,12 @@ class OpenAIServing:
 
     async def chat_events(self, gen: Generation) -> AsyncIterator[str]:
         cursors: dict[int, ChoiceCursor] = {}
+        new_parser = gen.meta.output_parser or (lambda: None)
         async for out in self._outputs(gen):
             for c in out.outputs:
-                cur = cursors.setdefault(c.index, ChoiceCursor(c.index))
+                if c.index not in cursors:
+                    cursors[c.index] = ChoiceCursor(c.index, parser=new_parser())
+                cur = cursors[c.index]
                 for chunk in chat_chunks(gen.meta, cur, c):
                     yield sse(chunk)
         async for tail in self._tail(gen, chat=True):
@@ -266,3 +323,4 @@ class OpenAIServing:
         elif gen.meta.include_usage:
             yield sse(usage_chunk(gen.meta, chat, gen.ordered()))
         yield sse("[DONE]")
+
