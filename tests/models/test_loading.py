@@ -56,7 +56,7 @@ def test_max_model_len_above_the_model_limit_is_an_error(tiny):
 
 
 @pytest.mark.parametrize("rope", [{"rope_type": "dynamic", "factor": 2.0},
-                                  {"type": "longrope", "factor": 2.0},
+                                  {"type": "dynamic", "factor": 4.0},  # the 4.x key
                                   {"rope_type": "mrope", "mrope_section": [2, 2, 4]}])
 def test_unimplemented_rope_type_fails_at_load(tiny, tmp_path, rope):
     name = rope.get("rope_type", rope.get("type"))
