@@ -47,6 +47,17 @@ def allowed_tokens(row: np.ndarray, vocab_size: int) -> np.ndarray:
     return np.flatnonzero(bits[:vocab_size])
 
 
+def apply_bitmask_reference(logits: np.ndarray, bitmask: np.ndarray) -> np.ndarray:
+    """The device op's slow, obvious oracle: logits f32[B, V] with -inf where token t's bit in
+    bitmask[b] (i32[B, W], W * 32 >= V) is 0."""
+    vocab = logits.shape[1]
+    if bitmask.shape[1] * 32 < vocab:
+        raise ValueError(f"bitmask has {bitmask.shape[1]} words, {vocab=} needs {num_words(vocab)}")
+    bits = np.unpackbits(np.ascontiguousarray(bitmask, dtype=np.int32).view(np.uint8), axis=1,
+                         bitorder="little")[:, :vocab].astype(bool)
+    return np.where(bits, logits, -np.inf)
+
+
 def _no_additional_properties(schema):
     """vLLM's disable_additional_properties: every object schema that does not say otherwise
     gets additionalProperties false (recursively)."""
@@ -190,11 +201,11 @@ class GrammarCompiler:
                  cache_size: int = _CACHE_SIZE):
         import llguidance.hf
 
-        eos = tuple(eos_token_ids) if eos_token_ids else (tokenizer.eos_token_id,)
-        self.eos_token_ids = tuple(int(t) for t in eos)
+        eos = list(eos_token_ids or [tokenizer.eos_token_id])
         # ~0.4 s for a 49k vocabulary: done once per tokenizer (module-level compile() caches it)
-        self._ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer,
-                                                          eos_token=list(self.eos_token_ids))
+        self._ll_tokenizer = llguidance.hf.from_tokenizer(
+            tokenizer, eos_token=None if None in eos else [int(t) for t in eos])
+        self.eos_token_ids = tuple(self._ll_tokenizer.eos_tokens)
         self.vocab_size = self._ll_tokenizer.vocab_size
         self._cache: OrderedDict[str, Grammar] = OrderedDict()
         self._cache_size = cache_size
@@ -265,9 +276,11 @@ _executor_instance = None
 
 
 def _executor():
+    """llguidance's thread pool for fill_bitmasks (created on first use)."""
     global _executor_instance
-    if _executor_instance is None:
-        import llguidance
+    with _compilers_lock:
+        if _executor_instance is None:
+            import llguidance
 
-        _executor_instance = llguidance.LLExecutor()
+            _executor_instance = llguidance.LLExecutor()
     return _executor_instance

@@ -165,6 +165,20 @@ def test_batched_fill_equals_single_rows_and_padding(tok):
         assert (row[-2:] == 0).all()
 
 
+def test_apply_bitmask_reference():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 70)).astype(np.float32)
+    bitmask = rng.integers(-2**31, 2**31, size=(3, so.num_words(70)), dtype=np.int64).astype(
+        np.int32)
+    masked = so.apply_bitmask_reference(logits, bitmask)
+    for b in range(3):
+        allowed = so.allowed_tokens(bitmask[b], 70)
+        assert np.isfinite(masked[b]).nonzero()[0].tolist() == allowed.tolist()
+        np.testing.assert_array_equal(masked[b, allowed], logits[b, allowed])
+    with pytest.raises(ValueError, match="words"):
+        so.apply_bitmask_reference(logits, bitmask[:, :2])
+
+
 def test_eos_rollback_and_termination(tok):
     eos = tok.eos_token_id
     m = so.compile(S(choice=["no way", "no"]), tok).matcher()
