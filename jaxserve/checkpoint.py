@@ -34,7 +34,37 @@ _QUANT_TENSORS = {".qweight": "gptq/awq", ".qzeros": "gptq/awq", ".g_idx": "gptq
                   ".absmax": "bitsandbytes", ".quant_state.bitsandbytes__nf4": "bitsandbytes",
                   ".SCB": "bitsandbytes"}
 _GGUF_ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-               "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+               "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+               "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
+               "phi3": "Phi3ForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM",
+               "qwen3moe": "Qwen3MoeForCausalLM"}
+# Per-architecture names checked before _GGUF_NAMES: experts stacked [E, out, in] (models/moe.py
+# STACKED_EXPERTS_WEIGHT_MAP), Phi-3's fused qkv and gate+up (its ffn_up holds both).
+_GGUF_MOE_NAMES = [
+    (r"blk\.(\d+)\.ffn_gate_inp\.weight", "model.layers.{0}.mlp.gate.weight"),
+    (r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight",
+     "model.layers.{0}.mlp.experts.{1}_proj.weight"),
+    (r"blk\.(\d+)\.ffn_gate_inp_shexp\.weight", "model.layers.{0}.mlp.shared_expert_gate.weight"),
+    (r"blk\.(\d+)\.ffn_(gate|up|down)_shexp\.weight",
+     "model.layers.{0}.mlp.shared_expert.{1}_proj.weight"),
+]
+_GGUF_ARCH_NAMES = {
+    "MixtralForCausalLM": _GGUF_MOE_NAMES, "Qwen2MoeForCausalLM": _GGUF_MOE_NAMES,
+    "Qwen3MoeForCausalLM": _GGUF_MOE_NAMES,
+    "Phi3ForCausalLM": [
+        (r"blk\.(\d+)\.attn_qkv\.weight", "model.layers.{0}.self_attn.qkv_proj.weight"),
+        (r"blk\.(\d+)\.ffn_up\.weight", "model.layers.{0}.mlp.gate_up_proj.weight"),
+        (r"rope_factors_(long|short)\.weight", "rope_factors_{0}")],  # read into the config
+}
+# Gemma's four norms per layer (llama.cpp's ffn_norm is Gemma's pre-MLP norm, not Llama's
+# post-attention one); checked before _GGUF_NAMES for gemma archs.
+_GGUF_GEMMA_NAMES = [
+    (r"blk\.(\d+)\.post_attention_norm\.weight",
+     "model.layers.{0}.post_attention_layernorm.weight"),
+    (r"blk\.(\d+)\.ffn_norm\.weight", "model.layers.{0}.pre_feedforward_layernorm.weight"),
+    (r"blk\.(\d+)\.post_ffw_norm\.weight",
+     "model.layers.{0}.post_feedforward_layernorm.weight"),
+]
 _GGUF_NAMES = [  # llama.cpp tensor name -> HF tensor name
     (r"token_embd\.weight", "model.embed_tokens.weight"),
     (r"output_norm\.weight", "model.norm.weight"),
@@ -216,6 +246,11 @@ def read_gguf(path: str, *, dummy: bool = False) -> Checkpoint:
     meta = {k: _field_value(f) for k, f in reader.fields.items()
             if not k.startswith("tokenizer.ggml.") or k.endswith("_token_id")}
     hf = gguf_to_hf_config(meta, {t.name for t in reader.tensors})
+    if hf["vocab_size"] is None:  # gemma3 GGUFs state it nowhere but in the embedding's shape
+        hf["vocab_size"] = next(int(t.shape[-1]) for t in reader.tensors
+                                if t.name == "token_embd.weight")
+    if meta["general.architecture"] == "phi3":
+        hf.update(_phi3_gguf_rope(reader, meta))
     permute = meta["general.architecture"] in ("llama", "mistral")
     tensors = {} if dummy else _gguf_tensors(reader, hf, permute)
     eos = {v for k, v in meta.items()
@@ -258,17 +293,69 @@ def gguf_to_hf_config(meta: dict, tensor_names: set[str]) -> dict:
                 "original_max_position_embeddings": meta.get(
                     p + "rope.scaling.original_context_length")}
         hf["rope_scaling"] = {k: v for k, v in rope.items() if v is not None}
+    if arch in ("gemma2", "gemma3"):
+        hf.update(_gemma_gguf_config(meta, hf))
+    if meta.get(p + "expert_count"):
+        hf.update(_moe_gguf_config(meta, arch))
     if "rope_freqs.weight" in tensor_names:
         # TODO(models): Llama 3.1 GGUFs store llama3 rope factors as a tensor; not applied yet.
         logger.warning("GGUF rope_freqs tensor ignored: long-context rope scaling is not applied")
     return hf
 
 
+def _moe_gguf_config(meta: dict, arch: str) -> dict:
+    """Expert fields; llama.cpp's "llama" arch with experts is Mixtral. Renormalized top-k as
+    llama.cpp builds each arch unless the file says (expert_weights_norm)."""
+    p = arch + "."
+    out = {"num_experts": meta[p + "expert_count"], "num_local_experts": meta[p + "expert_count"],
+           "num_experts_per_tok": meta[p + "expert_used_count"],
+           "moe_intermediate_size": meta.get(p + "expert_feed_forward_length"),
+           "shared_expert_intermediate_size": meta.get(p + "expert_shared_feed_forward_length"),
+           "norm_topk_prob": meta.get(p + "expert_weights_norm", arch != "qwen2moe")}
+    if arch in ("llama", "mistral"):
+        out["architectures"] = ["MixtralForCausalLM"]
+    return out
+
+
+def _phi3_gguf_rope(reader, meta: dict) -> dict:
+    """Phi-3's LongRoPE: the factors are tensors (rope_factors_long/short) in llama.cpp's GGUF."""
+    factors = {t.name.split("_")[2].split(".")[0]: np.asarray(t.data, np.float64).tolist()
+               for t in reader.tensors if t.name.startswith("rope_factors_")}
+    original = meta.get("phi3.rope.scaling.original_context_length")
+    if not factors:
+        return {"original_max_position_embeddings": original}
+    return {"original_max_position_embeddings": original, "rope_scaling": {
+        "rope_type": "longrope", "long_factor": factors["long"], "short_factor": factors["short"],
+        "attention_factor": meta.get("phi3.rope.scaling.attn_factor")}}
+
+
+def _gemma_gguf_config(meta: dict, hf: dict) -> dict:
+    """Gemma fields GGUF leaves to llama.cpp's code (llama-model.cpp): 1/sqrt(hidden/heads) as
+    the softmax scale on the 27B models (Gemma 2: 46 layers, Gemma 3: 62), else 1/sqrt(head_dim);
+    Gemma 3's sliding layers: every 6th layer global, local rope base 10000."""
+    arch = meta["general.architecture"]
+    p = arch + "."
+    big = hf["num_hidden_layers"] == {"gemma2": 46, "gemma3": 62}[arch]
+    head_dim = hf["head_dim"] or hf["hidden_size"] // hf["num_attention_heads"]
+    out = {"query_pre_attn_scalar": (hf["hidden_size"] // hf["num_attention_heads"]) if big
+           else head_dim}
+    if arch == "gemma2":
+        out.update(attn_logit_softcapping=meta.get(p + "attn_logit_softcapping"),
+                   final_logit_softcapping=meta.get(p + "final_logit_softcapping"))
+    else:
+        out.update(sliding_window_pattern=6, rope_local_base_freq=10000.0)
+    return out
+
+
 def _gguf_tensors(reader, hf: dict, permute: bool) -> dict[str, LazyTensor]:
-    """HF name -> lazy f32 array; q/k weights un-permuted when llama.cpp permuted them."""
+    """HF name -> lazy f32 array; q/k weights un-permuted when llama.cpp permuted them; Gemma's
+    norms stored as 1 + w by llama.cpp, shifted back to HF's w."""
     from gguf.quants import dequantize
 
-    compiled = [(re.compile(p), target) for p, target in _GGUF_NAMES]
+    gemma = hf["architectures"][0] in ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+    names = ((_GGUF_GEMMA_NAMES if gemma else []) + _GGUF_ARCH_NAMES.get(hf["architectures"][0], [])
+             + _GGUF_NAMES)
+    compiled = [(re.compile(p), target) for p, target in names]
     out = {}
     for t in reader.tensors:
         for pattern, target in compiled:
@@ -282,9 +369,13 @@ def _gguf_tensors(reader, hf: dict, permute: bool) -> dict[str, LazyTensor]:
                  "k_proj.weight": hf["num_key_value_heads"] or hf["num_attention_heads"]}
         num_heads = heads.get(name.rsplit("self_attn.", 1)[-1]) if permute else None
 
-        def load(t=t, num_heads=num_heads):
+        shift = 1.0 if gemma and name.endswith("norm.weight") else 0.0
+
+        def load(t=t, num_heads=num_heads, shift=shift):
             w = dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
-            return _unpermute_rope(w, num_heads) if num_heads else w
+            if num_heads:
+                w = _unpermute_rope(w, num_heads)
+            return w - shift if shift else w
 
         out[name] = load
     return out

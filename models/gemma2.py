@@ -63,7 +63,8 @@ def check_gemma_hf(hf: dict) -> None:
     """ValueError for Gemma config.json options we do not implement."""
     act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in GELU_TANH:
-        raise ValueError(f"Gemma hidden_activation={act!r} is not supported; supported: {GELU_TANH}")
+        raise ValueError(f"Gemma hidden_activation={act!r} is not supported; "
+                         f"supported: {GELU_TANH}")
     if hf.get("use_bidirectional_attention"):
         raise ValueError("Gemma use_bidirectional_attention=True (an encoder) is not supported")
 
