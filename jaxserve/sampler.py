@@ -10,7 +10,7 @@ from the runner's on-device token history. Each [B, V] pass below is one read of
   becomes j's logit (every token at or below it is outside the kept set) and draw again. A draw
   from a superset, proportional to p, accepted when it lies in the kept set, is distributed as p
   truncated to that set. A top-k floor from chunk maxima starts the pivot near the k-th token.
-- Kept set (as the sort-based `_truncate_reference`, ties at the cut-off kept): token i is kept iff
+- Kept set (as the sort-based `truncate_reference`, ties at the cut-off kept): token i is kept iff
   fewer than top_k tokens have a strictly larger logit, the mass of the strictly larger tokens is
   < top_p, and p_i >= min_p * p_max; all three on the full temperature-scaled distribution (vLLM
   renormalizes top-p over the top-k set, which keeps fewer tokens when that set's mass < top_p).
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 _EXACT_TOP_K_MAX = 32  # larger logprob counts use lax.top_k (a sort) instead of k unrolled rounds
-ROUNDS = 6  # rejection rounds (unrolled) before the exact sort-based fallback (lax.cond, rare)
+ROUNDS = 6  # rejection rounds (unrolled) before the exact bisection fallback (lax.cond, rare)
 CHUNK = 128  # tokens per chunk of the top-k floor and of top_k_exact
 
 
@@ -166,7 +166,7 @@ def apply_penalties_reference(logits, prompt_ids, output_ids, md: SamplingMetada
 # ---- truncation ---------------------------------------------------------------------------------
 def truncate_reference(scaled: jax.Array, md: SamplingMetadata) -> jax.Array:
     """Sort-based: mask logits outside top_k / top_p / min_p with -inf (ties at the cut-off are
-    kept). The oracle of the kept set, and the fallback after ROUNDS rejections."""
+    kept). The oracle of the kept set (tests)."""
     vocab = scaled.shape[-1]
     sorted_desc = -jnp.sort(-scaled, axis=-1)
     probs = jax.nn.softmax(sorted_desc, axis=-1)
@@ -237,11 +237,40 @@ def _sample_truncated(scaled, row_max, floor, first, md: SamplingMetadata):
     return token, done
 
 
-def _fallback(scaled, token, done, md: SamplingMetadata) -> jax.Array:
-    """Rows not `done` after the rejection rounds: an exact draw from the sort-based kept set."""
-    kept = truncate_reference(scaled, md)
+def _order_keys(x: jax.Array) -> jax.Array:
+    """u32 keys with the order of the f32 values (-inf lowest; no NaNs here)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def kept_threshold(scaled: jax.Array, row_max: jax.Array, md: SamplingMetadata) -> jax.Array:
+    """u32[B] key t with top-k / top-p's kept set = {i : key_i >= t}, by bisection (32 passes,
+    no sort): token i is kept iff P(key_i), P(x) = fewer than top_k keys > x and their mass <
+    top_p; P is monotone in x, so the kept set is every key >= the smallest x with P(x)."""
+    keys = _order_keys(scaled)
+    weights = jnp.exp(scaled - row_max[:, None])
+    bound = md.top_p * jnp.sum(weights, axis=-1)
+    k_eff = jnp.where(md.top_k > 0, md.top_k, scaled.shape[1] + 1)
+    lo = jnp.zeros_like(row_max, jnp.uint32)
+    hi = jnp.max(keys, axis=-1)  # P(max) holds: nothing is above it
+    for _ in range(32):
+        mid = lo + (hi - lo) // 2
+        above = keys > mid[:, None]
+        ok = jnp.sum(above, axis=-1) < k_eff
+        ok &= (md.top_p >= 1.0) | (jnp.sum(jnp.where(above, weights, 0.0), axis=-1) < bound)
+        hi, lo = jnp.where(ok, mid, hi), jnp.where(ok, lo, mid + 1)
+    return hi
+
+
+def _fallback(scaled, row_max, floor, token, done, md: SamplingMetadata) -> jax.Array:
+    """Rows not `done` after the rejection rounds: an exact draw from the kept set found by
+    bisection. (A sort here, inside the lax.cond, made XLA:GPU wait for the device at every
+    launch, as lax.top_k and a while loop inside a cond do; a loop-free reduction does not.)"""
+    ok = (_order_keys(scaled) >= kept_threshold(scaled, row_max, md)[:, None])
+    ok &= scaled >= floor[:, None]
     noise = gumbel(row_keys(md.seeds, md.counters, ROUNDS + 1), scaled.shape[1])
-    return jnp.where(done, token, jnp.argmax(kept + noise, axis=-1).astype(jnp.int32))
+    draw = jnp.argmax(jnp.where(ok, scaled + noise, -jnp.inf), axis=-1).astype(jnp.int32)
+    return jnp.where(done, token, draw)
 
 
 def _scaled(logits, md: SamplingMetadata) -> jax.Array:
@@ -250,8 +279,8 @@ def _scaled(logits, md: SamplingMetadata) -> jax.Array:
 
 
 def _sample_random(logits, row_max, md: SamplingMetadata):
-    """(i32[B] tokens, bool[B] done) of the rows with temperature > 0 (other rows: anything);
-    a row not done needs the fallback."""
+    """(i32[B] tokens, bool[B] done, f32[B] floor) of the rows with temperature > 0 (other rows:
+    anything); a row not done needs the fallback, which reuses the floor."""
     temp = jnp.where(md.temperature > 0, md.temperature, 1.0)
     scaled = _scaled(logits, md)
     scaled_max = row_max / temp
@@ -262,8 +291,8 @@ def _sample_random(logits, row_max, md: SamplingMetadata):
         floor = jnp.maximum(floor, _top_k_floor(scaled, md.top_k))
     first = _draw(scaled, floor, jnp.full_like(floor, -jnp.inf), md, 0)
     if not (md.use_top_k or md.use_top_p):
-        return first, jnp.ones_like(first, bool)
-    return _sample_truncated(scaled, scaled_max, floor, first, md)
+        return first, jnp.ones_like(first, bool), floor
+    return *_sample_truncated(scaled, scaled_max, floor, first, md), floor
 
 
 # ---- logprobs -----------------------------------------------------------------------------------
@@ -317,19 +346,23 @@ def sample(logits: jax.Array, md: SamplingMetadata) -> SamplerOutput:
         logits = logits.at[rows, md.banned_ids].set(-jnp.inf, mode="drop")
         greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
+        row_max = jnp.take_along_axis(logits, greedy[:, None], axis=-1)[:, 0]
+        random = md.temperature > 0
+
         def draw():
-            row_max = jnp.take_along_axis(logits, greedy[:, None], axis=-1)[:, 0]
-            token, done = _sample_random(logits, row_max, md)
-            random = md.temperature > 0
-            return jnp.where(random, token, greedy), done | ~random
+            token, done, floor = _sample_random(logits, row_max, md)
+            return jnp.where(random, token, greedy), done | ~random, floor
 
         # Runtime branches, not static flags: greedy and plain sampling share one compiled step.
-        # Both are top-level and loop-free (XLA:GPU runs such a cond without a host round trip).
-        tokens, done = jax.lax.cond(jnp.any(md.temperature > 0), draw,
-                                    lambda: (greedy, jnp.ones_like(greedy, bool)))
+        # XLA:GPU launches a cond without waiting for the device only if its branches hold no
+        # loop, lax.top_k or large sort (measured on the H200: such a cond blocked each launch).
+        tokens, done, floor = jax.lax.cond(
+            jnp.any(random), draw,
+            lambda: (greedy, jnp.ones_like(greedy, bool), jnp.full_like(row_max, -jnp.inf)))
         if md.use_top_k or md.use_top_p:
-            tokens = jax.lax.cond(jnp.all(done), lambda: tokens,
-                                  lambda: _fallback(_scaled(logits, md), tokens, done, md))
+            temp = jnp.where(random, md.temperature, 1.0)
+            tokens = jax.lax.cond(jnp.all(done), lambda: tokens, lambda: _fallback(
+                _scaled(logits, md), row_max / temp, floor, tokens, done, md))
         B, k = logits.shape[0], max(md.num_logprobs, 0)
 
         def no_logprobs():
@@ -338,7 +371,10 @@ def sample(logits: jax.Array, md: SamplingMetadata) -> SamplerOutput:
 
         if md.num_logprobs < 0:
             return SamplerOutput(tokens, *no_logprobs())
-        # The full variant compiles logprobs in; they run only in steps where a row asked.
+        # The full variant compiles logprobs in; they run only in steps where a row asked
+        # (lax.top_k, used above _EXACT_TOP_K_MAX, inside a cond would block each launch).
+        if md.num_logprobs > _EXACT_TOP_K_MAX:
+            return SamplerOutput(tokens, *_logprobs(raw, tokens, md.num_logprobs))
         lps = jax.lax.cond(jnp.any(md.want_logprobs),
                            lambda: _logprobs(raw, tokens, md.num_logprobs), no_logprobs)
         return SamplerOutput(tokens, *lps)

@@ -136,6 +136,24 @@ def test_fallback_after_the_rounds_is_exact(monkeypatch):
     assert stats.chisquare(obs, p[big] * obs.sum() / p[big].sum()).pvalue > 1e-3
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bisection_kept_set_equals_the_sort(seed):
+    """kept_threshold (the fallback's bisection) keeps exactly truncate_reference's set, with
+    ties at the cut-off, negative and -inf logits, top-k alone, top-p alone and both."""
+    rng = np.random.default_rng(seed)
+    B, V = 24, 333
+    scaled = (rng.standard_normal((B, V)) * rng.uniform(0.1, 4, (B, 1))).astype(np.float32)
+    scaled[:8] = np.round(scaled[:8])  # many ties
+    scaled[3, :100] = -np.inf
+    md = make_md(B, V, top_k=rng.choice([0, 1, 5, 40, 400], B),
+                 top_p=rng.choice([1.0, 0.05, 0.5, 0.9, 0.999], B))
+    x = jnp.asarray(scaled)
+    want = np.isfinite(np.asarray(sampler.truncate_reference(x, md)))
+    t = sampler.kept_threshold(x, x.max(-1), md)
+    got = np.asarray(sampler._order_keys(x) >= t[:, None])
+    np.testing.assert_array_equal(got, want)
+
+
 def test_seed_draw_does_not_depend_on_the_batch():
     rng = np.random.default_rng(4)
     V = 2000
