@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shutil
+import subprocess
+from pathlib import Path
 
 import openai
 import pytest
@@ -265,3 +268,26 @@ def test_tool_messages_round_trip_through_the_template(served, client):
     bad = dict(messages[1], tool_calls=[{"function": {"name": "f", "arguments": "{oops"}}])
     with pytest.raises(openai.BadRequestError, match="not JSON"):
         client.chat.completions.create(model=MODEL, messages=[MESSAGES[0], bad], max_tokens=2)
+
+
+def test_node_sdk_reads_tool_calls(served):
+    """The openai npm client, whole and through its stream accumulator (tests/server/node)."""
+    node_dir = Path(__file__).parent / "node"
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("node/npm not installed")
+    if not (node_dir / "node_modules" / "openai").is_dir():
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund"], cwd=node_dir, check=True,
+                       capture_output=True, timeout=300)
+    with scripted(served, "Ok.\n" + CALL + "\n" + CALL2, **HERMES):
+        proc = subprocess.run(["node", str(node_dir / "tools.mjs"), served.base_url + "/v1",
+                               MODEL, json.dumps(TOOLS)], capture_output=True, text=True,
+                              timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    want = [("w", {"c": "P"}), ("t", {"z": "C"})]
+    for prefix in ("", "stream_"):
+        calls = out[prefix + "calls"]
+        assert [(c["name"], json.loads(c["arguments"])) for c in calls] == want, out
+        assert all(c["id"].startswith("chatcmpl-tool-") and c["type"] == "function"
+                   for c in calls)
+        assert out[prefix + "finish_reason"] == "tool_calls" and out[prefix + "content"] == "Ok."
