@@ -3,7 +3,8 @@ import subprocess
 import sys
 
 HOST_MODULES = ["jaxserve.scheduler", "jaxserve.pages", "jaxserve.request", "jaxserve.batch",
-                "jaxserve.sampling_params"]
+                "jaxserve.sampling_params", "jaxserve.structured_outputs", "jaxserve.tool_parsers",
+                "jaxserve.reasoning"]
 
 
 def test_host_modules_import_without_jax():
