@@ -219,3 +219,84 @@ def test_greedy_tokens_match(ours, theirs, generated):
                                    ours.tokenizer.decode(want))
     # The base 270M model: " the capital of the country of France. It is the largest city ..."
     assert "France" in ours.tokenizer.decode(tokens[0])
+
+
+# llama.cpp's tensor names for Gemma 2/3 (convert_hf_to_gguf.py), per HF name suffix.
+_LLAMA_CPP_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q",
+                    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+                    "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm":
+                    "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                    "post_feedforward_layernorm": "post_ffw_norm", "mlp.gate_proj": "ffn_gate",
+                    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def write_gemma_gguf(model, path: str, arch: str) -> str:
+    """A tiny transformers Gemma 2/3 as llama.cpp writes it: F32 tensors under llama.cpp's names,
+    norms stored as 1 + w, the metadata keys its converter sets."""
+    import gguf
+
+    cfg, p = model.config, arch + "."
+    writer = gguf.GGUFWriter(path, arch)
+    for key, value in {"context_length": cfg.max_position_embeddings,
+                       "embedding_length": cfg.hidden_size, "block_count": cfg.num_hidden_layers,
+                       "feed_forward_length": cfg.intermediate_size,
+                       "attention.head_count": cfg.num_attention_heads,
+                       "attention.head_count_kv": cfg.num_key_value_heads,
+                       "attention.key_length": cfg.head_dim, "attention.value_length": cfg.head_dim,
+                       "attention.sliding_window": cfg.sliding_window}.items():
+        writer.add_uint32(p + key, value)
+    writer.add_float32(p + "attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
+    if arch == "gemma2":
+        writer.add_float32(p + "attn_logit_softcapping", cfg.attn_logit_softcapping)
+        writer.add_float32(p + "final_logit_softcapping", cfg.final_logit_softcapping)
+    else:
+        writer.add_float32(p + "rope.freq_base", cfg.rope_parameters["full_attention"]["rope_theta"])
+    for name, tensor in model.state_dict().items():
+        w = tensor.float().numpy()
+        if name == "model.embed_tokens.weight":
+            gguf_name = "token_embd.weight"
+        elif name == "model.norm.weight":
+            gguf_name = "output_norm.weight"
+        elif name.startswith("model.layers."):
+            layer, rest = name.removeprefix("model.layers.").split(".", 1)
+            gguf_name = f"blk.{layer}.{_LLAMA_CPP_NAMES[rest.removesuffix('.weight')]}.weight"
+        else:
+            continue  # lm_head: tied
+        writer.add_tensor(gguf_name, w + 1.0 if name.endswith("norm.weight") else w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_tiny_gemma_gguf_matches_transformers_gguf_loader(arch, tmp_path):
+    """Our GGUF names, norm shift and metadata for gemma2/gemma3 against transformers' GGUF loader
+    on the same file. head_dim 256 and the default soft caps (50, 30): what both take as given
+    where llama.cpp's metadata is silent (query_pre_attn_scalar; transformers ignores the caps);
+    Gemma 3's default pattern makes both layers sliding (window 8 < the prompt)."""
+    import torch
+    import transformers
+    from fixtures import make_hf_model, save_word_tokenizer
+
+    from jaxserve.weights import load_model
+
+    config_cls, model_cls = {
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+        "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM)}[arch]
+    source = make_hf_model(config_cls, model_cls, attn_implementation="eager", head_dim=256,
+                           num_attention_heads=2, num_key_value_heads=1, sliding_window=8)
+    path = write_gemma_gguf(source, str(tmp_path / f"{arch}.gguf"), arch)
+    save_word_tokenizer(tmp_path / "tok", source.config.vocab_size)
+    ours = load_model(path, dtype="float32", tokenizer=str(tmp_path / "tok"))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file=f"{arch}.gguf", dtype=torch.float32,
+        attn_implementation="eager").eval()
+    assert ours.config.architecture == type(theirs).__name__
+    prompt = list(range(3, 23))
+    prefill, _, tokens = Driver(ours, 1).greedy([prompt], 4)
+    np.testing.assert_allclose(prefill[0], hf_logits(theirs, prompt), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(prefill[0], hf_logits(source, prompt), atol=1e-4, rtol=0)
+    assert tokens[0] == hf_greedy(theirs, prompt, 4)
