@@ -238,11 +238,11 @@ _compilers_lock = threading.Lock()
 
 def compiler_for(tokenizer, eos_token_ids: Sequence[int] | None = None) -> GrammarCompiler:
     """The GrammarCompiler of `tokenizer` (built on first use, kept while the tokenizer lives)."""
-    key = tuple(eos_token_ids) if eos_token_ids else None
+    key = tuple(sorted({int(t) for t in eos_token_ids})) if eos_token_ids else None
     with _compilers_lock:
         per_eos = _compilers.setdefault(tokenizer, {})
         if key not in per_eos:
-            per_eos[key] = GrammarCompiler(tokenizer, eos_token_ids)
+            per_eos[key] = GrammarCompiler(tokenizer, key)
         return per_eos[key]
 
 

@@ -9,9 +9,8 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from jaxserve.tool_parsers.chat import ChatOutputParser
-
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxserve.tool_parsers.chat import ChatOutputParser
 
 _MIN_LOGPROB = -9999.0  # -inf is not JSON; vLLM clamps the same way
 

@@ -95,6 +95,7 @@ class OpenAIServing:
         # Set by the engine once its sampler applies StructuredOutputsParams masks; until then
         # constrained requests (and tool_choice required / named) are compiled, then refused.
         self.structured_outputs_enabled = getattr(engine, "supports_structured_outputs", False)
+        self.eos_token_ids = tuple(engine.eos_token_ids)  # the grammar cache the engine uses
         self.reasoning = (get_reasoning_parser(config.reasoning_parser)
                           if config.reasoning_parser else None)
 
@@ -160,7 +161,7 @@ class OpenAIServing:
         if params is None:
             return None
         try:
-            structured_outputs.compile(params, self.tokenizer)
+            structured_outputs.compile(params, self.tokenizer, self.eos_token_ids)
         except ValueError as e:
             raise APIError(400, f"{field}: {e}", param=field) from None
         if not self.structured_outputs_enabled:
