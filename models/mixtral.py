@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from jaxserve.config import ModelConfig
 from models.hf import LLAMA_WEIGHT_MAP, Stacked, base_config_from_hf, transpose
-from models.moe import MoECausalLM, moe_config
+from models.moe import STACKED_EXPERTS_WEIGHT_MAP, MoECausalLM, moe_config
 
 _MOE = r"model\.layers\.(\d+)\.block_sparse_moe\."
 WEIGHT_MAP = {
@@ -12,6 +12,9 @@ WEIGHT_MAP = {
     _MOE + r"experts\.(\d+)\.w1\.weight": ("layers.{0}.mlp.gate_proj", Stacked(transpose)),
     _MOE + r"experts\.(\d+)\.w3\.weight": ("layers.{0}.mlp.up_proj", Stacked(transpose)),
     _MOE + r"experts\.(\d+)\.w2\.weight": ("layers.{0}.mlp.down_proj", Stacked(transpose)),
+    # GGUF (llama.cpp's "llama" arch with experts): the router and stacked experts
+    r"model\.layers\.(\d+)\.mlp\.gate\.weight": ("layers.{0}.mlp.router", transpose),
+    **STACKED_EXPERTS_WEIGHT_MAP,
 }
 
 

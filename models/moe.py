@@ -41,6 +41,14 @@ class MoEConfig(ModelConfig):
                 and (layer_idx + 1) % self.decoder_sparse_step == 0)
 
 
+# llama.cpp's GGUFs store each layer's experts as one [E, out, in] tensor (ffn_{gate,up,down}_exps,
+# named so by jaxserve/checkpoint.py) rather than one HF tensor per expert.
+STACKED_EXPERTS_WEIGHT_MAP = {
+    r"model\.layers\.(\d+)\.mlp\.experts\.(gate|up|down)_proj\.weight":
+        ("layers.{0}.mlp.{1}_proj", lambda w, cfg: w.transpose(0, 2, 1)),
+}
+
+
 def moe_config(base: ModelConfig, **moe_fields) -> MoEConfig:
     """A MoEConfig with base's fields (from models.hf.base_config_from_hf) and the expert fields."""
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
@@ -49,7 +57,8 @@ def moe_config(base: ModelConfig, **moe_fields) -> MoEConfig:
 
 def route(logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
     """Router logits [T, E] -> (weights f32[T, k], expert ids i32[T, k]), HF's TopKRouter:
-    softmax in f32, top-k (ties go to the lower expert id, as torch.topk), optionally renormalized."""
+    softmax in f32, top-k, optionally renormalized. Exact ties go to the lower expert id (vLLM's
+    topk_softmax does the same; torch.topk leaves ties unspecified)."""
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     weights, expert_ids = jax.lax.top_k(probs, top_k)  # lax.top_k: equal values keep index order
     if normalize:
@@ -77,6 +86,9 @@ def grouped_experts(x: jax.Array, weights: jax.Array, expert_ids: jax.Array, w_g
     gate = jax.lax.ragged_dot(xs, w_gate, group_sizes)  # [T*k, F]
     up = jax.lax.ragged_dot(xs, w_up, group_sizes)
     out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down, group_sizes)  # [T*k, D]
+    # Rows past the last group are zeros in XLA's ragged_dot but need not be in a kernel's: select,
+    # never multiply by a zero weight (0 * NaN).
+    out = jnp.where(held[order][:, None], out, 0)
     unsorted = jnp.zeros_like(out).at[order].set(out).reshape(T, k, -1)  # back to (token, slot)
     w = jnp.where(held.reshape(T, k), weights, 0.0)
     y = jnp.einsum("TKD,TK->TD", unsorted.astype(jnp.float32), w)

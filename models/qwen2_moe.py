@@ -6,7 +6,7 @@ from __future__ import annotations
 from jaxserve.config import ModelConfig
 from models.hf import (LLAMA_WEIGHT_MAP, QKV_BIAS_WEIGHT_MAP, Stacked, base_config_from_hf,
                        transpose)
-from models.moe import MoECausalLM, moe_config
+from models.moe import STACKED_EXPERTS_WEIGHT_MAP, MoECausalLM, moe_config
 
 _MOE = r"model\.layers\.(\d+)\.mlp\."
 EXPERT_WEIGHT_MAP = {
@@ -14,6 +14,7 @@ EXPERT_WEIGHT_MAP = {
     _MOE + r"experts\.(\d+)\.gate_proj\.weight": ("layers.{0}.mlp.gate_proj", Stacked(transpose)),
     _MOE + r"experts\.(\d+)\.up_proj\.weight": ("layers.{0}.mlp.up_proj", Stacked(transpose)),
     _MOE + r"experts\.(\d+)\.down_proj\.weight": ("layers.{0}.mlp.down_proj", Stacked(transpose)),
+    **STACKED_EXPERTS_WEIGHT_MAP,
 }
 SHARED_EXPERT_WEIGHT_MAP = {
     _MOE + r"shared_expert\.(gate|up|down)_proj\.weight":

@@ -129,3 +129,23 @@ def test_mixtral_preset():
     loaded = load_model("mixtral-8x7b", load_format="dummy", hf_overrides=small)
     down = dict(nnx.to_flat_state(loaded.state))[("layers", 1, "mlp", "down_proj")].get_value()
     assert down.shape == (8, 96, 64) and down.dtype == np.dtype("bfloat16")
+
+
+def test_gguf_matches_transformers(mixtral, tmp_path):
+    """llama.cpp writes Mixtral as its "llama" arch with experts: stacked expert tensors and the
+    q/k rows permuted for its rope layout."""
+    pytest.importorskip("gguf")
+    from test_gguf import _permute
+    from test_qwen_moe import gguf_meta, gguf_tensors, write_gguf
+
+    hf, hf_dir, _ = mixtral
+    tensors = gguf_tensors(hf)
+    for name in list(tensors):
+        if name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = hf.config.num_attention_heads if "attn_q" in name else 2
+            tensors[name] = _permute(tensors[name], heads)
+    meta = {**gguf_meta(hf.config), "expert_count": 4, "expert_used_count": 2,
+            "sliding_window": 8}
+    loaded = load_model(write_gguf(tmp_path / "m.gguf", "llama", meta, tensors), tokenizer=hf_dir)
+    assert loaded.config.architecture == "MixtralForCausalLM" and loaded.config.norm_topk_prob
+    check_against_hf(hf, loaded, num_tokens=4)

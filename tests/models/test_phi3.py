@@ -66,3 +66,22 @@ def test_default_rope_and_config_variants():
                                rtol=1e-6)
     with pytest.raises(ValueError, match="partial_rotary_factor"):
         config_from_hf({**hf, "partial_rotary_factor": 0.75})
+
+
+def test_gguf_matches_transformers(phi3, tmp_path):
+    """llama.cpp's phi3 layout: attn_qkv, ffn_up holding gate and up, LongRoPE factors as
+    tensors with the context lengths and attention factor in the metadata."""
+    pytest.importorskip("gguf")
+    from test_qwen_moe import gguf_meta, gguf_tensors, write_gguf
+
+    hf, hf_dir = phi3
+    rope = hf.config.rope_parameters
+    tensors = {**gguf_tensors(hf),
+               "rope_factors_long.weight": np.asarray(rope["long_factor"], np.float32),
+               "rope_factors_short.weight": np.asarray(rope["short_factor"], np.float32)}
+    meta = {**gguf_meta(hf.config), "rope_scaling_orig_ctx_len": ORIGINAL_MAX,
+            "rope_dimension_count": 16, "rope_scaling_attn_factors": float(np.sqrt(2.0)),
+            "sliding_window": 12}
+    loaded = load_model(write_gguf(tmp_path / "m.gguf", "phi3", meta, tensors), tokenizer=hf_dir)
+    assert dict(loaded.config.rope_scaling)["rope_type"] == "longrope"
+    check_against_hf(hf, loaded, prompts=[list(range(3, 23)), list(range(40, 57))], num_tokens=4)

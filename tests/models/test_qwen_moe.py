@@ -1,6 +1,7 @@
 """Qwen2-MoE and Qwen3-MoE vs transformers on tiny random checkpoints: a shared expert with its
 sigmoid gate, top-k without renormalization (norm_topk_prob=False), a dense layer kept by
 mlp_only_layers, decoder_sparse_step, and Qwen3's q/k norms with renormalized top-k."""
+import numpy as np
 import pytest
 import transformers
 from fixtures import check_against_hf, make_hf_model, save_hf_checkpoint
@@ -51,3 +52,81 @@ def test_qwen3_30b_a3b_preset():
 
     total, active = preset_param_counts("Qwen/Qwen3-30B-A3B")
     assert round(total / 1e9, 1) == 30.5 and 3.3e9 < active < 3.4e9  # published: 30.5B, 3.3B
+
+
+_GGUF_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+               "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+               "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+               "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down", "mlp.gate": "ffn_gate_inp",
+               "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+               **{f"mlp.shared_expert.{p}_proj": f"ffn_{p}_shexp" for p in ("gate", "up", "down")}}
+
+
+def gguf_tensors(hf_model) -> dict:
+    """The model's float32 tensors under llama.cpp's names; experts stacked [E, out, in]."""
+    out = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+    out = {k: hf_model.state_dict()[v].float().numpy() for k, v in out.items()}
+    for name, tensor in hf_model.state_dict().items():
+        w = tensor.float().numpy()
+        if not name.startswith("model.layers."):
+            continue
+        _, _, layer, rest = name.split(".", 3)
+        module, suffix = rest.rsplit(".", 1)
+        if module == "mlp.experts":  # transformers 5 holds them fused: gate_up [E, 2F, D]
+            if suffix == "gate_up_proj":
+                out[f"blk.{layer}.ffn_gate_exps.weight"], out[f"blk.{layer}.ffn_up_exps.weight"] = (
+                    np.split(w, 2, axis=1))
+            else:
+                out[f"blk.{layer}.ffn_down_exps.weight"] = w
+        else:
+            out[f"blk.{layer}.{_GGUF_LAYER[module]}.{suffix}"] = w
+    return out
+
+
+def write_gguf(path, arch: str, meta: dict, tensors: dict) -> str:
+    """A float32 GGUF; meta maps GGUFWriter.add_<key> to its value."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in meta.items():
+        getattr(writer, "add_" + key)(value)
+    for name, w in tensors.items():
+        writer.add_tensor(name, np.ascontiguousarray(w, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def gguf_meta(cfg) -> dict:
+    return dict(block_count=cfg.num_hidden_layers, context_length=cfg.max_position_embeddings,
+                embedding_length=cfg.hidden_size, feed_forward_length=cfg.intermediate_size,
+                head_count=cfg.num_attention_heads, head_count_kv=cfg.num_key_value_heads,
+                layer_norm_rms_eps=cfg.rms_norm_eps, vocab_size=cfg.vocab_size,
+                rope_freq_base=cfg.rope_parameters["rope_theta"], eos_token_id=2)
+
+
+@pytest.mark.parametrize("arch", ["qwen2moe", "qwen3moe"])
+def test_gguf_matches_transformers(arch, tmp_path):
+    """llama.cpp's layout: experts stacked per layer, Qwen2-MoE's shared expert and its gate."""
+    pytest.importorskip("gguf")
+    if arch == "qwen2moe":
+        hf = make_hf_model(transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM, seed=1,
+                           **MOE, shared_expert_intermediate_size=48)
+        extra = dict(expert_shared_feed_forward_length=48)
+    else:
+        hf = make_hf_model(transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, seed=1,
+                           **MOE, head_dim=32, norm_topk_prob=True)
+        extra = dict(key_length=32, value_length=32)
+    hf_dir = save_hf_checkpoint(hf, tmp_path / "hf")
+    meta = {**gguf_meta(hf.config), **extra, "expert_count": 6, "expert_used_count": 3,
+            "expert_feed_forward_length": 32}
+    loaded = load_model(write_gguf(tmp_path / "m.gguf", arch, meta, gguf_tensors(hf)),
+                        tokenizer=hf_dir)
+    assert loaded.config.architecture == hf.config.architectures[0]
+    assert loaded.config.norm_topk_prob == (arch == "qwen3moe")  # llama.cpp's choice per arch
+    check_against_hf(hf, loaded, num_tokens=4)
