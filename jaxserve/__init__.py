@@ -4,7 +4,8 @@ Exports resolve lazily so host-only modules (scheduler, pages) import without JA
 """
 from jaxserve.sampling_params import SamplingParams
 
-__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput",
+           "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence"]
 __version__ = "0.1.0"
 
 
@@ -21,4 +22,7 @@ def __getattr__(name):
     if name in ("RequestOutput", "CompletionOutput"):
         from jaxserve import outputs
         return getattr(outputs, name)
+    if name in ("BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence"):
+        from jaxserve import beam_search
+        return getattr(beam_search, name)
     raise AttributeError(name)

@@ -6,6 +6,7 @@ import itertools
 
 from tqdm.auto import tqdm
 
+from jaxserve.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from jaxserve.config import EngineConfig
 from jaxserve.engine import LLMEngine
 from jaxserve.outputs import RequestOutput
@@ -48,6 +49,12 @@ class LLM:
         # Offline callers see only finished outputs: skip the per-step text work (vLLM does too).
         params = [dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params]
         return self._run(prompts, params, use_tqdm)
+
+    def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False,
+                    concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
+        """vLLM's LLM.beam_search: one BeamSearchOutput (best beams first) per prompt."""
+        ids = (f"beam-{next(self._counter)}" for _ in itertools.count())
+        return beam_search(self.llm_engine, prompts, params, ids, use_tqdm, concurrency_limit)
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
              chat_template: str | None = None, add_generation_prompt: bool = True,
