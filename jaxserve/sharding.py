@@ -98,6 +98,16 @@ def heads_parallel(attention_fn):
                          out_specs=q_spec, check_vma=False)
 
 
+def num_shards(logical: str) -> int:
+    """How many ways the current mesh splits a logical axis under the default rules (1 outside a
+    mesh): what a dimension with that name must be divisible by."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axis = getattr(ShardingRules(), logical)
+    if mesh is None or mesh.empty or axis is None:
+        return 1
+    return dict(mesh.shape).get(axis, 1)
+
+
 def experts_parallel(expert_fn):
     """Run a MoE expert op once per model shard on the experts it holds, and sum the shards.
 

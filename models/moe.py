@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxserve.config import ModelConfig
-from jaxserve.sharding import experts_parallel
+from jaxserve.sharding import experts_parallel, num_shards
 from models.layers import CausalLM, DecoderLayer, GatedMLP, param
 
 
@@ -110,6 +110,9 @@ class SparseMoE(nnx.Module):
 
     def __init__(self, cfg: MoEConfig, *, dtype, rngs: nnx.Rngs):
         D, E, F = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+        if E % num_shards("expert"):
+            raise ValueError(f"num_experts={E} must be divisible by the {num_shards('expert')} "
+                             f"expert-parallel shards (tensor_parallel_size)")
         self.cfg = cfg
         self.router = param(rngs, (D, E), ("embed", None), dtype)
         self.gate_proj = param(rngs, (E, D, F), ("expert", "embed", "expert_ffw"), dtype)

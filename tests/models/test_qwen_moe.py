@@ -130,3 +130,17 @@ def test_gguf_matches_transformers(arch, tmp_path):
     assert loaded.config.architecture == hf.config.architectures[0]
     assert loaded.config.norm_topk_prob == (arch == "qwen3moe")  # llama.cpp's choice per arch
     check_against_hf(hf, loaded, num_tokens=4)
+
+
+def test_experts_must_divide_over_tensor_parallel_shards():
+    import jax
+
+    from jaxserve.sharding import make_mesh
+
+    if len(jax.devices()) < 4:
+        pytest.skip("needs 4 devices")
+    small = {"num_hidden_layers": 1, "hidden_size": 64, "num_attention_heads": 4,
+             "num_key_value_heads": 4, "head_dim": 16, "vocab_size": 256, "num_experts": 10}
+    with pytest.raises(ValueError, match="num_experts=10 must be divisible by the 4 expert"):
+        load_model("qwen3-30b-a3b", load_format="dummy", hf_overrides=small,
+                   tensor_parallel_size=4, mesh=make_mesh(4))
