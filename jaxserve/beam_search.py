@@ -1,8 +1,9 @@
 """Beam search (vLLM's `LLM.beam_search`, `BeamSearchParams`, `BeamSearchOutput`) over an LLMEngine.
 
 Sits beside llm.py, above the engine: every step, each live beam of every prompt is one engine
-request (its tokens as the prompt, max_tokens=1, logprobs=2*beam_width), all of them in one engine
-batch; the candidates they report are scored on the host and the best beam_width kept per prompt.
+request (its tokens as the prompt, max_tokens=1, logprobs=2*beam_width), all of them queued
+together (one engine step when they fit max_num_batched_tokens); the candidates they report are
+scored on the host and the best beam_width kept per prompt.
 
 KV sharing: the beams' requests go through the engine's prefix cache (enable_prefix_caching, on
 by default). A beam's request finds every full page its parent computed one step earlier (the
@@ -15,6 +16,7 @@ every beam recomputes its whole sequence every step (correct, slow).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -119,9 +121,10 @@ def beam_search(engine, prompts, params: BeamSearchParams, request_ids: Iterator
                                  logprobs=2 * params.beam_width, ignore_eos=True,
                                  output_kind=RequestOutputKind.FINAL_ONLY)
     instances = []
+    whole = dataclasses.replace(step_params, max_tokens=params.max_tokens)
     for prompt in ip.prompt_list(prompts):  # every prompt checked before any work starts
         ids = ip.process_prompt(prompt).token_ids
-        ip.check_params(step_params, len(ids))
+        ip.check_params(whole, len(ids))  # a beam of max_tokens (capped at the context) fits
         instances.append(_Instance([BeamSearchSequence(tokens=ids, logprobs=[])]))
     limit = concurrency_limit or len(instances)
     for start in range(0, len(instances), limit):

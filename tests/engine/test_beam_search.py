@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 
 import numpy as np
 import pytest
@@ -47,16 +46,20 @@ def searched(llm):
 @pytest.fixture(scope="module")
 def hf_beams(llm):
     """transformers' 4 beams (output ids, cumulative logprob) per prompt, one batched generate
-    (left padding) over the GGUF dequantized by transformers itself."""
+    (left padding). transformers' Llama takes the tensors jaxserve's GGUF reader dequantized:
+    test_smollm2_gguf.py checks them against transformers' own GGUF loader, which takes 20 s
+    of this module's CPU budget to read the file."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from jaxserve.checkpoint import embedded_gguf_path
+    from jaxserve.checkpoint import embedded_gguf_path, read_gguf
 
-    path = embedded_gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
-                                                 gguf_file=os.path.basename(path),
-                                                 dtype=torch.float32).eval()
+    ckpt = read_gguf(embedded_gguf_path())
+    model = LlamaForCausalLM(LlamaConfig(**ckpt.hf_config, bos_token_id=1, eos_token_id=EOS))
+    missing, unexpected = model.load_state_dict(
+        {name: torch.from_numpy(read().copy()) for name, read in ckpt.tensors.items()}, strict=False)
+    assert (missing, unexpected) == (["lm_head.weight"], [])  # tied to the embedding
+    model.eval()
     ids = [llm.get_tokenizer().encode(p) for p in PROMPTS]
     width = max(map(len, ids))
     pad = [width - len(i) for i in ids]
