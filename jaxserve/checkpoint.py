@@ -322,9 +322,12 @@ def _phi3_gguf_rope(reader, meta: dict) -> dict:
     factors = {t.name.split("_")[2].split(".")[0]: np.asarray(t.data, np.float64).tolist()
                for t in reader.tensors if t.name.startswith("rope_factors_")}
     original = meta.get("phi3.rope.scaling.original_context_length")
+    head_dim = meta["phi3.embedding_length"] // meta["phi3.attention.head_count"]
+    out = {"original_max_position_embeddings": original,  # Phi-4-mini ropes 3/4 of head_dim
+           "partial_rotary_factor": meta.get("phi3.rope.dimension_count", head_dim) / head_dim}
     if not factors:
-        return {"original_max_position_embeddings": original}
-    return {"original_max_position_embeddings": original, "rope_scaling": {
+        return out
+    return {**out, "rope_scaling": {
         "rope_type": "longrope", "long_factor": factors["long"], "short_factor": factors["short"],
         "attention_factor": meta.get("phi3.rope.scaling.attn_factor")}}
 

@@ -23,7 +23,8 @@ def rope_from_hf(hf: dict) -> tuple[float, dict | None]:
     theta = params.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
     scaling = params or dict(hf.get("rope_scaling") or {})
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    return float(theta), (None if rope_type == "default" else scaling)
+    partial = scaling.get("partial_rotary_factor", 1.0) != 1.0  # kept even for the default rope
+    return float(theta), (None if rope_type == "default" and not partial else scaling)
 
 
 def base_config_from_hf(hf: dict, **flags) -> ModelConfig:

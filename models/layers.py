@@ -35,6 +35,8 @@ def check_rope_scaling(scaling: dict | None) -> None:
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"rope_scaling {rope_type=} is not supported; supported: {ROPE_TYPES}")
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0 and rope_type == "yarn":
+        raise ValueError(f"partial_rotary_factor with rope_scaling {rope_type=} is not supported")
     missing = [k for k in ROPE_REQUIRED_KEYS[rope_type] if scaling.get(k) is None]
     if missing:
         raise ValueError(f"rope_scaling {rope_type=} lacks {missing}: {scaling}")
@@ -78,10 +80,11 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
 
     Plain numpy at trace time, so XLA sees constants. Follows HF's rope init functions.
     """
-    dim = cfg.head_dim
-    inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
     scaling = cfg.rope_scaling_dict or {}
     check_rope_scaling(scaling)
+    # partial_rotary_factor (Phi-4-mini): rope over the first head_dim * factor dims only.
+    dim = int(cfg.head_dim * scaling.get("partial_rotary_factor", 1.0))
+    inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "linear":
         inv_freq = inv_freq / scaling["factor"]
@@ -153,7 +156,12 @@ def _yarn_inv_freq(inv_freq: np.ndarray, s: dict, cfg: ModelConfig) -> tuple[np.
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray,
                attn_factor: float = 1.0) -> jax.Array:
-    """Rotate-half rope (HF layout): x [T, heads, H], positions i32[T] -> [T, heads, H]."""
+    """Rotate-half rope (HF layout): x [T, heads, H], positions i32[T] -> [T, heads, H]. With
+    fewer than H/2 frequencies (partial rotary) the dims past 2 * len(inv_freq) pass unchanged."""
+    rotary = 2 * np.shape(inv_freq)[-1]
+    if rotary < x.shape[-1]:
+        rotated = apply_rope(x[..., :rotary], positions, inv_freq, attn_factor)
+        return jnp.concatenate([rotated, x[..., rotary:]], axis=-1)
     angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]  # [T, H/2]
     cos = (jnp.cos(angles) * attn_factor)[:, None, :]  # [T, 1, H/2]
     sin = (jnp.sin(angles) * attn_factor)[:, None, :]

@@ -1,6 +1,6 @@
-"""Phi-3 (mini / medium, 4k and 128k): Llama with fused qkv_proj and gate_up_proj weights (split
-into our q/k/v and gate/up params at load), LongRoPE for the 128k variants, and Mistral's sliding
-window where the config sets one."""
+"""Phi-3 (mini / medium, 4k and 128k) and Phi-4-mini: Llama with fused qkv_proj and gate_up_proj
+weights (split into our q/k/v and gate/up params at load), LongRoPE for the 128k variants, rope over
+part of head_dim (partial_rotary_factor, Phi-4-mini), and Mistral's sliding window where set."""
 from __future__ import annotations
 
 from jaxserve.config import ModelConfig
@@ -44,11 +44,9 @@ WEIGHT_MAP = {
 def config_from_hf(hf: dict) -> ModelConfig:
     key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
     rope = dict(hf.get(key) or {})
-    if rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ValueError(f"Phi-3 partial_rotary_factor="
-                         f"{rope.get('partial_rotary_factor', hf.get('partial_rotary_factor'))} "
-                         f"(Phi-4-mini) is not supported: rope over part of head_dim")
-    rope.pop("partial_rotary_factor", None)
+    # Phi-4-mini (also Phi3ForCausalLM) ropes 3/4 of head_dim; 4.x configs keep it at the top level.
+    rope["partial_rotary_factor"] = float(
+        rope.get("partial_rotary_factor") or hf.get("partial_rotary_factor") or 1.0)
     if rope.get("type") == "su":  # the first Phi-3-128k configs' name for longrope
         rope["type"] = "longrope"
     if rope.get("rope_type", rope.get("type")) == "longrope":

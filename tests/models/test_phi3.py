@@ -1,6 +1,6 @@
 """Phi-3 vs transformers on tiny random checkpoints: fused qkv_proj / gate_up_proj split at load,
 LongRoPE with both factor sets (chosen by the served context), a sliding window shorter than the
-prompt, and the refused partial rotary factor."""
+prompt, and Phi-4-mini's partial rotary factor."""
 import numpy as np
 import pytest
 import transformers
@@ -64,8 +64,8 @@ def test_default_rope_and_config_variants():
     np.testing.assert_allclose(short / long, np.divide(*[_longrope()[k] for k in
                                                         ("long_factor", "short_factor")]),
                                rtol=1e-6)
-    with pytest.raises(ValueError, match="partial_rotary_factor"):
-        config_from_hf({**hf, "partial_rotary_factor": 0.75})
+    partial = config_from_hf({**hf, "partial_rotary_factor": 0.75})  # default rope, 4.x spelling
+    assert rope_frequencies(partial)[0].shape == (6,)  # head_dim 16 * 0.75 / 2
 
 
 def test_gguf_matches_transformers(phi3, tmp_path):
@@ -85,3 +85,31 @@ def test_gguf_matches_transformers(phi3, tmp_path):
     loaded = load_model(write_gguf(tmp_path / "m.gguf", "phi3", meta, tensors), tokenizer=hf_dir)
     assert dict(loaded.config.rope_scaling)["rope_type"] == "longrope"
     check_against_hf(hf, loaded, prompts=[list(range(3, 23)), list(range(40, 57))], num_tokens=4)
+
+
+def test_partial_rotary_matches_transformers(tmp_path):
+    """Phi-4-mini's layout: rope over half of head_dim here (its 3/4 in the real model) with
+    LongRoPE factors for those dims only, tied embeddings; and the same from a GGUF."""
+    from test_qwen_moe import gguf_meta, gguf_tensors, write_gguf
+
+    rng = np.random.default_rng(1)
+    rope = {"rope_type": "longrope", "short_factor": (1 + rng.random(4)).tolist(),
+            "long_factor": (2 + 4 * rng.random(4)).tolist(), "partial_rotary_factor": 0.5}
+    hf = make_hf_model(transformers.Phi3Config, transformers.Phi3ForCausalLM, seed=2,
+                       pad_token_id=0, eos_token_id=2, rope_scaling=rope,
+                       partial_rotary_factor=0.5, tie_word_embeddings=True,
+                       original_max_position_embeddings=ORIGINAL_MAX)
+    hf_dir = save_hf_checkpoint(hf, tmp_path / "hf")
+    loaded = load_model(hf_dir, dtype="float32")
+    assert rope_frequencies(loaded.config)[0].shape == (4,)  # of head_dim 16: 8 dims rotate
+    prompts = [list(range(3, 23)), list(range(40, 57))]
+    check_against_hf(hf, loaded, prompts=prompts, num_tokens=4)
+    pytest.importorskip("gguf")
+    tensors = {**gguf_tensors(hf), "rope_factors_long.weight": np.float32(rope["long_factor"]),
+               "rope_factors_short.weight": np.float32(rope["short_factor"])}
+    del tensors["output.weight"]  # tied
+    meta = {**gguf_meta(hf.config), "rope_scaling_orig_ctx_len": ORIGINAL_MAX,
+            "rope_dimension_count": 8}
+    from_gguf = load_model(write_gguf(tmp_path / "m.gguf", "phi3", meta, tensors),
+                           tokenizer=hf_dir)
+    check_against_hf(hf, from_gguf, prompts=prompts, num_tokens=4)
