@@ -106,6 +106,12 @@ def beam_search(engine, prompts, params: BeamSearchParams, request_ids: Iterator
     temperature > 0); candidates ending in EOS (unless ignore_eos) are kept aside as finished,
     the best beam_width others by score live on. The answer is the best beam_width of the
     finished and the live beams. request_ids: fresh ids for the engine requests.
+
+    Where this (vLLM's rule) differs from transformers' num_beams search: the score's length
+    counts the prompt (transformers': the output only), every EOS candidate is kept as finished
+    (transformers': only those ranked within num_beams of all candidates), and no early-stopping
+    heuristic ends the search. Without EOS among the candidates both give the same beams. EOS is
+    any of the engine's eos_token_ids (vLLM: the tokenizer's one eos_token_id).
     """
     if not isinstance(params, BeamSearchParams):
         raise TypeError(f"params must be BeamSearchParams, got {type(params).__name__}")

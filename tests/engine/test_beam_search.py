@@ -195,3 +195,18 @@ def test_beams_stop_at_the_context_limit(llm):
     (out,) = llm.beam_search([prompt], BeamSearchParams(2, 8, ignore_eos=True))
     assert [len(s.tokens) for s in out.sequences] == [128, 128]  # max_model_len
     assert all(s.finish_reason == "length" for s in out.sequences)
+
+
+def test_temperature_adds_the_sampled_token(llm):
+    """temperature > 0 (vLLM's rule): each step's candidates are the 2*width best plus the
+    sampled token; logprobs stay those of the raw distribution."""
+    # At temperature 100 the draw is near uniform over 49k tokens: outside the best 4 (p ~ 1e-4).
+    (out,) = llm.beam_search([PROMPTS[1]], BeamSearchParams(2, 3, temperature=100.0))
+    for seq in out.sequences:
+        generated = _generated(llm, PROMPTS[1], seq)
+        for entry, token in zip(seq.logprobs, generated):
+            assert len(entry) == 5 and token in entry
+            ranked = sorted(entry.values(), key=lambda lp: -lp.logprob)
+            assert [lp.rank for lp in ranked][:4] == [1, 2, 3, 4]
+        total = sum(entry[t].logprob for entry, t in zip(seq.logprobs, generated))
+        assert math.isclose(seq.cum_logprob, total, abs_tol=1e-4)
