@@ -168,7 +168,7 @@ def _search(engine, instances: list[_Instance], params: BeamSearchParams,
                         inst.completed.append(child)
                     else:
                         candidates.append(child)
-            candidates.sort(key=lambda b: _score(b, eos, params), reverse=True)
+            candidates.sort(key=lambda b: _score(b, engine.eos_token_ids, params), reverse=True)
             inst.beams = candidates[:params.beam_width]
 
 
@@ -200,10 +200,11 @@ def _score(beam: BeamSearchSequence, eos, params: BeamSearchParams) -> float:
 
 
 def _best(engine, inst: _Instance, params: BeamSearchParams) -> BeamSearchOutput:
-    eos = frozenset() if params.ignore_eos else engine.eos_token_ids
     for beam in inst.beams:
         beam.finish_reason = "length"
-    ranked = sorted(inst.completed + inst.beams, key=lambda b: _score(b, eos, params),
+    # As in vLLM the score drops a final EOS from the length even under ignore_eos.
+    ranked = sorted(inst.completed + inst.beams,
+                    key=lambda b: _score(b, engine.eos_token_ids, params),
                     reverse=True)[:params.beam_width]
     for beam in ranked:
         beam.text = engine.detokenizer.decode(beam.tokens, skip_special_tokens=False)

@@ -56,8 +56,8 @@ def hf_beams(llm):
 
     ckpt = read_gguf(embedded_gguf_path())
     model = LlamaForCausalLM(LlamaConfig(**ckpt.hf_config, bos_token_id=1, eos_token_id=EOS))
-    missing, unexpected = model.load_state_dict(
-        {name: torch.from_numpy(read().copy()) for name, read in ckpt.tensors.items()}, strict=False)
+    weights = {name: torch.from_numpy(read().copy()) for name, read in ckpt.tensors.items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     assert (missing, unexpected) == (["lm_head.weight"], [])  # tied to the embedding
     model.eval()
     ids = [llm.get_tokenizer().encode(p) for p in PROMPTS]
