@@ -14,11 +14,13 @@ import numpy as np
 from jaxserve.config import EngineConfig
 from jaxserve.detokenizer import Detokenizer, DetokenizerState
 from jaxserve.input_processor import InputLimits, InputProcessor
+from jaxserve import structured_outputs
 from jaxserve.logprobs import SampleLogprobs
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxserve.request import Sequence
 from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 from jaxserve.scheduler import Scheduler
+from jaxserve.token_controls import RequestControls, step_inputs
 
 logger = logging.getLogger("jaxserve")
 
@@ -40,6 +42,7 @@ class _RequestState:
 
 
 class LLMEngine:
+    supports_structured_outputs = True  # read by the server: constrained requests reach the engine
     def __init__(self, config: EngineConfig):
         from jaxserve.startup import build_engine_parts  # imports jax; keeps this module light
 
@@ -80,12 +83,16 @@ class LLMEngine:
         ids = processed.token_ids
         params = self.input_processor.check_params(params or SamplingParams(), len(ids))
         arrival = arrival_time if arrival_time is not None else time.monotonic()
+        controls = self._controls(params)
         seqs = []
         for i in range(params.n):
             seq = Sequence(request_id=request_id, index=i, prompt_token_ids=list(ids), params=params,
                            eos_token_ids=self.eos_token_ids, arrival_time=arrival,
                            parent=seqs[0] if seqs else None)
             seq.sampling_seed = self._sampling_seed(params, i)
+            seq.controls = controls
+            if controls is not None and controls.grammar is not None:
+                seq.matcher = controls.grammar.matcher()
             if params.logprobs is not None:
                 seq.logprobs = SampleLogprobs(self.detokenizer.token_text)
             seqs.append(seq)
@@ -134,18 +141,61 @@ class LLMEngine:
             batch = self.scheduler.schedule()
             if batch is None:
                 return []
-            handle = self.runner.dispatch(batch)
+            handle = self._dispatch(batch)
         if self._can_schedule_ahead(handle.batch):
             ahead = self.scheduler.schedule()
             if ahead is not None:
-                self._inflight = self.runner.dispatch(ahead)
+                self._inflight = self._dispatch(ahead)
         out = self.runner.fetch(handle)
         batch = handle.batch
         touched = self.scheduler.update(batch, out.token_ids)
+        self._advance_grammars(touched)
         self.stats["steps"] += 1
         self.stats["prompt_tokens"] += batch.num_prefill_tokens
         self._record_logprobs(batch, out)
         return self._process_outputs(touched)
+
+    def _dispatch(self, batch):
+        tokens = step_inputs(batch.seqs, self.model_config.vocab_size, self._fill_grammar_rows)
+        return self.runner.dispatch(batch, tokens)
+
+    @staticmethod
+    def _fill_grammar_rows(rows, mask) -> None:
+        """Grammar rows of the step's mask, filled in parallel at the tokenizer's width (the
+        model's vocabulary may be padded past it: those tokens stay forbidden)."""
+        words = rows[0][0].num_words
+        tmp = np.empty((len(rows), words), np.int32)
+        structured_outputs.fill_bitmasks([(m, i) for i, (m, _) in enumerate(rows)], tmp)
+        for i, (_, b) in enumerate(rows):
+            mask[b, :words] = tmp[i]
+            mask[b, words:] = 0
+
+    def _advance_grammars(self, touched: list[Sequence]) -> None:
+        """Feed each constrained sequence's new token to its grammar; a grammar that is complete
+        (nothing but EOS may follow) finishes the sequence."""
+        for seq in touched:
+            if seq.matcher is None:
+                continue
+            token = seq.output_token_ids[-1]
+            if not seq.matcher.accept(token):  # the mask forbade it: a bug, not the request's
+                logger.error("request %s: token %d outside its grammar; finishing it",
+                             seq.request_id, token)
+                self.scheduler.finish(seq, "abort")
+            elif seq.matcher.is_terminated() and not seq.is_finished:
+                self.scheduler.finish(seq, "stop")
+
+    def _controls(self, params: SamplingParams) -> RequestControls | None:
+        """The request's token controls (a grammar compiled here: a bad spec is a ValueError
+        naming its field), or None when it has none."""
+        if not (params.logit_bias or params.allowed_token_ids or params.bad_words
+                or params.structured_outputs):
+            return None
+        grammar = None
+        if params.structured_outputs is not None:
+            grammar = structured_outputs.compiler_for(
+                self.tokenizer, sorted(self.eos_token_ids)).compile(params.structured_outputs)
+        return RequestControls(params, self.model_config.vocab_size, tokenizer=self.tokenizer,
+                               grammar=grammar)
 
     def _can_schedule_ahead(self, batch) -> bool:
         """Always, unless turned off: penalties read the runner's device token history, which the

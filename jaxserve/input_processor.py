@@ -232,6 +232,13 @@ class InputProcessor:
                                  "stop_token_ids")
         for stop in params.stop_strings:
             self.check_text(stop, "stop")
+        for name, ids in (("logit_bias", params.logit_bias or ()),
+                          ("allowed_token_ids", params.allowed_token_ids or ())):
+            if bad := [t for t in ids if t >= lim.vocab_size]:
+                raise InvalidRequest(f"{name} has token ids outside the vocabulary [0, "
+                                     f"{lim.vocab_size}): {bad[:5]}", name)
+        for word in params.bad_words or ():
+            self.check_text(word, "bad_words")
         if prompt_len == 0:
             raise InvalidRequest("the prompt is empty (0 tokens)", prompt_param)
         room = lim.max_model_len - prompt_len

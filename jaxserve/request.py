@@ -8,6 +8,7 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from jaxserve.sampling_params import SamplingParams
 
@@ -45,6 +46,10 @@ class Sequence:
     num_pending: int = 0
     last_row: int = -1
     sampling_seed: int = 0  # per-sequence sampler seed (set by the engine)
+    # Token controls (engine): token_controls.RequestControls shared by the request's sequences,
+    # and this sequence's grammar matcher (structured outputs) if any.
+    controls: Any = None
+    matcher: Any = None
     # For n > 1: sequences with index > 0 wait until the first finished its prompt, so they find
     # its full pages in the prefix cache instead of recomputing them.
     parent: "Sequence | None" = None
@@ -68,6 +73,12 @@ class Sequence:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def mask_follows_tokens(self) -> bool:
+        """Its next token's mask depends on the token before it (a grammar, a multi-token bad
+        word): it cannot be scheduled while that token is still in flight."""
+        return self.controls is not None and self.controls.dynamic
 
     @property
     def is_finished(self) -> bool:

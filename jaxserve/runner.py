@@ -31,6 +31,8 @@ from jaxserve.batch import Batch
 from jaxserve.kv_cache import AttentionMetadata, KVCache
 from jaxserve.sampler import (SamplerOutput, SamplingMetadata, read_history, sample,
                               write_prefix)
+from jaxserve.sampling_params import MAX_LOGIT_BIAS
+from jaxserve.token_controls import TokenInputs, num_words
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +157,7 @@ class ModelRunner:
         self._row_of: dict[int, tuple[Any, int]] = {}  # seq_id -> (Sequence, history row)
         self._free_rows = list(range(self.num_history_rows - 1, -1, -1))
         self._write_prefix = jax.jit(write_prefix, donate_argnames=("history",))
+        self._neutral_tokens: dict[int, tuple] = {}  # b_pad -> no-op token controls (device)
 
     # ---- padding -------------------------------------------------------------------------------
     def bucket_for(self, num_tokens: int) -> int:
@@ -171,7 +174,8 @@ class ModelRunner:
             return self.max_pages_per_seq
         return min(max(_pow2_at_least(needed, 8), needed), max(self.max_pages_per_seq, needed))
 
-    def _inputs(self, batch: Batch, full_sampler: bool = False) -> tuple[tuple, int]:
+    def _inputs(self, batch: Batch, full_sampler: bool = False,
+                tokens: TokenInputs | None = None) -> tuple[tuple, int]:
         """Padded host arrays for the step (everything but state, cache and prev tokens);
         full_sampler forces the full sampler variant (warm-up compiles both)."""
         t_pad = self.bucket_for(batch.num_tokens)
@@ -190,16 +194,18 @@ class ModelRunner:
             num_seqs=np.array([B], np.int32), attention_impl=self.attention_impl)
         logits_idx = _pad(batch.cu_q_lens[1:] - 1, b_pad, 0)
         prompt_k, next_ids = self._prompt_inputs(batch, t_pad)
-        smd = self._sampling_metadata(batch, b_pad, full_sampler)
+        smd = self._sampling_metadata(batch, b_pad, full_sampler, tokens or TokenInputs())
         pen = self._penalty_inputs(batch, t_pad, b_pad) if smd.use_penalties else None
         args = (_pad(batch.token_ids, t_pad, 0), _pad(batch.token_src, t_pad, -1), logits_idx,
                 next_ids, md, smd, pen)
         return args, prompt_k
 
-    def _sampling_metadata(self, batch: Batch, b_pad: int, full: bool = False) -> SamplingMetadata:
+    def _sampling_metadata(self, batch: Batch, b_pad: int, full: bool,
+                           tokens: TokenInputs) -> SamplingMetadata:
         """Two sampler variants only: plain (greedy, temperature) and full (penalties, top-k/p,
-        min-p, max_logprobs logprobs; no-ops for rows that do not ask). A static flag per setting
-        compiled every token bucket mid-run when a setting first appeared (seconds each)."""
+        min-p, max_logprobs logprobs, token masks and logit bias; no-ops for rows that do not ask).
+        A static flag per setting compiled every token bucket mid-run when a setting first
+        appeared (seconds each)."""
         seqs = batch.seqs
         B = len(seqs)
 
@@ -212,16 +218,8 @@ class ModelRunner:
         full = full or any(
             p.uses_penalties or p.logprobs is not None
             or (not p.greedy and (0 < p.top_k < self.vocab_size or p.top_p < 1.0 or p.min_p > 0))
-            for p in params)
-        # Tokens the step samples are output number len(output) + num_pending (pending counted at
-        # schedule time): stop tokens are banned while that number is below min_tokens.
-        banned = [sorted(s.eos_token_ids | set(s.params.stop_token_ids))
-                  if len(s.output_token_ids) + s.num_pending <= s.params.min_tokens else []
-                  for s in seqs]
-        banned_arr = np.full((b_pad, _pow2_at_least(max(map(len, banned), default=1))),
-                             self.vocab_size, np.int32)
-        for b, ids in enumerate(banned):
-            banned_arr[b, :len(ids)] = ids
+            for p in params) or tokens.mask is not None or tokens.bias_ids is not None
+        mask, bias_ids, bias_values = self._token_arrays(tokens, b_pad, full)
         return SamplingMetadata(
             temperature=col(lambda s: s.params.temperature, np.float32, 0.0),
             top_k=col(lambda s: s.params.top_k, np.int32, 0),
@@ -232,11 +230,35 @@ class ModelRunner:
             presence_penalty=col(lambda s: s.params.presence_penalty, np.float32, 0.0),
             frequency_penalty=col(lambda s: s.params.frequency_penalty, np.float32, 0.0),
             repetition_penalty=col(lambda s: s.params.repetition_penalty, np.float32, 1.0),
-            banned_ids=banned_arr, history_ids=np.zeros((b_pad, 0), np.int32),
+            token_mask=mask, bias_ids=bias_ids, bias_values=bias_values,
+            history_ids=np.zeros((b_pad, 0), np.int32),
             want_logprobs=col(lambda s: s.params.logprobs is not None, bool, False),
             prompt_lens=col(lambda s: s.num_prompt_tokens, np.int32, 0),
             use_penalties=full, use_top_k=full, use_top_p=full, use_min_p=full,
             num_logprobs=self.max_logprobs if full else -1)
+
+    def _token_arrays(self, tokens: TokenInputs, b_pad: int, full: bool) -> tuple:
+        """(mask i32[b_pad, W], bias ids, bias values) padded; [b_pad, 0] in the plain variant.
+        A full step without controls gets device-resident neutral arrays (nothing copied)."""
+        if not full:
+            empty = np.zeros((b_pad, 0), np.int32)
+            return empty, empty, empty.astype(np.float32)
+        if b_pad not in self._neutral_tokens:
+            with self._mesh_context():
+                self._neutral_tokens[b_pad] = (
+                    jnp.full((b_pad, num_words(self.vocab_size)), -1, jnp.int32),
+                    jnp.full((b_pad, MAX_LOGIT_BIAS), self.vocab_size, jnp.int32),
+                    jnp.zeros((b_pad, MAX_LOGIT_BIAS), jnp.float32))
+        mask, ids, values = self._neutral_tokens[b_pad]
+        if tokens.mask is not None:
+            mask = np.full((b_pad, tokens.mask.shape[1]), -1, np.int32)
+            mask[:len(tokens.mask)] = tokens.mask
+        if tokens.bias_ids is not None:
+            ids = np.full((b_pad, MAX_LOGIT_BIAS), self.vocab_size, np.int32)
+            values = np.zeros((b_pad, MAX_LOGIT_BIAS), np.float32)
+            ids[:len(tokens.bias_ids)], values[:len(tokens.bias_ids)] = \
+                tokens.bias_ids, tokens.bias_values
+        return mask, ids, values
 
     def _penalty_inputs(self, batch: Batch, t_pad: int, b_pad: int) -> PenaltyInputs:
         """History rows of the batch's penalty sequences; a sequence new to its row gets the tokens
@@ -361,9 +383,10 @@ class ModelRunner:
                      sample_mask=np.zeros(0, bool), num_prefill_tokens=0, num_decode_tokens=0)
 
     # ---- execution -----------------------------------------------------------------------------
-    def dispatch(self, batch: Batch) -> StepHandle:
-        """Start the step on the device and return without waiting for it."""
-        args, prompt_k = self._inputs(batch)
+    def dispatch(self, batch: Batch, tokens: TokenInputs | None = None) -> StepHandle:
+        """Start the step on the device and return without waiting for it; `tokens`: the
+        batch's token controls (masks, logit bias), if any row has one."""
+        args, prompt_k = self._inputs(batch, tokens=tokens)
         key = self._key(args, prompt_k)
         exe = self._executables.get(key) or self._compile(key, self._lower(args, prompt_k))
         history = self._history if args[-1] is not None else None

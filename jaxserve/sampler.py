@@ -41,7 +41,10 @@ class SamplingMetadata:
     presence_penalty: jax.Array  # f32[B]
     frequency_penalty: jax.Array  # f32[B]
     repetition_penalty: jax.Array  # f32[B]
-    banned_ids: jax.Array  # i32[B, E] tokens forbidden this step (EOS under min_tokens); pad = V
+    # Token controls (jaxserve/token_controls.py); [B, 0] in the plain variant:
+    token_mask: jax.Array  # i32[B, W] allowed-token bits (token t: bit t % 32 of word t // 32)
+    bias_ids: jax.Array  # i32[B, NB] logit_bias token ids; pad = V
+    bias_values: jax.Array  # f32[B, NB]
     want_logprobs: jax.Array  # bool[B] the row asked for logprobs (any: they are computed)
     # i32[B, L] the sequence's tokens at positions 0..L-1 (prompt, then output); pad = V.
     # Filled inside the step from the runner's device history; [B, 0] without penalties.
@@ -58,7 +61,8 @@ class SamplingMetadata:
 jax.tree_util.register_dataclass(
     SamplingMetadata,
     data_fields=["temperature", "top_k", "top_p", "min_p", "seeds", "counters", "presence_penalty",
-                 "frequency_penalty", "repetition_penalty", "banned_ids", "want_logprobs", "history_ids",
+                 "frequency_penalty", "repetition_penalty", "token_mask", "bias_ids", "bias_values",
+                 "want_logprobs", "history_ids",
                  "prompt_lens"],
     meta_fields=["use_penalties", "use_top_k", "use_top_p", "use_min_p",
                  "num_logprobs"],
@@ -105,6 +109,40 @@ def gumbel(keys: jax.Array, vocab: int) -> jax.Array:
     bits = _mix32(keys[:, None] + idx * jnp.uint32(0x9E3779B9))
     w = bits.astype(jnp.float32) * jnp.float32(2.0**-32) + jnp.float32(2.0**-33)
     return -jnp.log(-jnp.log1p(-w))
+
+
+# ---- token controls -----------------------------------------------------------------------------
+def apply_token_controls(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
+    """logit_bias (a scatter-add of [B, NB]), then -inf where the token mask's bit is clear (the
+    bits unpacked by a shift over a [B, W, 32] broadcast: no gather). One pass over [B, V]."""
+    B, V = logits.shape
+    if md.bias_ids.shape[1]:
+        rows = jnp.arange(B)[:, None]
+        logits = logits.at[rows, md.bias_ids].add(md.bias_values, mode="drop")
+    W = md.token_mask.shape[1]
+    if W:
+        shifts = jnp.arange(32, dtype=jnp.int32)[None, None, :]
+        bits = jax.lax.shift_right_logical(md.token_mask[:, :, None], shifts) & 1
+        allowed = bits.reshape(B, W * 32)[:, :V] == 1
+        logits = jnp.where(allowed, logits, -jnp.inf)
+    return logits
+
+
+def apply_token_controls_reference(logits: jax.Array, md: SamplingMetadata) -> jax.Array:
+    """The obvious version: a loop over rows and tokens in numpy (tests only)."""
+    import numpy as np
+
+    out = np.array(logits, np.float32)
+    for b in range(out.shape[0]):
+        for t, v in zip(np.asarray(md.bias_ids[b]).tolist(), np.asarray(md.bias_values[b]).tolist()):
+            if t < out.shape[1]:
+                out[b, t] += v
+        if md.token_mask.shape[1]:
+            words = np.asarray(md.token_mask[b]).view(np.uint32)
+            for t in range(out.shape[1]):
+                if not (int(words[t // 32]) >> (t % 32)) & 1:
+                    out[b, t] = -np.inf
+    return jnp.asarray(out)
 
 
 # ---- penalties ----------------------------------------------------------------------------------
@@ -341,9 +379,8 @@ def sample(logits: jax.Array, md: SamplingMetadata) -> SamplerOutput:
     no row asked (num_logprobs < 0) they are zeros and [B, 0]."""
     with jax.named_scope("sample"):
         raw = logits.astype(jnp.float32)
-        logits = apply_penalties(raw, md) if md.use_penalties else raw
-        rows = jnp.arange(logits.shape[0])[:, None]
-        logits = logits.at[rows, md.banned_ids].set(-jnp.inf, mode="drop")
+        logits = apply_token_controls(raw, md)  # vLLM's order: bias and masks, then penalties
+        logits = apply_penalties(logits, md) if md.use_penalties else logits
         greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
         row_max = jnp.take_along_axis(logits, greedy[:, None], axis=-1)[:, 0]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 
@@ -50,6 +51,14 @@ class StructuredOutputsParams:
         return next(k for k in self.KINDS if getattr(self, k) is not None)
 
 
+MAX_LOGIT_BIAS = 300  # entries per request (OpenAI's limit); the sampler's fixed width
+
+
+def _is_token_id(t) -> bool:
+    return ((isinstance(t, int) and not isinstance(t, bool)) or type(t).__name__.startswith("int")) \
+        and t >= 0
+
+
 class RequestOutputKind(enum.Enum):
     """What step() reports for a request (vLLM's names): the text so far, or only the end."""
 
@@ -80,11 +89,9 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     structured_outputs: StructuredOutputsParams | None = None  # a grammar the output must match
-    # vLLM fields not implemented yet: accepted by name so that setting one is a ValueError naming
-    # it, never silently ignored.
-    logit_bias: dict[int, float] | None = None
-    allowed_token_ids: list[int] | None = None
-    bad_words: list[str] | None = None
+    logit_bias: dict[int, float] | None = None  # added to the logits before penalties and sampling
+    allowed_token_ids: list[int] | None = None  # only these tokens may be sampled
+    bad_words: list[str] | None = None  # words never generated (vLLM's tokenization rules)
     stop_strings: tuple[str, ...] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -134,9 +141,33 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        for name in ("logit_bias", "allowed_token_ids", "bad_words"):
-            if getattr(self, name) is not None:
-                raise ValueError(f"{name} is not implemented yet, got {name}={getattr(self, name)!r}")
+        self._validate_token_controls()
+
+    def _validate_token_controls(self):
+        """Types and sizes here; token ids against the vocabulary in InputProcessor.check_params."""
+        if self.logit_bias is not None:
+            ok = isinstance(self.logit_bias, dict) and all(
+                _is_token_id(t) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                and math.isfinite(v) for t, v in self.logit_bias.items())
+            if not ok:
+                raise ValueError("logit_bias must map token ids (ints >= 0) to finite numbers, got "
+                                 f"logit_bias={self.logit_bias!r:.200}")
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias has {len(self.logit_bias)} entries; at most "
+                                 f"{MAX_LOGIT_BIAS} are accepted")
+            self.logit_bias = {int(t): float(v) for t, v in self.logit_bias.items()}
+        if self.allowed_token_ids is not None:
+            if (not isinstance(self.allowed_token_ids, (list, tuple)) or not self.allowed_token_ids
+                    or not all(_is_token_id(t) for t in self.allowed_token_ids)):
+                raise ValueError("allowed_token_ids must be a non-empty list of token ids (ints "
+                                 f">= 0), got allowed_token_ids={self.allowed_token_ids!r:.200}")
+            self.allowed_token_ids = [int(t) for t in self.allowed_token_ids]
+        if self.bad_words is not None:
+            if (not isinstance(self.bad_words, (list, tuple))
+                    or not all(isinstance(w, str) and w.strip() for w in self.bad_words)):
+                raise ValueError("bad_words must be a list of non-empty strings, got "
+                                 f"bad_words={self.bad_words!r:.200}")
+            self.bad_words = list(self.bad_words)
 
     @property
     def greedy(self) -> bool:

@@ -22,7 +22,9 @@ def make_md(B: int, V: int, **fields) -> SamplingMetadata:
                 want_logprobs=(True, bool))
     kw = {name: np.broadcast_to(np.asarray(fields.pop(name, default), dtype), (B,)).copy()
           for name, (default, dtype) in cols.items()}
-    kw["banned_ids"] = np.asarray(fields.pop("banned_ids", np.full((B, 1), V)), np.int32)
+    kw["token_mask"] = np.asarray(fields.pop("token_mask", np.zeros((B, 0))), np.int32)
+    kw["bias_ids"] = np.asarray(fields.pop("bias_ids", np.zeros((B, 0))), np.int32)
+    kw["bias_values"] = np.asarray(fields.pop("bias_values", np.zeros((B, 0))), np.float32)
     kw["history_ids"] = np.asarray(fields.pop("history_ids", np.zeros((B, 0))), np.int32)
     rand = kw["temperature"] > 0
     static = dict(use_top_k=bool(np.any(rand & (kw["top_k"] > 0))),
