@@ -11,7 +11,8 @@ py=.venv/bin/python
 # The import closure of fastapi + uvicorn (h11 protocol, asyncio loop) + pydantic.
 names=(fastapi starlette pydantic pydantic-core annotated-types annotated-doc typing-inspection
        typing-extensions opentelemetry-api anyio sniffio idna uvicorn h11 click
-       llguidance)  # structured outputs (a manylinux_2_31 wheel)
+       llguidance  # structured outputs (a manylinux_2_31 wheel)
+       orjson)  # SSE chunks and JSON bodies
 if [ "${1:-}" = --with-client ]; then
   names+=(openai jiter httpx2 httpcore2 truststore httpx httpcore certifi)
 fi

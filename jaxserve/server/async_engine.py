@@ -1,7 +1,8 @@
-"""AsyncEngine: one thread steps the LLMEngine; asyncio handlers talk to it through an inbox.
+"""AsyncEngine: one thread steps the LLMEngine in the server's process (`--engine-in-process`).
 
 handler --add/abort--> inbox (lock) --engine thread: apply commands, step()--> call_soon_threadsafe
---> the handler's asyncio.Queue. The HTTP side only ever holds the lock to append to the inbox.
+--> the handler's RequestStream (coalescing). The default server runs the engine in its own
+process instead (engine_core.py, core_client.py: the same interface). The HTTP side only ever holds the lock to append to the inbox.
 A step that raises fails only the requests it was running (500 internal_error) and the thread keeps
 serving; a device error, MAX_FAILED_STEPS failures in a row, or a step that outlives
 `step_timeout` (the watchdog) marks the engine dead and calls `on_dead` (the CLI exits non-zero).
@@ -15,14 +16,12 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from jaxserve.engine_core import MAX_FAILED_STEPS, is_device_error
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.server.metrics import ServerMetrics
 
 logger = logging.getLogger("jaxserve.server")
-
-
-MAX_FAILED_STEPS = 3  # failed steps in a row that mean the engine itself is broken
 DEAD_MESSAGE = "the engine failed (internal error) and the server is restarting; retry later"
 
 
@@ -44,13 +43,6 @@ class RequestFailedError(EngineDeadError):
                          "aborted (the server log has the details)")
 
 
-def is_device_error(error: BaseException) -> bool:
-    """Errors after which the device state (KV cache, compiled steps) cannot be trusted."""
-    if getattr(error, "device_error", False) or isinstance(error, MemoryError):
-        return True
-    return any(t.__name__ in ("XlaRuntimeError", "JaxRuntimeError") for t in type(error).__mro__)
-
-
 @dataclass
 class _Track:
     """Engine-thread bookkeeping for one engine request (metrics only)."""
@@ -61,24 +53,53 @@ class _Track:
 
 
 class RequestStream:
-    """One HTTP request's engine requests; iterate to get their cumulative RequestOutputs."""
+    """One HTTP request's engine requests; iterate to get their cumulative RequestOutputs.
+
+    Coalescing: the engine side push()es each request's latest news (a RequestOutput, or a
+    RequestMirror that builds one) and the iterator takes whatever is there when it resumes, so a
+    client that falls behind gets one output covering several steps, never a growing queue.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, request_ids: list[str]):
         self.loop = loop
         self.request_ids = request_ids
         self.arrival = time.monotonic()
-        self.queue: asyncio.Queue = asyncio.Queue()
         self.num_seqs = 0
+        self.final_only = False  # yield finished outputs only (non-streaming responses)
+        self._news: dict[str, object] = {}  # request id -> RequestOutput | RequestMirror
+        self._error: BaseException | None = None
+        self._wake = asyncio.Event()
+
+    def push(self, request_id: str, news) -> None:
+        """Event loop thread: the request's latest RequestOutput, or its updated mirror."""
+        self._news[request_id] = news
+        self._wake.set()
+
+    def fail(self, error: BaseException) -> None:
+        """Event loop thread: end the iteration with `error` (after the news already pushed)."""
+        if self._error is None:
+            self._error = error
+        self._wake.set()
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         unfinished = set(self.request_ids)
         while unfinished:
-            item = await self.queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            if item.finished:
-                unfinished.discard(item.request_id)
-            yield item
+            self._wake.clear()
+            news, self._news = self._news, {}
+            for rid, item in news.items():
+                if not isinstance(item, RequestOutput):  # a mirror: detokenize now
+                    if self.final_only and not item.finished:
+                        continue
+                    item = item.output()
+                if item.finished:
+                    unfinished.discard(rid)
+                elif self.final_only:
+                    continue
+                yield item
+            if self._error is not None:
+                raise self._error
+            if unfinished:
+                await self._wake.wait()
 
 
 def _resolve(fut: asyncio.Future, error: BaseException | None, result=None) -> None:
@@ -90,12 +111,16 @@ def _resolve(fut: asyncio.Future, error: BaseException | None, result=None) -> N
         fut.set_exception(error)
 
 
-def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
+def _deliver(items: list[tuple[RequestStream, object]]) -> None:
+    """Event loop thread: a RequestOutput is pushed, an exception fails the stream."""
+    for stream, item in items:
+        if isinstance(item, BaseException):
+            stream.fail(item)
+        else:
+            stream.push(item.request_id, item)
 
 
-def _call_in_loop(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+def call_in_loop(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
     try:
         loop.call_soon_threadsafe(fn, *args)
     except RuntimeError:  # the event loop is closed: nobody is listening any more
@@ -232,9 +257,9 @@ class AsyncEngine:
             track = self._tracks.pop(rid, None)
             if track is not None:
                 self.metrics.on_finished(["abort"], now - track.arrival)
-            per_loop.setdefault(stream.loop, []).append((stream.queue, RequestFailedError(rid)))
+            per_loop.setdefault(stream.loop, []).append((stream, RequestFailedError(rid)))
         for loop, items in per_loop.items():
-            _call_in_loop(loop, _deliver, items)
+            call_in_loop(loop, _deliver, items)
 
     def _step_request_ids(self) -> list[str]:
         """Requests the failed step touched: all but those whose sequences all still wait (a
@@ -267,7 +292,7 @@ class AsyncEngine:
     def _apply(self, command: tuple) -> None:
         if command[0] == "reset":
             fut = command[1]
-            _call_in_loop(fut.get_loop(), _resolve, fut, None, self.engine.reset_prefix_cache())
+            call_in_loop(fut.get_loop(), _resolve, fut, None, self.engine.reset_prefix_cache())
             return
         if command[0] == "abort":
             self.engine.abort_request(command[1])
@@ -295,7 +320,7 @@ class AsyncEngine:
                 self._routes[rid] = stream
                 self._tracks[rid] = _Track(stream.arrival)
                 self.metrics.on_prompt(len(prompt["prompt_token_ids"]))
-        _call_in_loop(stream.loop, _resolve, fut, error)
+        call_in_loop(stream.loop, _resolve, fut, error)
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
@@ -305,11 +330,11 @@ class AsyncEngine:
             if stream is None:
                 continue
             self._observe(out, now)
-            per_loop.setdefault(stream.loop, []).append((stream.queue, out))
+            per_loop.setdefault(stream.loop, []).append((stream, out))
             if out.finished:
                 del self._routes[out.request_id]
         for loop, items in per_loop.items():  # one wake-up per event loop per step
-            _call_in_loop(loop, _deliver, items)
+            call_in_loop(loop, _deliver, items)
 
     def _observe(self, out: RequestOutput, now: float) -> None:
         track = self._tracks[out.request_id]
@@ -340,9 +365,9 @@ class AsyncEngine:
             commands, self._inbox = self._inbox, []
         for command in commands:
             if command[0] == "add":
-                _call_in_loop(command[2].loop, _resolve, command[3], dead)
+                call_in_loop(command[2].loop, _resolve, command[3], dead)
         for stream in set(self._routes.values()):
-            _call_in_loop(stream.loop, _deliver, [(stream.queue, dead)])
+            call_in_loop(stream.loop, stream.fail, dead)
         self._routes.clear()
         if self.on_dead is not None:
             self.on_dead()

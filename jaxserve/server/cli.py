@@ -1,6 +1,7 @@
 """`jaxserve serve [MODEL]`: flags (vLLM's spelling), engine start-up, uvicorn, SIGTERM drain.
 
-Entry point of the server: builds an LLMEngine, wraps it with openai.build_app, serves it; the
+Entry point of the server: starts the engine core process (or, with --engine-in-process, an
+LLMEngine in this process), wraps it with openai.build_app, serves it; the
 first SIGTERM/SIGINT drains (new requests get 503, in-flight ones finish), a second one exits now.
 A dead engine (device error, a hung step) makes the process exit with EXIT_ENGINE_DEAD.
 """
@@ -15,10 +16,10 @@ import sys
 import threading
 import time
 
+from jaxserve.engine_core import EXIT_ENGINE_DEAD  # a supervisor should restart us
 from jaxserve.server.serving import ServerConfig
 
 logger = logging.getLogger("jaxserve.server")
-EXIT_ENGINE_DEAD = 3  # a supervisor should restart us
 API_KEY_ENVS = ("JAXSERVE_API_KEY", "VLLM_API_KEY")  # read when --api-key is not given
 
 
@@ -46,6 +47,9 @@ def _add_http_args(p: argparse.ArgumentParser) -> None:
                    help="log each generation request (id, prompt lengths, fields)")
     p.add_argument("--disable-log-requests", action="store_false", dest="enable_log_requests",
                    help="vLLM's older flag; requests are not logged by default")
+    p.add_argument("--engine-in-process", action="store_true",
+                   help="step the engine in a thread of the API server's process instead of its "
+                        "own engine core process (debugging; the HTTP work then shares its GIL)")
     p.add_argument("--step-timeout", type=float, default=600.0,
                    help="seconds an engine step (compiles included) may take before the engine "
                         "is declared hung and the server exits; 0 turns the watchdog off")
@@ -208,10 +212,15 @@ def serve(args: argparse.Namespace) -> int:
     from jaxserve.cli import engine_kwargs
     from jaxserve.config import EngineConfig
     from jaxserve.engine import LLMEngine
+    from jaxserve.server.core_client import EngineCoreClient
     from jaxserve.server.openai import build_app
 
     config, http = server_config(args), http_options(args)
-    engine = LLMEngine(EngineConfig(model=args.model_flag or args.model, **engine_kwargs(args)))
+    engine_config = EngineConfig(model=args.model_flag or args.model, **engine_kwargs(args))
+    if args.engine_in_process:
+        engine = LLMEngine(engine_config)
+    else:  # the engine loop in its own process; this one does HTTP, text and JSON
+        engine = EngineCoreClient.launch(engine_config, logging.getLogger().level)
     logger.info("engine ready in %.1fs: %s, max_model_len=%d, %d KV pages",
                 engine.startup_seconds, engine.model_name, engine.max_model_len,
                 engine.num_kv_pages)
@@ -234,8 +243,9 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _shutdown(async_engine) -> int:
-    """After uvicorn: stop the engine thread (a forced exit skips the lifespan that does it) so
-    no device call runs while the interpreter shuts down; exit at once if it cannot stop."""
+    """After uvicorn: stop the engine thread or core process (a forced exit skips the lifespan
+    that does it) so no device call runs while the interpreter shuts down; exit at once if it
+    cannot stop."""
     if async_engine.error is not None:
         _exit_now(EXIT_ENGINE_DEAD)
     async_engine.stop(timeout=10.0)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import (JSONResponse, ORJSONResponse, PlainTextResponse, Response,
+                               StreamingResponse)
 from starlette.exceptions import HTTPException
 
 import jaxserve
@@ -136,7 +137,7 @@ async def _respond(serving: OpenAIServing, gen: Generation, body, events, whole,
     result = await _until_disconnect(whole(gen), request)
     if result is None:  # the client is gone; nobody reads this
         return Response(status_code=499)
-    return JSONResponse(result)
+    return ORJSONResponse(result)
 
 
 def _add_generation_routes(app: FastAPI, serving: OpenAIServing) -> None:
@@ -209,7 +210,8 @@ def _add_info_routes(app: FastAPI, serving: OpenAIServing, started: int) -> None
 
 def build_app(engine, config: ServerConfig, http: HTTPOptions | None = None,
               on_dead=None) -> Gate:
-    """The ASGI app for `engine` (an LLMEngine nobody else steps). Starts its engine thread;
+    """The ASGI app for `engine`: an EngineCoreClient (the engine core process), or an LLMEngine
+    nobody else steps (then a thread of this process steps it). Starts its threads;
     `on_dead()` runs once if the engine breaks (the CLI exits so a supervisor restarts it)."""
     http = http or HTTPOptions()
     serving = OpenAIServing(engine, config)

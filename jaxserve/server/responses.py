@@ -5,9 +5,10 @@ deltas are cut from the cumulative text, logprobs in both OpenAI layouts, and us
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import orjson
 
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxserve.tool_parsers.chat import ChatOutputParser
@@ -45,9 +46,10 @@ def usage(outs: list[RequestOutput]) -> dict:
             "total_tokens": prompt + completion}
 
 
-def sse(payload: dict | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {data}\n\n"
+def sse(payload: dict | str) -> bytes:
+    """One server-sent event; orjson: UTF-8 as is (json's ensure_ascii=False), ~10x faster."""
+    data = payload.encode() if isinstance(payload, str) else orjson.dumps(payload)
+    return b"data: " + data + b"\n\n"
 
 
 def _lp(entry: dict[int, Logprob], token_id: int) -> float | None:

@@ -17,6 +17,7 @@ from jaxserve.input_processor import InvalidRequest
 from jaxserve.reasoning import get_reasoning_parser
 from jaxserve.sampling_params import StructuredOutputsParams
 from jaxserve.server.async_engine import AsyncEngine, EngineDeadError, RequestStream
+from jaxserve.server.core_client import EngineCoreClient
 from jaxserve.server.metrics import ServerMetrics
 from jaxserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from jaxserve.server.responses import (ChoiceCursor, ResponseMeta, chat_body,
@@ -77,14 +78,19 @@ class Generation:
 
 
 class OpenAIServing:
-    """Holds the AsyncEngine and the engine's read-only facts (tokenizer, limits, names)."""
+    """Holds the async engine (an AsyncEngine over an LLMEngine, or an EngineCoreClient) and the
+    engine's read-only facts (tokenizer, limits, names)."""
 
     def __init__(self, engine, config: ServerConfig):
         self.config = config
         self.model_names = config.served_model_names or (engine.model_name,)
         self.root_model = engine.model_name
         self.metrics = ServerMetrics(self.model_names[0])
-        self.async_engine = AsyncEngine(engine, self.metrics)
+        if isinstance(engine, EngineCoreClient):  # the engine runs in its own process
+            engine.metrics = self.metrics
+            self.async_engine = engine
+        else:  # an LLMEngine: stepped by a thread of this process
+            self.async_engine = AsyncEngine(engine, self.metrics)
         self.tokenizer = engine.tokenizer
         self.inputs = engine.input_processor  # the same intake LLM uses
         self.decode = engine.detokenizer.token_text  # the engine's cache, shared with Logprob
@@ -265,6 +271,7 @@ class OpenAIServing:
     # ---- results -------------------------------------------------------------------------------
     async def collect(self, gen: Generation) -> None:
         """Wait for every engine request of `gen` to finish (aborts them if cancelled)."""
+        gen.stream.final_only = True  # text is built once, at the end
         try:
             async for out in gen.stream:
                 if out.finished:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -144,6 +145,9 @@ def test_watchdog_declares_a_hung_step_dead():
             await asyncio.wait_for(_run(engine, "SLEEPY"), 10)
 
     asyncio.run(main())
+    deadline = time.monotonic() + 5  # the watchdog fails the waiters, then calls on_dead
+    while not dead and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert dead == [True]
     fake.release.set()  # let the stuck thread out; it must stop rather than serve on
     engine._thread.join(5)

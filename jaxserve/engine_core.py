@@ -1,0 +1,283 @@
+"""The engine core: LLMEngine's step loop in its own process, talking to the API server over pipes.
+
+API server --("add" | "abort" | "reset" | "watchdog" | "stop")--> core: apply commands, step()
+--one ("step", deltas, failed, gauges) message per step--> API server (server/core_client.py),
+which detokenizes, builds SSE chunks and JSON. The core sends token ids, never per-token text:
+only sequences with stop strings are detokenized here (the stop check needs text), and their
+text deltas ride along. Failure handling is the in-process AsyncEngine's: a step that raises fails
+only its requests; a device error, MAX_FAILED_STEPS failures in a row, or a step past the
+watchdog's limit sends ("dead",) and exits with EXIT_ENGINE_DEAD (vLLM V1's EngineCore design).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+from jaxserve.config import EngineConfig
+from jaxserve.engine import LLMEngine
+from jaxserve.input_processor import InputLimits
+from jaxserve.request import Sequence
+
+logger = logging.getLogger("jaxserve.core")
+
+MAX_FAILED_STEPS = 3  # failed steps in a row that mean the engine itself is broken
+EXIT_ENGINE_DEAD = 3  # the exit code of a dead engine (the server exits with it too)
+
+# One sequence's news in one step:
+#   (index, new_token_ids: list[int], finish_reason: str | None, stop_reason: int | str | None,
+#    text: str | None (only with stop strings: the text added to the sequence's cut text),
+#    logprobs: tuple of 5 lists (token, logprob, rank, top_ids i32[k], top_logprobs f32[k]) | None)
+SeqDelta = tuple
+# One request's news in one step: (request_id, [SeqDelta], first: (num_cached_tokens,
+# prompt_logprobs) on the request's first message, else None).
+RequestDelta = tuple
+
+
+def is_device_error(error: BaseException) -> bool:
+    """Errors after which the device state (KV cache, compiled steps) cannot be trusted."""
+    if getattr(error, "device_error", False) or isinstance(error, MemoryError):
+        return True
+    return any(t.__name__ in ("XlaRuntimeError", "JaxRuntimeError") for t in type(error).__mro__)
+
+
+@dataclass
+class EngineFacts:
+    """What the API server needs of the engine, sent once after start-up (pickled)."""
+
+    model_name: str
+    tokenizer: object
+    chat_template: str | None
+    eos_token_ids: tuple[int, ...]
+    max_model_len: int
+    num_kv_pages: int
+    config: EngineConfig
+    limits: InputLimits
+    sampling_defaults: dict
+    supports_structured_outputs: bool
+    startup_seconds: float
+
+    @classmethod
+    def of(cls, engine: LLMEngine) -> EngineFacts:
+        ip = engine.input_processor
+        return cls(engine.model_name, engine.tokenizer, engine.chat_template,
+                   tuple(engine.eos_token_ids), engine.max_model_len, engine.num_kv_pages,
+                   engine.config, ip.limits, dict(ip.defaults),
+                   bool(getattr(engine, "supports_structured_outputs", False)),
+                   engine.startup_seconds)
+
+
+def _logprob_columns(seq: Sequence, start: int) -> tuple | None:
+    """The sequence's sampled-token logprob columns from `start` (SampleLogprobs' flat store)."""
+    if seq.params.logprobs is None:
+        return None
+    s = seq.logprobs._store
+    return (s.tokens[start:], s.logprobs[start:], s.ranks[start:], s.top_ids[start:],
+            s.top_logprobs[start:])
+
+
+class CoreEngine(LLMEngine):
+    """LLMEngine whose step() returns RequestDeltas (token ids) instead of RequestOutputs (text):
+    the API server process turns them into text."""
+
+    def __init__(self, config: EngineConfig):
+        super().__init__(config)
+        self._sent: dict[str, list[list[int]]] = {}  # request id -> per sequence [tokens, chars]
+
+    def abort_request(self, request_id: str | list[str]) -> None:
+        super().abort_request(request_id)
+        for rid in [request_id] if isinstance(request_id, str) else request_id:
+            self._sent.pop(rid, None)
+
+    def _process_outputs(self, touched: list[Sequence]) -> list[RequestDelta]:
+        """Per request, the tokens each touched sequence got since its last delta. Stop strings
+        are checked here (on text), so only their sequences are detokenized."""
+        now = time.monotonic()
+        news: dict[str, list] = {}
+        firsts: dict[str, tuple] = {}
+        for seq in touched:
+            state = self._requests.get(seq.request_id)
+            if state is None:
+                continue
+            sent = self._sent.get(seq.request_id)
+            if sent is None:
+                sent = self._sent[seq.request_id] = [[0, 0] for _ in state.seqs]
+                first = state.seqs[0]
+                plp = first.prompt_logprobs if state.params.prompt_logprobs is not None else None
+                firsts[seq.request_id] = (first.num_cached_prompt_tokens, plp)
+                state.first_token_time = now
+            text = None
+            if seq.params.stop_strings:
+                self._detokenize(state, seq)  # may finish it ("stop")
+                detok_text = state.detok[seq.index].text
+                text, sent[seq.index][1] = detok_text[sent[seq.index][1]:], len(detok_text)
+            start = sent[seq.index][0]
+            sent[seq.index][0] = len(seq.output_token_ids)
+            news.setdefault(seq.request_id, []).append(
+                (seq.index, seq.output_token_ids[start:], seq.finish_reason, seq.stop_reason,
+                 text, _logprob_columns(seq, start)))
+        deltas = []
+        for rid, seq_news in news.items():
+            deltas.append((rid, seq_news, firsts.get(rid)))
+            if self._requests[rid].finished:
+                del self._requests[rid]
+                del self._sent[rid]
+        self.stats["generation_tokens"] += len(touched)
+        return deltas
+
+
+class EngineCore:
+    """The core process's loop: read commands between steps, step, send one message per step."""
+
+    def __init__(self, engine: CoreEngine, commands, outputs):
+        self.engine = engine
+        self.commands = commands  # multiprocessing Connection (read end)
+        self.outputs = outputs  # multiprocessing Connection (write end)
+        self._send_lock = threading.Lock()  # the watchdog thread sends too
+        self._failed_steps = 0
+        self._step_started: float | None = None
+
+    def send(self, message: tuple) -> None:
+        with self._send_lock:
+            self.outputs.send(message)
+
+    def run(self) -> None:
+        """Until "stop" or the API server goes away (EOF); raises when the engine is broken."""
+        while self._read_commands(block=not self.engine.has_unfinished_requests()):
+            if self.engine.has_unfinished_requests():
+                self._step()
+
+    def _read_commands(self, block: bool) -> bool:
+        acks = []
+        try:
+            if block:
+                self.commands.poll(None)
+            while self.commands.poll(0):
+                command = self.commands.recv()
+                if command[0] == "stop":
+                    return False
+                ack = self._apply(command)
+                if ack is not None:
+                    acks.append(ack)
+        except (EOFError, OSError):
+            logger.info("the API server is gone; the engine core stops")
+            return False
+        if acks:
+            self.send(("added", acks, self._gauges()))
+        return True
+
+    def _apply(self, command: tuple) -> tuple | None:
+        kind = command[0]
+        if kind == "abort":
+            self.engine.abort_request(command[1])
+        elif kind == "reset":
+            self.send(("reset", command[1], self.engine.reset_prefix_cache()))
+        elif kind == "watchdog":
+            threading.Thread(target=self._watch, args=(command[1],), name="jaxserve-watchdog",
+                             daemon=True).start()
+        else:
+            assert kind == "add", command
+            return self._add(*command[1:])
+        return None
+
+    def _add(self, items: list, arrival: float, ticket: int) -> tuple:
+        """All of one HTTP request's engine requests, or none: (ticket, error, param)."""
+        added = []
+        try:
+            for rid, prompt, params in items:
+                self.engine.add_request(rid, prompt, params, arrival_time=arrival)
+                added.append(rid)
+        except ValueError as e:  # the handler answers 400
+            self.engine.abort_request(added)
+            return ticket, str(e), getattr(e, "param", None)
+        return ticket, None, None
+
+    def _step(self) -> None:
+        self._step_started = time.monotonic()
+        try:
+            deltas = self.engine.step()
+        except Exception as e:  # noqa: BLE001 - fail the step's requests, keep serving
+            self._step_started = None
+            self.send(("step", [], self._recover(e), self._gauges()))
+            return
+        self._step_started = None
+        self._failed_steps = 0
+        self.send(("step", deltas, [], self._gauges()))
+
+    def _recover(self, error: Exception) -> list[str]:
+        """Abort the requests the failed step ran (freeing their pages) and return their ids;
+        re-raise (killing the core) when the engine itself looks broken."""
+        self._failed_steps += 1
+        if is_device_error(error) or self._failed_steps >= MAX_FAILED_STEPS:
+            raise error
+        sched = self.engine.scheduler
+        waiting = {s.request_id for s in sched.waiting}
+        running = {s.request_id for s in sched.running}
+        failed = [rid for rid in self.engine._requests if rid in running or rid not in waiting]
+        logger.error("engine step failed (%d in a row); aborting its requests %s",
+                     self._failed_steps, failed, exc_info=error)
+        self.engine.abort_request(failed)
+        return failed
+
+    def _gauges(self) -> tuple[int, int, float]:
+        sched = self.engine.scheduler
+        return sched.num_running, sched.num_waiting, float(sched.kv_cache_usage)
+
+    def _watch(self, step_timeout: float) -> None:
+        """A step running longer than step_timeout means a hung device: report and exit."""
+        while True:
+            time.sleep(min(1.0, step_timeout / 4))
+            started = self._step_started
+            if started is not None and time.monotonic() - started > step_timeout:
+                logger.error("an engine step has not returned in %.1fs (--step-timeout): "
+                             "the device is hung", time.monotonic() - started)
+                self.die()
+
+    def die(self) -> None:
+        """Tell the API server (best effort) and leave at once: a thread may be stuck in a
+        device call, and interpreter shutdown under it aborts the process."""
+        try:
+            self.send(("dead",))
+        except (OSError, ValueError):
+            pass
+        logging.shutdown()
+        os._exit(EXIT_ENGINE_DEAD)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when the API server dies, even mid-step (prctl)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_engine_core(config: EngineConfig, commands, outputs, log_level: int) -> None:
+    """The core process's entry point (multiprocessing spawn target)."""
+    _die_with_parent()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the API server drains, then stops us
+        signal.signal(sig, signal.SIG_IGN)
+    logging.basicConfig(level=log_level,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        from jaxserve.server import faults
+
+        engine = CoreEngine(config)
+        faults.install_from_env(engine)  # a no-op unless JAXSERVE_FAULT_INJECT is set
+    except Exception as e:  # noqa: BLE001 - the API server reports it and exits
+        logger.debug("engine start-up failed", exc_info=True)
+        outputs.send(("failed", isinstance(e, ValueError), f"{type(e).__name__}: {e}"
+                      if not isinstance(e, ValueError) else str(e)))
+        return
+    outputs.send(("ready", EngineFacts.of(engine)))
+    core = EngineCore(engine, commands, outputs)
+    try:
+        core.run()
+    except BaseException:  # noqa: BLE001 - a broken engine: the server fails every request
+        logger.exception("the engine is broken; the engine core exits")
+        core.die()
