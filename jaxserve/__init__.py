@@ -5,7 +5,7 @@ Exports resolve lazily so host-only modules (scheduler, pages) import without JA
 from jaxserve.sampling_params import SamplingParams
 
 __all__ = ["LLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput",
-           "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence"]
+           "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence", "LoRARequest"]
 __version__ = "0.1.0"
 
 
@@ -25,4 +25,7 @@ def __getattr__(name):
     if name in ("BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence"):
         from jaxserve import beam_search
         return getattr(beam_search, name)
+    if name == "LoRARequest":
+        from jaxserve.lora import LoRARequest
+        return LoRARequest
     raise AttributeError(name)

@@ -4,7 +4,7 @@ Produced by Scheduler.schedule(), consumed by ModelRunner.execute() and Schedule
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,6 +26,9 @@ class Batch:
     sample_mask: np.ndarray  # bool[B] True if the seq's chunk ends at its last token: it samples
     num_prefill_tokens: int  # tokens belonging to prompt chunks (for stats)
     num_decode_tokens: int
+    # i32[T] LoRA device slot of each token (scheduler, from LoRASlots); NO_LORA_SLOT (and empty:
+    # no LoRA engine) = the base model.
+    lora_slots: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
 
     @property
     def num_seqs(self) -> int:

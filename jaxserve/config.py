@@ -36,6 +36,9 @@ class ModelConfig:
     sliding_window: int | None = None  # Mistral; None = full attention
     attn_logits_soft_cap: float | None = None
     kv_replication: int = 1  # each HF kv head is stored this many times (tensor parallel > K)
+    # LoRA adapter slots on device (models/lora.py): S and the padded rank R; 0 = no LoRA params.
+    max_loras: int = 0
+    max_lora_rank: int = 0
 
     def __post_init__(self):
         if self.num_q_heads % self.num_kv_heads:
@@ -116,7 +119,10 @@ class EngineConfig:
                                     aliases=("-q",))
     kv_cache_dtype: str = _opt("auto", "must be auto: the KV cache has the model's dtype")
     cpu_offload_gb: float = _opt(0.0, "must be 0: weights are not offloaded to the CPU")
-    enable_lora: bool = _opt(False, "must be off: LoRA adapters are not supported yet")
+    enable_lora: bool = _opt(False, "serve LoRA adapters (LoRARequest, --lora-modules)")
+    max_loras: int = _opt(1, "LoRA adapters one step can mix (device slots)")
+    max_lora_rank: int = _opt(16, "largest LoRA rank; smaller ranks are zero-padded to it")
+    max_cpu_loras: int | None = _opt(None, "LoRA adapters kept in host memory (default: max_loras)")
     speculative_config: str | None = _opt(None, "must be unset: no speculative decoding",
                                           json=True)
 
@@ -153,11 +159,15 @@ class EngineConfig:
             raise ValueError(f"{self.max_model_len=} must be >= 1")
         if self.max_logprobs < 0:
             raise ValueError(f"{self.max_logprobs=} must be >= 0")
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError(f"{self.max_loras=} and {self.max_lora_rank=} must be >= 1")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"{self.max_cpu_loras=} must be >= {self.max_loras=}")
 
     def _refuse_unimplemented(self):
         for name, off in (("pipeline_parallel_size", 1), ("data_parallel_size", 1),
                           ("quantization", None), ("kv_cache_dtype", "auto"),
-                          ("cpu_offload_gb", 0.0), ("enable_lora", False),
+                          ("cpu_offload_gb", 0.0),
                           ("speculative_config", None)):
             value = getattr(self, name)
             if value != off:

@@ -16,6 +16,7 @@ from jaxserve.detokenizer import Detokenizer, DetokenizerState
 from jaxserve.input_processor import InputLimits, InputProcessor
 from jaxserve import structured_outputs
 from jaxserve.logprobs import SampleLogprobs
+from jaxserve.lora import LoRAManager, LoRARequest
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxserve.request import Sequence
 from jaxserve.sampling_params import RequestOutputKind, SamplingParams
@@ -60,7 +61,10 @@ class LLMEngine:
         self.scheduler = Scheduler(
             num_pages=parts.num_kv_pages, page_size=config.page_size,
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=self.max_model_len, enable_prefix_caching=config.enable_prefix_caching)
+            max_model_len=self.max_model_len, enable_prefix_caching=config.enable_prefix_caching,
+            max_loras=config.max_loras if config.enable_lora else 0)
+        self.lora = LoRAManager(self.model_config, max_cpu_loras=config.max_cpu_loras
+                                or config.max_loras) if config.enable_lora else None
         self.detokenizer = Detokenizer(self.tokenizer)
         self.input_processor = InputProcessor(self.tokenizer, self.chat_template, InputLimits(
             vocab_size=self.model_config.vocab_size, max_model_len=self.max_model_len,
@@ -75,10 +79,15 @@ class LLMEngine:
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int] | dict,
-                    params: SamplingParams | None = None, arrival_time: float | None = None) -> None:
+                    params: SamplingParams | None = None, arrival_time: float | None = None,
+                    lora_request: LoRARequest | None = None) -> None:
         """Validate and queue a request; raises ValueError (and queues nothing) on bad input."""
         if request_id in self._requests:
             raise ValueError(f"{request_id=} is already in use")
+        if lora_request is not None:
+            if self.lora is None:
+                raise ValueError(f"lora_request {lora_request!r} needs enable_lora=True")
+            self.lora.check(lora_request)
         processed = self.input_processor.process_prompt(prompt)
         ids = processed.token_ids
         params = self.input_processor.check_params(params or SamplingParams(), len(ids))
@@ -88,7 +97,7 @@ class LLMEngine:
         for i in range(params.n):
             seq = Sequence(request_id=request_id, index=i, prompt_token_ids=list(ids), params=params,
                            eos_token_ids=self.eos_token_ids, arrival_time=arrival,
-                           parent=seqs[0] if seqs else None)
+                           parent=seqs[0] if seqs else None, lora_request=lora_request)
             seq.sampling_seed = self._sampling_seed(params, i)
             seq.controls = controls
             if controls is not None and controls.grammar is not None:
@@ -157,6 +166,8 @@ class LLMEngine:
 
     def _dispatch(self, batch):
         tokens = step_inputs(batch.seqs, self.model_config.vocab_size, self._fill_grammar_rows)
+        if self.lora is not None:  # adapters newly given a device slot by the scheduler
+            self.lora.write_slots(self.scheduler.lora_slots, self.runner.state)
         return self.runner.dispatch(batch, tokens)
 
     @staticmethod

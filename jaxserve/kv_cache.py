@@ -51,13 +51,16 @@ class AttentionMetadata:
     kv_lens: jax.Array  # i32[B] context length after this step's tokens; 0 for padding seqs
     cu_q_lens: jax.Array  # i32[B+1] cumulative query lengths; constant after num_seqs
     num_seqs: jax.Array  # i32[1] number of live sequences
+    # i32[T] LoRA slot of each token (models/lora.py); outside [0, max_loras) = the base model.
+    lora_slots: jax.Array | None = None
     # Static: which attention implementation the layers call (see kernels_pallas.ragged_paged_attention).
     attention_impl: str = "reference"
 
 
 jax.tree_util.register_dataclass(
     AttentionMetadata,
-    data_fields=["positions", "slot_mapping", "page_table", "kv_lens", "cu_q_lens", "num_seqs"],
+    data_fields=["positions", "slot_mapping", "page_table", "kv_lens", "cu_q_lens", "num_seqs",
+                 "lora_slots"],
     meta_fields=["attention_impl"],
 )
 

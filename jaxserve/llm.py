@@ -35,9 +35,10 @@ class LLM:
         return self.llm_engine.reset_prefix_cache()
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+                 use_tqdm: bool = True, lora_request=None) -> list[RequestOutput]:
         """prompts: a str, a list of str, a list of token ids, a list of token-id lists, or dicts
-        with "prompt" / "prompt_token_ids". Outputs come back in the order of the prompts."""
+        with "prompt" / "prompt_token_ids". Outputs come back in the order of the prompts.
+        lora_request: a LoRARequest for every prompt, or a list of one (or None) per prompt."""
         prompts = self.llm_engine.input_processor.prompt_list(prompts)
         params = sampling_params if sampling_params is not None else \
             self.get_default_sampling_params()
@@ -48,7 +49,14 @@ class LLM:
             params = [params] * len(prompts)
         # Offline callers see only finished outputs: skip the per-step text work (vLLM does too).
         params = [dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params]
-        return self._run(prompts, params, use_tqdm)
+        if isinstance(lora_request, list):
+            if len(lora_request) != len(prompts):
+                raise ValueError(f"got {len(lora_request)} lora requests for {len(prompts)} "
+                                 f"prompts")
+            loras = lora_request
+        else:
+            loras = [lora_request] * len(prompts)
+        return self._run(prompts, params, use_tqdm, loras)
 
     def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False,
                     concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
@@ -59,8 +67,8 @@ class LLM:
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
              chat_template: str | None = None, add_generation_prompt: bool = True,
              continue_final_message: bool = False, tools: list[dict] | None = None,
-             documents: list[dict] | None = None, chat_template_kwargs: dict | None = None
-             ) -> list[RequestOutput]:
+             documents: list[dict] | None = None, chat_template_kwargs: dict | None = None,
+             lora_request=None) -> list[RequestOutput]:
         """messages: one conversation (list of {"role", "content"}) or a list of them; content is a
         string or a list of {"type": "text", "text": ...} parts (vLLM's LLM.chat arguments)."""
         if not messages:
@@ -71,7 +79,7 @@ class LLM:
             c, chat_template, add_generation_prompt, continue_final_message=continue_final_message,
             tools=tools, documents=documents, chat_template_kwargs=chat_template_kwargs)
             for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request=lora_request)
 
     def apply_chat_template(self, conversation, chat_template: str | None = None,
                             add_generation_prompt: bool = True, **render_kwargs) -> dict:
@@ -81,13 +89,13 @@ class LLM:
             **render_kwargs)
         return {"prompt": p.text, "prompt_token_ids": p.token_ids}
 
-    def _run(self, prompts, params, use_tqdm) -> list[RequestOutput]:
+    def _run(self, prompts, params, use_tqdm, loras=None) -> list[RequestOutput]:
         engine = self.llm_engine
         ids = []
         try:
-            for prompt, p in zip(prompts, params):
+            for prompt, p, lora in zip(prompts, params, loras or [None] * len(prompts)):
                 rid = f"gen-{next(self._counter)}"
-                engine.add_request(rid, prompt, p)
+                engine.add_request(rid, prompt, p, lora_request=lora)
                 ids.append(rid)
         except Exception:
             engine.abort_request(ids)  # a bad prompt fails the call and leaves nothing queued

@@ -11,13 +11,17 @@ from collections.abc import Sequence as Seq
 import numpy as np
 
 
-def hash_page(parent_hash: int | None, token_ids: Seq[int]) -> int:
+def hash_page(parent_hash: int | None, token_ids: Seq[int], lora_int_id: int = 0) -> int:
     """Content hash of one full page, chained over its parent page's hash (None for the first page).
 
-    128 bits of sha256: deterministic across processes and collision-free in practice.
+    The first page of a LoRA adapter's sequence (lora_int_id > 0) also hashes the adapter, so
+    no page is ever shared between adapters (their K/V differ). 128 bits of sha256:
+    deterministic across processes and collision-free in practice.
     """
     h = hashlib.sha256()
     h.update(b"root" if parent_hash is None else parent_hash.to_bytes(16, "little"))
+    if parent_hash is None and lora_int_id:
+        h.update(b"lora" + lora_int_id.to_bytes(8, "little"))
     h.update(np.asarray(token_ids, dtype=np.int64).tobytes())
     return int.from_bytes(h.digest()[:16], "little")
 
@@ -74,7 +78,7 @@ class PageAllocator:
     def can_allocate(self, num: int) -> bool:
         return num <= self.num_free_pages
 
-    def match_prefix(self, token_ids: Seq[int]) -> list[int]:
+    def match_prefix(self, token_ids: Seq[int], lora_int_id: int = 0) -> list[int]:
         """Longest chain of cached full pages that prefixes `token_ids`, as page ids.
 
         Never covers the whole sequence: at least one token is left to compute, so the step that
@@ -86,7 +90,7 @@ class PageAllocator:
         pages: list[int] = []
         parent = None
         for i in range((len(token_ids) - 1) // ps):
-            parent = hash_page(parent, token_ids[i * ps:(i + 1) * ps])
+            parent = hash_page(parent, token_ids[i * ps:(i + 1) * ps], lora_int_id)
             page = self._page_of_hash.get(parent)
             if page is None:
                 break
@@ -134,7 +138,7 @@ class PageAllocator:
                     self._evictable[page] = None
 
     def register_full_page(self, page_id: int, parent_hash: int | None,
-                           token_ids: Seq[int]) -> int:
+                           token_ids: Seq[int], lora_int_id: int = 0) -> int:
         """Record that `page_id` now holds the K/V of `token_ids` (a full page) after `parent_hash`.
 
         Returns the page's hash (the parent hash for the next page). If another page already
@@ -142,7 +146,7 @@ class PageAllocator:
         """
         assert len(token_ids) == self.page_size, f"{len(token_ids)=} != {self.page_size=}"
         assert self._ref[page_id] > 0, f"register of unowned page {page_id}"
-        h = hash_page(parent_hash, token_ids)
+        h = hash_page(parent_hash, token_ids, lora_int_id)
         if not self.enable_prefix_caching:
             return h
         if self._hash[page_id] is not None:

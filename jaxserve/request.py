@@ -46,6 +46,7 @@ class Sequence:
     num_pending: int = 0
     last_row: int = -1
     sampling_seed: int = 0  # per-sequence sampler seed (set by the engine)
+    lora_request: Any = None  # jaxserve.lora.LoRARequest, or None for the base model
     # Token controls (engine): token_controls.RequestControls shared by the request's sequences,
     # and this sequence's grammar matcher (structured outputs) if any.
     controls: Any = None
@@ -69,6 +70,11 @@ class Sequence:
     @property
     def num_tokens_with_pending(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
+    def lora_int_id(self) -> int:
+        """The adapter's id (0 = the base model): part of the prefix-cache page hash."""
+        return 0 if self.lora_request is None else self.lora_request.lora_int_id
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -29,6 +29,7 @@ from flax import nnx
 
 from jaxserve.batch import Batch
 from jaxserve.kv_cache import AttentionMetadata, KVCache
+from jaxserve.lora import NO_LORA_SLOT
 from jaxserve.sampler import (SamplerOutput, SamplingMetadata, read_history, sample,
                               write_prefix)
 from jaxserve.sampling_params import MAX_LOGIT_BIAS
@@ -191,7 +192,8 @@ class ModelRunner:
             positions=_pad(batch.positions, t_pad, 0),
             slot_mapping=_pad(batch.slot_mapping, t_pad, self.kv_cache.num_slots),
             page_table=page_table, kv_lens=_pad(batch.kv_lens, b_pad, 0), cu_q_lens=cu,
-            num_seqs=np.array([B], np.int32), attention_impl=self.attention_impl)
+            num_seqs=np.array([B], np.int32), attention_impl=self.attention_impl,
+            lora_slots=_pad(batch.lora_slots, t_pad, NO_LORA_SLOT))
         logits_idx = _pad(batch.cu_q_lens[1:] - 1, b_pad, 0)
         prompt_k, next_ids = self._prompt_inputs(batch, t_pad)
         smd = self._sampling_metadata(batch, b_pad, full_sampler, tokens or TokenInputs())

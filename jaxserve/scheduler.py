@@ -16,6 +16,7 @@ from collections import deque
 import numpy as np
 
 from jaxserve.batch import Batch
+from jaxserve.lora import NO_LORA_SLOT, LoRASlots
 from jaxserve.pages import PageAllocator
 from jaxserve.request import Sequence, Status
 
@@ -48,7 +49,7 @@ class Scheduler:
 
     def __init__(self, *, num_pages: int, page_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, max_loras: int = 0):
         self.allocator = PageAllocator(num_pages, page_size, enable_prefix_caching)
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
@@ -59,6 +60,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         # Hashes of each running sequence's full pages registered so far (the prefix-hash chain).
         self._page_hashes: dict[Sequence, list[int]] = {}
+        # LoRA device slots (max_loras > 0): running sequences pin their adapter's slot.
+        self.lora_slots = LoRASlots(max_loras) if max_loras else None
         self.num_preemptions = 0  # stats, cumulative
         self.num_prefix_queried_tokens = 0
         self.num_prefix_hit_tokens = 0
@@ -162,6 +165,9 @@ class Scheduler:
             if seq.num_pending or self._waits_for_parent(seq):
                 i += 1  # n > 1 siblings let later requests pass while the first one prefills
                 continue
+            if seq.lora_int_id and not self.lora_slots.can_acquire(seq.lora_int_id):
+                i += 1  # every LoRA slot is pinned by other adapters: it waits, others pass
+                continue
             num_new = self._admit(seq, budget)
             if num_new == 0:
                 return  # head of line does not fit: FCFS, nobody overtakes it
@@ -193,7 +199,8 @@ class Scheduler:
         # Prompt logprobs need logits at every prompt position, so skip the cache until they exist.
         wants_prompt_logprobs = (seq.params.prompt_logprobs is not None and seq.parent is None
                                  and not seq.output_token_ids)
-        hits = [] if wants_prompt_logprobs else alloc.match_prefix(seq.all_token_ids)
+        hits = [] if wants_prompt_logprobs else alloc.match_prefix(seq.all_token_ids,
+                                                                        seq.lora_int_id)
         num_cached = len(hits) * ps
         num_new = min(seq.num_tokens - num_cached, budget)
         num_needed = _cdiv(num_cached + num_new, ps) - len(hits)
@@ -205,6 +212,8 @@ class Scheduler:
         seq.num_computed_tokens = num_cached
         seq.num_cached_prompt_tokens = min(num_cached, seq.num_prompt_tokens)
         seq.status = Status.RUNNING
+        if seq.lora_request is not None:
+            self.lora_slots.acquire(seq.lora_request)
         self._page_hashes[seq] = [alloc.page_hash(p) for p in hits]
         self.num_prefix_queried_tokens += seq.num_tokens
         self.num_prefix_hit_tokens += num_cached
@@ -230,6 +239,8 @@ class Scheduler:
         self.num_preemptions += 1
 
     def _release(self, seq: Sequence) -> None:
+        if seq.lora_request is not None and seq.status is Status.RUNNING:
+            self.lora_slots.release(seq.lora_int_id)
         self.allocator.free(seq.page_ids)
         seq.page_ids = []
         seq.num_computed_tokens = 0
@@ -273,7 +284,16 @@ class Scheduler:
             seqs=[seq for seq, _ in chunks], token_ids=token_ids, token_src=token_src,
             positions=positions, slot_mapping=slot_mapping.astype(np.int32), cu_q_lens=cu_q_lens,
             kv_lens=starts + lens, page_table=page_table, sample_mask=sample_mask,
-            num_prefill_tokens=num_tokens - num_decode, num_decode_tokens=num_decode)
+            num_prefill_tokens=num_tokens - num_decode, num_decode_tokens=num_decode,
+            lora_slots=self._lora_slots_of(chunks, lens))
+
+    def _lora_slots_of(self, chunks: list[tuple[Sequence, int]], lens: np.ndarray) -> np.ndarray:
+        """i32[T] each token's LoRA device slot (NO_LORA_SLOT: base model); empty without LoRA."""
+        if self.lora_slots is None:
+            return np.zeros(0, np.int32)
+        slots = [NO_LORA_SLOT if seq.lora_request is None else
+                 self.lora_slots.slot_of(seq.lora_int_id) for seq, _ in chunks]
+        return np.repeat(np.asarray(slots, np.int32), lens)
 
     # ---- update -----------------------------------------------------------------------------
     def update(self, batch: Batch, sampled_token_ids: np.ndarray) -> list[Sequence]:
@@ -308,7 +328,8 @@ class Scheduler:
         for i in range(len(hashes), min(seq.num_computed_tokens, seq.num_tokens) // ps):
             parent = hashes[-1] if hashes else None
             tokens = _token_slice(seq, i * ps, (i + 1) * ps)
-            hashes.append(self.allocator.register_full_page(seq.page_ids[i], parent, tokens))
+            hashes.append(self.allocator.register_full_page(seq.page_ids[i], parent, tokens,
+                                                            seq.lora_int_id))
 
     def _check_stop(self, seq: Sequence) -> tuple[str, int | None] | None:
         """(finish_reason, stop_reason) if the token just appended ends `seq`, else None."""

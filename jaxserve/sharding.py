@@ -8,6 +8,8 @@ Logical axis names used by models/ and kv_cache (documented here):
   pages     KV pages P                          page_slot slots in a page S
   layers    decoder layers L                    norm     norm scales (replicated)
   expert    MoE experts E (expert parallel)     expert_ffw a MoE expert's hidden width F
+  lora_slot LoRA adapter slots S (replicated)   lora_rank  a LoRA's rank R (replicated)
+  (a LoRA's A and B otherwise carry its base weight's names, so they split as the weight does)
 Mesh axes: "data" (replicas, unused by the engine so far) and "model" (tensor parallelism).
 """
 from __future__ import annotations
@@ -40,6 +42,8 @@ class ShardingRules:
     # Tensor-parallel experts instead would be expert=None, expert_ffw="model".
     expert: str | None = "model"
     expert_ffw: str | None = None
+    lora_slot: str | None = None
+    lora_rank: str | None = None
 
     def as_pairs(self) -> tuple[tuple[str, str | None], ...]:
         return tuple((k, getattr(self, k)) for k in self.__dataclass_fields__)

@@ -141,7 +141,13 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
                         max_model_len=config.max_model_len, seed=config.seed,
                         hf_overrides=config.hf_overrides, tokenizer=config.tokenizer,
                         revision=config.revision, download_dir=config.download_dir)
-    mc = loaded.config
+    mc, graphdef, state = loaded.config, loaded.graphdef, loaded.state
+    if config.enable_lora:  # LoRA adapter slots (jaxserve/lora.py, models/lora.py)
+        from jaxserve.lora import lora_model_config
+        from models.lora import add_lora_slots
+
+        mc = lora_model_config(mc, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank)
+        graphdef, state = add_lora_slots(state, mc, loaded.dtype, mesh, rules)
     max_model_len = loaded.max_model_len
     impl = default_impl(config.attention_backend)
     devices = mesh.devices.flatten().tolist()
@@ -158,7 +164,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     logger.info("KV cache: %d pages of %d tokens (%d tokens, %.2f GiB, %s), attention=%s, "
                 "max_model_len=%d", num_pages, config.page_size, num_pages * config.page_size, gib,
                 kv_dtype.name, impl, max_model_len)
-    runner = ModelRunner(loaded.graphdef, loaded.state, kv_cache, vocab_size=mc.vocab_size,
+    runner = ModelRunner(graphdef, state, kv_cache, vocab_size=mc.vocab_size,
                          max_num_seqs=config.max_num_seqs,
                          max_num_batched_tokens=config.max_num_batched_tokens,
                          max_model_len=max_model_len, attention_impl=impl,

@@ -18,6 +18,7 @@ from jaxserve.config import ModelConfig, hashable_rope_scaling
 from jaxserve.kv_cache import AttentionMetadata, KVCache, write_kv
 from jaxserve.sharding import heads_parallel, shard
 from kernels_pallas.ragged_paged_attention import ragged_paged_attention
+from models.lora import attention_loras, mlp_loras
 
 # Implemented HF rope_type values -> the rope_scaling keys each needs (checked at load, hf.py).
 ROPE_REQUIRED_KEYS = {"default": (), "linear": ("factor",), "yarn": ("factor",),
@@ -197,6 +198,9 @@ class Attention(nnx.Module):
                                   unit_offset=norm_unit_offset)
             self.k_norm = RMSNorm(H, cfg.rms_norm_eps, dtype=dtype, rngs=rngs,
                                   unit_offset=norm_unit_offset)
+        if cfg.max_loras:  # stacked LoRA adapters (models/lora.py)
+            self.q_lora, self.k_lora, self.v_lora, self.o_lora = attention_loras(
+                cfg, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, md: AttentionMetadata, k_pages: jax.Array,
                  v_pages: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -205,6 +209,9 @@ class Attention(nnx.Module):
         q = jnp.einsum("TD,DNH->TNH", x, self.q_proj[...])
         k = jnp.einsum("TD,DKH->TKH", x, self.k_proj[...])
         v = jnp.einsum("TD,DKH->TKH", x, self.v_proj[...])
+        if cfg.max_loras:
+            q, k, v = (q + self.q_lora(x, md.lora_slots), k + self.k_lora(x, md.lora_slots),
+                       v + self.v_lora(x, md.lora_slots))
         if cfg.qkv_bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         if cfg.qk_norm:
@@ -220,7 +227,10 @@ class Attention(nnx.Module):
             impl=md.attention_impl)
         o = heads_parallel(attend)(q, k_pages, v_pages, md.kv_lens, md.page_table, md.cu_q_lens,
                                    md.num_seqs)  # [T, N, H]
-        return jnp.einsum("TNH,NHD->TD", o, self.o_proj[...]), k_pages, v_pages
+        out = jnp.einsum("TNH,NHD->TD", o, self.o_proj[...])
+        if cfg.max_loras:
+            out = out + self.o_lora(o, md.lora_slots)
+        return out, k_pages, v_pages
 
 
 class GatedMLP(nnx.Module):
@@ -234,11 +244,21 @@ class GatedMLP(nnx.Module):
         self.gate_proj = param(rngs, (D, F), ("embed", "ffw"), dtype)
         self.up_proj = param(rngs, (D, F), ("embed", "ffw"), dtype)
         self.down_proj = param(rngs, (F, D), ("ffw", "embed"), dtype)
+        self.max_loras = cfg.max_loras
+        if cfg.max_loras:  # stacked LoRA adapters (models/lora.py)
+            self.gate_lora, self.up_lora, self.down_lora = mlp_loras(cfg, F, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # [T, D] -> [T, D]
+    def __call__(self, x: jax.Array, lora_slots: jax.Array | None = None) -> jax.Array:
+        """x [T, D] -> [T, D]; lora_slots i32[T] (md.lora_slots) when the model has LoRA slots."""
         gate = jnp.einsum("TD,DF->TF", x, self.gate_proj[...])
         up = jnp.einsum("TD,DF->TF", x, self.up_proj[...])
-        return jnp.einsum("TF,FD->TD", self.activation(gate) * up, self.down_proj[...])
+        if self.max_loras:
+            gate, up = gate + self.gate_lora(x, lora_slots), up + self.up_lora(x, lora_slots)
+        h = self.activation(gate) * up
+        out = jnp.einsum("TF,FD->TD", h, self.down_proj[...])
+        if self.max_loras:
+            out = out + self.down_lora(h, lora_slots)
+        return out
 
 
 class DecoderLayer(nnx.Module):
@@ -260,7 +280,8 @@ class DecoderLayer(nnx.Module):
             h, k_pages, v_pages = self.attn(self.input_norm(x), md, k_pages, v_pages)
         x = x + h
         with jax.named_scope("mlp"):
-            x = x + self.mlp(self.post_attn_norm(x))
+            h = self.post_attn_norm(x)
+            x = x + (self.mlp(h, md.lora_slots) if isinstance(self.mlp, GatedMLP) else self.mlp(h))
         return shard(x, "tokens", "embed"), k_pages, v_pages
 
 
