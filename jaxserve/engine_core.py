@@ -29,7 +29,7 @@ EXIT_ENGINE_DEAD = 3  # the exit code of a dead engine (the server exits with it
 
 # One sequence's news in one step:
 #   (index, new_token_ids: list[int], finish_reason: str | None, stop_reason: int | str | None,
-#    text: str | None (only with stop strings: the text added to the sequence's cut text),
+#    text: (start, str) | None (only with stop strings: the text is text[:start] + str now),
 #    logprobs: tuple of 5 lists (token, logprob, rank, top_ids i32[k], top_logprobs f32[k]) | None)
 SeqDelta = tuple
 # One request's news in one step: (request_id, [SeqDelta], first: (num_cached_tokens,
@@ -112,8 +112,9 @@ class CoreEngine(LLMEngine):
             text = None
             if seq.params.stop_strings:
                 self._detokenize(state, seq)  # may finish it ("stop")
-                detok_text = state.detok[seq.index].text
-                text, sent[seq.index][1] = detok_text[sent[seq.index][1]:], len(detok_text)
+                detok_text = state.detok[seq.index].text  # cut at a stop string: may shrink
+                start = min(sent[seq.index][1], len(detok_text))
+                text, sent[seq.index][1] = (start, detok_text[start:]), len(detok_text)
             start = sent[seq.index][0]
             sent[seq.index][0] = len(seq.output_token_ids)
             news.setdefault(seq.request_id, []).append(

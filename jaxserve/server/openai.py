@@ -11,11 +11,11 @@ import logging
 import time
 from dataclasses import dataclass
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import (JSONResponse, ORJSONResponse, PlainTextResponse, Response,
-                               StreamingResponse)
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 import jaxserve
@@ -137,7 +137,7 @@ async def _respond(serving: OpenAIServing, gen: Generation, body, events, whole,
     result = await _until_disconnect(whole(gen), request)
     if result is None:  # the client is gone; nobody reads this
         return Response(status_code=499)
-    return ORJSONResponse(result)
+    return Response(orjson.dumps(result), media_type="application/json")
 
 
 def _add_generation_routes(app: FastAPI, serving: OpenAIServing) -> None:

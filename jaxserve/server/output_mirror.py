@@ -63,8 +63,9 @@ class RequestMirror:
             seq = self.seqs[index]
             seq.token_ids.extend(token_ids)
             seq.finish_reason, seq.stop_reason = finish_reason, stop_reason
-            if text is not None:
-                seq.core_text += text
+            if text is not None:  # the core's text, cut at a stop string
+                start, added = text
+                seq.core_text = seq.core_text[:start] + added
             if logprobs is not None:
                 for entry in zip(*logprobs):
                     seq.logprobs.append(*entry)
