@@ -19,10 +19,6 @@ VLLM_FLAGS_NOT_IMPLEMENTED = {
     "--tool-parser-plugin": "only the built-in tool-call parsers (--tool-call-parser)",
     "--structured-outputs-config": "structured outputs are not implemented yet",
     "--guided-decoding-backend": "structured outputs are not implemented yet",
-    "--lora-modules": "LoRA adapters are not supported yet",
-    "--max-loras": "LoRA adapters are not supported yet",
-    "--max-lora-rank": "LoRA adapters are not supported yet",
-    "--max-cpu-loras": "LoRA adapters are not supported yet",
     "--api-server-count": "one API server process only",
     "--limit-mm-per-prompt": "multimodal inputs are not supported",
     "--mm-processor-kwargs": "multimodal inputs are not supported",
@@ -103,6 +99,14 @@ def _generate(args) -> int:
     return 0
 
 
+def _merge_lora(args) -> int:
+    from jaxserve.merge_lora import merge_lora
+
+    merged = merge_lora(args.base, args.adapter, args.out)
+    print(f"merged {len(merged)} weights of {args.adapter} into {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxserve")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--sampling-seed", type=int, default=None)
     add_engine_args(gen)
+    merge = sub.add_parser("merge-lora", help="fold a PEFT LoRA adapter into its base checkpoint")
+    merge.add_argument("base", help="the base model's HF directory (safetensors)")
+    merge.add_argument("adapter", help="the PEFT adapter directory")
+    merge.add_argument("out", help="the merged model's directory (must not exist)")
+    merge.set_defaults(func=_merge_lora)
     try:
         from jaxserve.server.cli import add_serve_parser
     except ImportError:  # the server's extra dependencies are missing

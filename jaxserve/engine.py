@@ -84,6 +84,8 @@ class LLMEngine:
         """Validate and queue a request; raises ValueError (and queues nothing) on bad input."""
         if request_id in self._requests:
             raise ValueError(f"{request_id=} is already in use")
+        if lora_request is None and isinstance(prompt, dict):
+            lora_request = prompt.get("lora_request")  # the server's prompts carry their adapter
         if lora_request is not None:
             if self.lora is None:
                 raise ValueError(f"lora_request {lora_request!r} needs enable_lora=True")

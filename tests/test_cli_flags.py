@@ -42,7 +42,7 @@ def test_vllm_spellings():
     (["--pipeline-parallel-size", "2"], "pipeline_parallel_size=2 is not supported"),
     (["--quantization", "awq"], "quantization='awq' is not supported"),
     (["--kv-cache-dtype", "fp8"], "kv_cache_dtype='fp8' is not supported"),
-    (["--enable-lora"], "enable_lora=True is not supported"),
+    (["--enable-lora", "--max-loras", "0"], "max_loras=0"),
     (["--tool-parser-plugin", "p.py"], "--tool-parser-plugin is not supported"),
     (["--structured-outputs-config", "{}"], "--structured-outputs-config is not supported"),
     (["--tool-call-parser", "nope"], "invalid choice"),

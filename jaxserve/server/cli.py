@@ -17,6 +17,7 @@ import threading
 import time
 
 from jaxserve.engine_core import EXIT_ENGINE_DEAD  # a supervisor should restart us
+from jaxserve.server.lora_adapters import parse_lora_module
 from jaxserve.server.serving import ServerConfig
 
 logger = logging.getLogger("jaxserve.server")
@@ -95,6 +96,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-request-body-bytes", type=int, default=4 << 20)
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get after SIGTERM")
+    p.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                   help="LoRA adapters served by name (needs --enable-lora): name=path or "
+                        "'{\"name\": ..., \"path\": ...}'; requests pick one with `model`")
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--disable-uvicorn-access-log", action="store_true")
@@ -135,6 +139,8 @@ def http_options(args: argparse.Namespace):
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
+    if args.lora_modules and not args.enable_lora:
+        raise ValueError(f"--lora-modules {' '.join(args.lora_modules)} needs --enable-lora")
     return ServerConfig(
         served_model_names=tuple(args.served_model_name or ()),
         chat_template=load_chat_template(args.chat_template), api_key=api_key(args),
@@ -142,7 +148,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_waiting_requests=args.max_waiting_requests,
         max_request_body_bytes=args.max_request_body_bytes, drain_timeout=args.drain_timeout,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
-        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser)
+        tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
+        lora_modules=tuple(parse_lora_module(m) for m in args.lora_modules))
 
 
 def _uvicorn_server_class():

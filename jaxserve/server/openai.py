@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException
 import jaxserve
 from jaxserve.server.async_engine import DEAD_MESSAGE, EngineDeadError
 from jaxserve.server.gate import Gate
+from jaxserve.server.lora_adapters import add_lora_routes
 from jaxserve.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
                                       DetokenizeRequest, TokenizeRequest)
 from jaxserve.server.serving import Generation, OpenAIServing, ServerConfig
@@ -160,6 +161,7 @@ def _add_info_routes(app: FastAPI, serving: OpenAIServing, started: int) -> None
         data = [{"id": name, "object": "model", "created": started, "owned_by": "jaxserve",
                  "root": serving.root_model, "parent": None,
                  "max_model_len": serving.max_model_len} for name in serving.model_names]
+        data += serving.loras.model_cards(started, serving.max_model_len)
         return {"object": "list", "data": data}
 
     @app.get("/health")
@@ -232,6 +234,8 @@ def build_app(engine, config: ServerConfig, http: HTTPOptions | None = None,
     _add_error_handlers(app)
     _add_generation_routes(app, serving)
     _add_info_routes(app, serving, int(time.time()))
+    if serving.loras.enabled:
+        add_lora_routes(app, serving.loras)
     serving.async_engine.step_timeout = http.step_timeout
     serving.async_engine.on_dead = on_dead
     serving.async_engine.start()

@@ -18,6 +18,7 @@ from jaxserve.reasoning import get_reasoning_parser
 from jaxserve.sampling_params import StructuredOutputsParams
 from jaxserve.server.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from jaxserve.server.core_client import EngineCoreClient
+from jaxserve.server.lora_adapters import LoRAAdapters
 from jaxserve.server.metrics import ServerMetrics
 from jaxserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from jaxserve.server.responses import (ChoiceCursor, ResponseMeta, chat_body,
@@ -52,6 +53,7 @@ class ServerConfig:
     enable_auto_tool_choice: bool = False  # tool_choice "auto" parses calls with tool_call_parser
     tool_call_parser: str | None = None  # a jaxserve.tool_parsers.TOOL_PARSERS name
     reasoning_parser: str | None = None  # a jaxserve.reasoning.REASONING_PARSERS name
+    lora_modules: tuple[tuple[str, str], ...] = ()  # (name, PEFT directory) per adapter
 
     def __post_init__(self):
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
@@ -85,6 +87,11 @@ class OpenAIServing:
         self.config = config
         self.model_names = config.served_model_names or (engine.model_name,)
         self.root_model = engine.model_name
+        self.loras = LoRAAdapters(enabled=engine.config.enable_lora,
+                                  max_lora_rank=engine.config.max_lora_rank,
+                                  base_model=self.model_names[0])
+        for name, path in config.lora_modules:  # ValueError: the server does not start
+            self.loras.add(name, path)
         self.metrics = ServerMetrics(self.model_names[0])
         if isinstance(engine, EngineCoreClient):  # the engine runs in its own process
             engine.metrics = self.metrics
@@ -109,7 +116,7 @@ class OpenAIServing:
     def check_model(self, model: str | None) -> str:
         if model:
             _inputs(self.inputs.check_text, model, "model")
-        if model and model not in self.model_names:
+        if model and model not in self.model_names and model not in self.loras.by_name:
             raise APIError(404, f"The model `{model}` does not exist.", param="model",
                            code="model_not_found")
         return model or self.model_names[0]
@@ -231,7 +238,8 @@ class OpenAIServing:
         model = self._check_request(body)
         if body.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
-        prompts = await asyncio.to_thread(self.completion_prompts, body.prompt, body.echo)
+        prompts = self._with_lora(
+            await asyncio.to_thread(self.completion_prompts, body.prompt, body.echo), model)
         prompt_lp = body.logprobs if body.echo and body.logprobs is not None else None
         constraint = await asyncio.to_thread(self.structured, body)
         params = self._params(body, max_tokens=body.max_tokens, logprobs=body.logprobs,
@@ -248,7 +256,8 @@ class OpenAIServing:
             raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
         top = (body.top_logprobs or 0) if body.logprobs else None
         plan = self.tool_plan(body)
-        prompt = await asyncio.to_thread(self.chat_prompt, body, plan.tools)
+        [prompt] = self._with_lora([await asyncio.to_thread(self.chat_prompt, body, plan.tools)],
+                                   model)
         constraint = await asyncio.to_thread(self.structured, body, plan.grammar)
         params = self._params(body, max_tokens=body.max_new_tokens, logprobs=top,
                               structured_outputs=constraint,
@@ -260,6 +269,11 @@ class OpenAIServing:
                             top, self._decoder(body), body.include_usage,
                             output_parser=self.output_parser(plan))
         return Generation(stream, meta, [prompt])
+
+    def _with_lora(self, prompts: list[dict], model: str) -> list[dict]:
+        """`model` naming an adapter: its LoRARequest rides in each prompt (engine.add_request)."""
+        lora = self.loras.by_name.get(model)
+        return prompts if lora is None else [{**p, "lora_request": lora} for p in prompts]
 
     def _decoder(self, body):
         return token_id_text if body.return_tokens_as_token_ids else self.decode

@@ -127,12 +127,15 @@ def test_qwen2_adapter_and_merge(tmp_path):
     served without LoRA gives the adapter's tokens and logprobs."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from jaxserve.merge_lora import merge_lora
-
     base = make_hf_model(Qwen2Config, Qwen2ForCausalLM, seed=4)
     save_hf_checkpoint(base, tmp_path / "base")
     torch_model = make_adapter(base, tmp_path / "q16", r=16, seed=5, targets=ALL)
-    merge_lora(str(tmp_path / "base"), str(tmp_path / "q16"), str(tmp_path / "merged"))
+    from jaxserve.cli import main
+
+    assert main(["merge-lora", str(tmp_path / "base"), str(tmp_path / "q16"),
+                 str(tmp_path / "merged")]) == 0
+    assert main(["merge-lora", str(tmp_path / "base"), str(tmp_path / "q16"),
+                 str(tmp_path / "merged")]) == 2  # refuses to overwrite
     prompts = _prompts(3, seed=1)
     params = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=1)
     kw = dict(dtype="float32", page_size=4, num_kv_pages=64, max_num_seqs=4,
@@ -145,3 +148,23 @@ def test_qwen2_adapter_and_merge(tmp_path):
     merged = LLM(str(tmp_path / "merged"), **kw).generate(prompts, params, use_tqdm=False)
     for prompt, out in zip(prompts, merged):
         _check(out, torch_model, prompt)
+
+
+def test_tensor_parallel_lora(llama):
+    """2-way tensor parallel: A/B split with their base weights, same tokens and logprobs."""
+    _, base, adapters, reqs, root = llama
+    llm = LLM(str(root / "base"), dtype="float32", enable_lora=True, max_loras=2,
+              max_lora_rank=16, tensor_parallel_size=2, page_size=4, num_kv_pages=32,
+              max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64)
+    state = llm.llm_engine.runner.state
+    b = state["layers"][0]["attn"]["q_lora"]["b"].get_value()
+    assert b.sharding.spec[2] == "model"  # [S, R, N, H] split on heads like q_proj
+    names = ["b16", None, "a8"]
+    prompts = _prompts(len(names), seed=2)
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=1)
+    outs = llm.generate(prompts, params, use_tqdm=False,
+                        lora_request=[reqs[n] if n else None for n in names])
+    for name, prompt, out in zip(names, prompts, outs):
+        _check(out, adapters[name] if name else base, prompt)
+    assert llm.llm_engine.runner.state["layers"][0]["attn"]["q_lora"]["b"].get_value() \
+        .sharding.spec[2] == "model"  # still split after the slot writes
