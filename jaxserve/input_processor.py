@@ -222,6 +222,11 @@ class InputProcessor:
         for name in _FLOAT_FIELDS:
             if not math.isfinite(getattr(params, name)):
                 raise InvalidRequest(f"{name} must be finite, got {getattr(params, name)}", name)
+        if params.logprobs == -1:  # vLLM: the whole vocabulary, if max_logprobs allows it
+            if lim.vocab_size > lim.max_logprobs:
+                raise InvalidRequest(f"logprobs=-1 asks for the whole vocabulary ({lim.vocab_size} "
+                                     f"tokens), above max_logprobs={lim.max_logprobs}", "logprobs")
+            params = dataclasses.replace(params, logprobs=lim.vocab_size)
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)
             if value is not None and value > lim.max_logprobs:

@@ -143,7 +143,7 @@ class ModelRunner:
         # shape per token bucket; the reference's cost follows the width, so it is bucketed.
         self.full_width_page_table = attention_impl != "reference"
         self.mesh = mesh
-        self.max_logprobs = max_logprobs
+        self.max_logprobs = min(max_logprobs, vocab_size)  # logprobs=-1: the whole vocabulary
         self.num_compiles = 0
         self.compile_seconds = 0.0
         self._executables: dict[tuple, object] = {}

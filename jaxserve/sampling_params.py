@@ -123,8 +123,8 @@ class SamplingParams:
              f"min_tokens must be an int >= 0, got {self.min_tokens=}"),
             (self.max_tokens is None or self.min_tokens <= self.max_tokens,
              f"min_tokens must be <= max_tokens, got {self.min_tokens=}, {self.max_tokens=}"),
-            (self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= 0),
-             f"logprobs must be an int >= 0, got {self.logprobs=}"),
+            (self.logprobs is None or (isinstance(self.logprobs, int) and self.logprobs >= -1),
+             f"logprobs must be an int >= 0 or -1 (the whole vocabulary), got {self.logprobs=}"),
             (self.prompt_logprobs is None
              or (isinstance(self.prompt_logprobs, int) and self.prompt_logprobs >= 0),
              f"prompt_logprobs must be an int >= 0, got {self.prompt_logprobs=}"),

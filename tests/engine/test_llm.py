@@ -171,7 +171,7 @@ def test_chat_uses_the_template(llm):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(max_tokens=0), "max_tokens"),
-    (dict(n=0), "n"), (dict(min_p=2), "min_p"), (dict(logprobs=-1), "logprobs"),
+    (dict(n=0), "n"), (dict(min_p=2), "min_p"), (dict(logprobs=-2), "logprobs"),
 ])
 def test_bad_sampling_params(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -185,6 +185,8 @@ def test_bad_requests_leave_the_engine_serving(llm):
         llm.generate([[5, 100000]], SamplingParams(max_tokens=1), use_tqdm=False)
     with pytest.raises(ValueError, match="logprobs"):
         llm.generate(["hi"], SamplingParams(max_tokens=1, logprobs=1000), use_tqdm=False)
+    with pytest.raises(ValueError, match="logprobs=-1 asks for the whole vocabulary"):
+        llm.generate(["hi"], SamplingParams(max_tokens=1, logprobs=-1), use_tqdm=False)
     assert not llm.llm_engine.has_unfinished_requests()
     out = llm.generate(["hi"], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) >= 1
@@ -219,10 +221,10 @@ def test_async_scheduling_gives_the_same_outputs(llm):
     dispatch, fetch = runner.dispatch, runner.fetch
     in_flight = {"now": 0, "max": 0}
 
-    def counting_dispatch(batch):
+    def counting_dispatch(batch, *args):
         in_flight["now"] += 1
         in_flight["max"] = max(in_flight["max"], in_flight["now"])
-        return dispatch(batch)
+        return dispatch(batch, *args)
 
     def counting_fetch(handle):
         in_flight["now"] -= 1

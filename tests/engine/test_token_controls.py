@@ -155,3 +155,15 @@ def test_bad_grammar_is_a_value_error(llm):
             max_tokens=2, structured_outputs=StructuredOutputsParams(regex="(unclosed")),
             use_tqdm=False)
     assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_logprobs_minus_one_is_the_whole_vocabulary(model_dir):
+    """vLLM's logprobs=-1: every token's logprob, allowed when max_logprobs covers the vocabulary."""
+    llm = LLM(str(model_dir), dtype="float32", page_size=4, num_kv_pages=16, max_num_seqs=2,
+              max_num_batched_tokens=16, max_model_len=32, max_logprobs=1000)
+    out = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=1, logprobs=-1),
+                       use_tqdm=False)[0].outputs[0]
+    ref = hf_logprobs(model_dir, PROMPT)[-1]
+    entry = out.logprobs[0]
+    assert len(entry) == len(ref) == 384
+    np.testing.assert_allclose([entry[t].logprob for t in range(len(ref))], ref, atol=1e-4)
