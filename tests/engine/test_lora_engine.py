@@ -35,9 +35,9 @@ def make_adapter(base, path, *, r: int, seed: int, targets, use_rslora: bool = F
     return model.eval()  # the base model with PEFT's LoRA layers injected
 
 
-def _prompts(n: int, seed: int) -> list[list[int]]:
+def _prompts(n: int, seed: int, lengths: tuple[int, int] = (3, 20)) -> list[list[int]]:
     rng = np.random.default_rng(seed)
-    return [rng.integers(3, 250, size=int(rng.integers(3, 20))).tolist() for _ in range(n)]
+    return [rng.integers(3, 250, size=int(rng.integers(*lengths))).tolist() for _ in range(n)]
 
 
 def _check(out, torch_model, prompt):
@@ -64,14 +64,17 @@ def llama(tmp_path_factory):
         "c8": make_adapter(base, root / "c8", r=8, seed=3, targets=ATTN),
     }
     reqs = {name: LoRARequest(name, i + 1, str(root / name)) for i, name in enumerate(adapters)}
+    # 24 pages of 4 tokens: the mixed batch below needs more, so sequences are preempted (their
+    # adapter slots released) and recomputed.
     llm = LLM(str(root / "base"), dtype="float32", enable_lora=True, max_loras=2,
-              max_lora_rank=16, page_size=4, num_kv_pages=96, max_num_seqs=8,
+              max_lora_rank=16, page_size=4, num_kv_pages=24, max_num_seqs=8,
               max_num_batched_tokens=32, max_model_len=64)
     return llm, base, adapters, reqs, root
 
 
 def test_mixed_batch_matches_transformers_peft(llama):
-    """Three adapters (two slots: the third waits) and the base model in one generate call."""
+    """Three adapters (two slots: the third waits) and the base model in one generate call,
+    under preemption."""
     llm, base, adapters, reqs, _ = llama
     runner = llm.llm_engine.runner
     seen = []
@@ -80,7 +83,8 @@ def test_mixed_batch_matches_transformers_peft(llama):
                                          dispatch(batch, *a))[1]
     try:
         names = ["a8", None, "b16", "c8", "a8", None]
-        prompts = _prompts(len(names), seed=0)
+        # three short prompts share the first step; the long ones overflow the page pool
+        prompts = _prompts(3, seed=0, lengths=(5, 10)) + _prompts(3, seed=1, lengths=(30, 40))
         params = SamplingParams(temperature=0.0, max_tokens=NUM_TOKENS, ignore_eos=True,
                                 logprobs=1)
         outs = llm.generate(prompts, params, use_tqdm=False,
@@ -93,6 +97,7 @@ def test_mixed_batch_matches_transformers_peft(llama):
     distinct = [set(s[s < 2].tolist()) for s in seen]
     assert any(len(d) == 2 and (s >= 2).any() for d, s in zip(distinct, seen))
     assert all(len(d) <= 2 for d in distinct)
+    assert llm.llm_engine.scheduler.num_preemptions > 0
     llm.llm_engine.scheduler.lora_slots.check_integrity()
 
 
