@@ -148,10 +148,16 @@ def add_lora_slots(state: nnx.State, cfg: ModelConfig, dtype, mesh, rules):
             var.set_value(base[path].get_value())
             continue
         assert "lora" in ".".join(map(str, path)), f"base param {path} missing"
-        shape, dt = var.get_value().shape, var.get_value().dtype
-        var.set_value(jax.jit(lambda: jnp.zeros(shape, dt),
-                              out_shardings=shardings[path].get_value())())
+        value, sharding = var.get_value(), shardings[path].get_value()
+        var.set_value(_zeros_maker(value.shape, value.dtype, sharding)())
     return graphdef, abstract
+
+
+@functools.lru_cache(maxsize=None)
+def _zeros_maker(shape: tuple[int, ...], dtype, sharding):
+    """One compiled filler per distinct (shape, dtype, sharding): 7 projections x 2 per model,
+    not one compile per layer's A and B."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
 
 
 def lora_variables(state: nnx.State) -> dict[str, nnx.Variable]:
