@@ -4,6 +4,9 @@ TPOT/ITL/E2EL table, JSON and a throughput-latency PNG. No JAX here: on a GPU ma
 would grab the device memory the server it launched needs.
 python -m benchmarks.serving --num-prompts 200 --random-input-len 512 --random-output-len 256 \
     --ignore-eos --sweep-rates 1,4,16,inf [--launch "--model llama-3-8b --load-format dummy ..."]
+Issue 20's 1,000 users (Qwen2-7B, 100 in / 200 out, T 0.7 top_p 0.9, 100..1,000 users):
+python -m benchmarks.serving --preset enterprise --vocab-size 151936 --launch "qwen2-7b \
+    --load-format dummy --max-model-len 1024 --max-num-seqs 1024 --max-num-batched-tokens 8192"
 """
 from __future__ import annotations
 
@@ -28,6 +31,14 @@ import httpx
 import numpy as np
 
 METRICS = ("ttft", "tpot", "itl", "e2el")  # each reported as mean/median/std/p99, in ms
+# Named scenarios: defaults a flag given on the command line still overrides.
+PRESETS = {
+    # issue 20 (the seed lesson's customer-service case): 2,000 requests of 100 tokens in / 200
+    # out, the seed's sampling, at 100 / 250 / 500 / 1,000 concurrent users.
+    "enterprise": dict(num_prompts=2000, random_input_len=100, random_output_len=200,
+                       ignore_eos=True, temperature=0.7, extra_body={"top_p": 0.9},
+                       sweep_concurrency="100,250,500,1000"),
+}
 
 
 @dataclass
@@ -262,15 +273,17 @@ def plot_curve(path: Path, title: str, runs: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    x = [r["output_throughput"] for r in runs]
+    by_users = len({r["max_concurrency"] for r in runs}) > 1  # a concurrency sweep
+    x = [r["max_concurrency"] if by_users else r["output_throughput"] for r in runs]
     for ax, key, label in zip(axes, ("median_tpot_ms", "median_ttft_ms"),
                               ("median TPOT (ms)", "median TTFT (ms)")):
         y = [r[key] for r in runs]
         ax.plot(x, y, marker="o")
         for r, xi, yi in zip(runs, x, y):
-            ax.annotate(f"{r['request_rate']:g} req/s", (xi, yi), textcoords="offset points",
-                        xytext=(4, 4), fontsize=8)
-        ax.set(xlabel="output tokens/s", ylabel=label)
+            note = (f"{r['output_throughput']:.0f} tok/s" if by_users
+                    else f"{r['request_rate']:g} req/s")
+            ax.annotate(note, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set(xlabel="concurrent users" if by_users else "output tokens/s", ylabel=label)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
@@ -309,7 +322,7 @@ async def amain(args) -> dict:
             records, _ = await run_load(args, client, model, warm, math.inf)
             print(f"warm-up: {sum(r.success for r in records)}/{len(records)} requests ok")
         runs = []
-        for rate in args.rates:
+        for rate, args.max_concurrency in args.points:
             print(f"rate {rate:g} req/s, max concurrency {args.max_concurrency or 'none'}: "
                   f"{len(requests)} requests")
             reset = await reset_prefix_cache(client)
@@ -323,7 +336,7 @@ async def amain(args) -> dict:
     tag = model.rstrip("/").split("/")[-1]
     name = args.name or f"serving_{tag}_{args.random_input_len}_{args.random_output_len}"
     path = Path(args.out) / f"{name}.json"  # as benchmarks.common.write_results writes it
-    result = {"args": {k: v for k, v in vars(args).items() if k != "rates"},
+    result = {"args": {k: v for k, v in vars(args).items() if k != "points"},
               "env": client_environment(), "model": model, "server_model": info, "runs": runs,
               "json_path": str(path), "png_path": str(path.with_suffix(".png"))}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -386,6 +399,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--request-rate", type=float, default=math.inf, help="req/s; inf: all at once")
     p.add_argument("--sweep-rates", default=None, help="comma list, e.g. 1,2,4,8,16,inf")
     p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--sweep-concurrency", default=None,
+                   help="comma list of max concurrencies, one run each (plot: TTFT/TPOT per users)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a named scenario's defaults (enterprise: issue 20's 1,000 users)")
     p.add_argument("--num-warmups", type=int, default=1, help="untimed requests, all at once")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true")
@@ -398,9 +415,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--launch-timeout", type=float, default=1800.0)
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--name", default=None)
+    preset = p.parse_known_args(argv)[0].preset
+    if preset:
+        p.set_defaults(**PRESETS[preset])
     args = p.parse_args(argv)
-    rates = args.sweep_rates.split(",") if args.sweep_rates else [args.request_rate]
-    args.rates = [float(r) for r in rates]
+    rates = [float(r) for r in (args.sweep_rates.split(",") if args.sweep_rates
+                                else [args.request_rate])]
+    users = ([int(c) for c in args.sweep_concurrency.split(",")] if args.sweep_concurrency
+             else [args.max_concurrency])
+    if len(rates) > 1 and len(users) > 1:
+        raise ValueError("sweep request rates or concurrencies, not both")
+    args.points = [(rate, c) for rate in rates for c in users]  # (request rate, max concurrency)
     return args
 
 

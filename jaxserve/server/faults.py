@@ -61,7 +61,7 @@ def install(engine, spec: str):
                 marked[request_id] = kind
         return add_request(request_id, prompt, *args, **kwargs)
 
-    def faulty_dispatch(batch):
+    def faulty_dispatch(batch, *args, **kwargs):
         for seq in batch.seqs:
             kind = marked.get(seq.request_id)
             if kind == "raise":
@@ -71,7 +71,7 @@ def install(engine, spec: str):
             if kind == "hang":
                 logger.warning("injected hang for request %s", seq.request_id)
                 threading.Event().wait()
-        return dispatch(batch)
+        return dispatch(batch, *args, **kwargs)
 
     engine.add_request, engine.runner.dispatch = marking_add_request, faulty_dispatch
     logger.warning("%s=%r: fault injection is ON (a test mode)", ENV, spec)
