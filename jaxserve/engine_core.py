@@ -33,7 +33,8 @@ EXIT_ENGINE_DEAD = 3  # the exit code of a dead engine (the server exits with it
 #    logprobs: tuple of 5 lists (token, logprob, rank, top_ids i32[k], top_logprobs f32[k]) | None)
 SeqDelta = tuple
 # One request's news in one step: (request_id, [SeqDelta], first: (num_cached_tokens,
-# prompt_logprobs) on the request's first message, else None).
+# prompt_logprobs, scheduled_time, first_token_time) on the request's first message, else None);
+# times are time.monotonic() (one clock for all processes of the machine).
 RequestDelta = tuple
 
 
@@ -86,11 +87,26 @@ class CoreEngine(LLMEngine):
     def __init__(self, config: EngineConfig):
         super().__init__(config)
         self._sent: dict[str, list[list[int]]] = {}  # request id -> per sequence [tokens, chars]
+        self._scheduled: dict[str, float] = {}  # request id -> when a step first ran it
+        self.scheduler.schedule = self._stamping(self.scheduler.schedule)
+
+    def _stamping(self, schedule):
+        """Wrap Scheduler.schedule to note when each request first runs (queue time metrics);
+        only steps with prompt tokens can hold a new request, so decode steps cost nothing."""
+        def stamped_schedule(*args, **kwargs):
+            batch = schedule(*args, **kwargs)
+            if batch is not None and batch.num_prefill_tokens:
+                now = time.monotonic()
+                for seq in batch.seqs:
+                    self._scheduled.setdefault(seq.request_id, now)
+            return batch
+        return stamped_schedule
 
     def abort_request(self, request_id: str | list[str]) -> None:
         super().abort_request(request_id)
         for rid in [request_id] if isinstance(request_id, str) else request_id:
             self._sent.pop(rid, None)
+            self._scheduled.pop(rid, None)
 
     def _process_outputs(self, touched: list[Sequence]) -> list[RequestDelta]:
         """Per request, the tokens each touched sequence got since its last delta. Stop strings
@@ -107,7 +123,8 @@ class CoreEngine(LLMEngine):
                 sent = self._sent[seq.request_id] = [[0, 0] for _ in state.seqs]
                 first = state.seqs[0]
                 plp = first.prompt_logprobs if state.params.prompt_logprobs is not None else None
-                firsts[seq.request_id] = (first.num_cached_prompt_tokens, plp)
+                scheduled = self._scheduled.pop(seq.request_id, now)
+                firsts[seq.request_id] = (first.num_cached_prompt_tokens, plp, scheduled, now)
                 state.first_token_time = now
             text = None
             if seq.params.stop_strings:

@@ -39,6 +39,7 @@ class _Route:
     num_tokens: int = 0
     last_token_time: float = 0.0
     finishes: dict = field(default_factory=dict)  # sequence index -> finish reason
+    first_token_time: float = 0.0  # in the core (engine_core.RequestDelta's first)
 
 
 def _apply(items: list[tuple[_Route, tuple]]) -> None:
@@ -271,6 +272,10 @@ class EngineCoreClient:
 
     def _observe(self, route: _Route, delta: tuple, now: float) -> bool:
         """Metrics for one request's delta; True when it finished the request."""
+        if delta[2] is not None:  # the first tokens: queue and prefill time
+            _, _, scheduled, route.first_token_time = delta[2]
+            self.metrics.on_scheduled(scheduled - route.arrival,
+                                      route.first_token_time - scheduled)
         num_new = sum(len(d[1]) for d in delta[1])
         if num_new:
             first = route.num_tokens == 0
@@ -281,7 +286,8 @@ class EngineCoreClient:
         route.finishes.update((d[0], d[2]) for d in delta[1] if d[2] is not None)
         done = len(route.finishes) == len(route.mirror.seqs)
         if done:
-            self.metrics.on_finished(list(route.finishes.values()), now - route.arrival)
+            self.metrics.on_finished(list(route.finishes.values()), now - route.arrival,
+                                     decode=now - route.first_token_time)
         return done
 
     def _set_gauges(self, gauges: tuple) -> None:

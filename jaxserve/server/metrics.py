@@ -1,7 +1,9 @@
-"""Prometheus text for GET /metrics: counters and histograms fed by the engine thread.
+"""Prometheus text for GET /metrics: counters and histograms fed by the engine's outputs.
 
-The engine thread observes (TTFT, inter-token latency, token counts) after each step; the HTTP
-side renders. One lock guards both, so a scrape never sees half an update.
+The engine thread (or the engine core client's receiver thread) observes TTFT, inter-token
+latency, token counts and, with the engine core process, each request's queue / prefill / decode
+time after each step; the HTTP side renders. One lock guards both, so a scrape never sees half an
+update.
 """
 from __future__ import annotations
 
@@ -55,6 +57,9 @@ class ServerMetrics:
         self.ttft = Histogram(TTFT_BUCKETS)
         self.itl = Histogram(ITL_BUCKETS)
         self.e2e = Histogram(E2E_BUCKETS)
+        self.queue = Histogram(TTFT_BUCKETS)  # arrival -> first scheduled
+        self.prefill = Histogram(TTFT_BUCKETS)  # first scheduled -> first token
+        self.decode = Histogram(E2E_BUCKETS)  # first token -> finished
 
     def on_tokens(self, num_new: int, ttft: float | None, itl: float | None) -> None:
         with self._lock:
@@ -68,11 +73,19 @@ class ServerMetrics:
         with self._lock:
             self.prompt_tokens += num_tokens
 
-    def on_finished(self, reasons: list[str], e2e: float) -> None:
+    def on_scheduled(self, queue: float, prefill: float) -> None:
+        """A request's first tokens: seconds it waited to be scheduled, then to its first token."""
+        with self._lock:
+            self.queue.observe(queue)
+            self.prefill.observe(prefill)
+
+    def on_finished(self, reasons: list[str], e2e: float, decode: float | None = None) -> None:
         with self._lock:
             for reason in reasons:
                 self.finished[reason] = self.finished.get(reason, 0) + 1
             self.e2e.observe(e2e)
+            if decode is not None:
+                self.decode.observe(decode)
 
     def render(self, gauges: dict[str, float]) -> str:
         """gauges: num_running, num_waiting, kv_cache_usage (a fraction) from the engine thread."""
@@ -100,7 +113,13 @@ class ServerMetrics:
             for name, hist, doc in (
                     ("vllm:time_to_first_token_seconds", self.ttft, "Time to first token."),
                     ("vllm:inter_token_latency_seconds", self.itl, "Time between tokens."),
-                    ("vllm:e2e_request_latency_seconds", self.e2e, "Arrival to finish.")):
+                    ("vllm:e2e_request_latency_seconds", self.e2e, "Arrival to finish."),
+                    ("vllm:request_queue_time_seconds", self.queue,
+                     "Arrival to first scheduled (engine core process only)."),
+                    ("vllm:request_prefill_time_seconds", self.prefill,
+                     "First scheduled to first token (engine core process only)."),
+                    ("vllm:request_decode_time_seconds", self.decode,
+                     "First token to finish (engine core process only).")):
                 head(name, "histogram", doc)
                 lines.extend(hist.lines(name, lab))
         return "\n".join(lines) + "\n"

@@ -7,8 +7,6 @@ sent as one SSE chunk. Text is the engine's Detokenizer run here, so it equals L
 """
 from __future__ import annotations
 
-import time
-
 from jaxserve.detokenizer import Detokenizer, DetokenizerState
 from jaxserve.logprobs import SampleLogprobs
 from jaxserve.outputs import CompletionOutput, RequestOutput
@@ -57,8 +55,7 @@ class RequestMirror:
     def apply(self, seq_deltas: list[tuple], first: tuple | None) -> None:
         """Append one step's news (engine_core.RequestDelta's parts)."""
         if first is not None:
-            self.num_cached_tokens, self.prompt_logprobs = first
-            self.first_token_time = time.monotonic()
+            self.num_cached_tokens, self.prompt_logprobs, _, self.first_token_time = first
         for index, token_ids, finish_reason, stop_reason, text, logprobs in seq_deltas:
             seq = self.seqs[index]
             seq.token_ids.extend(token_ids)

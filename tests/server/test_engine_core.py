@@ -2,7 +2,8 @@
 
 Over a served EngineCoreClient: 200 concurrent greedy streams equal LLM.generate (text and
 tokens, n=2 and stop strings included); a slow reader gets several tokens per SSE chunk with the
-same text; the waiting bound answers 503 + Retry-After. Over the CLI: killing the core process
+same text; the waiting bound answers 503 + Retry-After; /metrics has queue, prefill and decode
+time histograms. Over the CLI: killing the core process
 mid-stream ends every open stream with an error event and the server exits EXIT_ENGINE_DEAD.
 Plus RequestStream's coalescing on its own (no model).
 """
@@ -102,6 +103,11 @@ def test_concurrent_streams_equal_offline(core_served, served):
     assert ("".join(streamed[0]), streamed[1]) == (want["text"], want["finish_reason"])
     assert core_served.wait_idle() == {"num_requests_running": 0.0,
                                        "num_requests_waiting": 0.0, "kv_cache_usage_perc": 0.0}
+    counts = {line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+              for line in core_served.get("/metrics").text.splitlines()
+              if line.startswith("vllm:") and "_count{" in line}
+    for phase in ("queue", "prefill", "decode"):  # every request observed once per phase
+        assert counts[f"vllm:request_{phase}_time_seconds_count"] >= NUM_STREAMS, counts
     print(f"{NUM_STREAMS} streams through the engine core process in {elapsed:.1f}s")
 
 
