@@ -105,6 +105,7 @@ def load_peft_adapter(path: str, shape: ModelConfig) -> dict[str, tuple[np.ndarr
     ranks zero-padded to max_lora_rank and PEFT's scale (lora_alpha / r, or / sqrt(r) for rsLoRA;
     rank_pattern / alpha_pattern per module) folded into b. ValueError names a bad path, rank,
     module or shape."""
+    import ml_dtypes  # noqa: F401  registers bfloat16 with numpy (bf16 adapters are common)
     from safetensors.numpy import load_file
 
     cfg = read_adapter_config(path)

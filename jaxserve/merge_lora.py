@@ -22,6 +22,7 @@ _ADAPTER_TENSOR = re.compile(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.\w+
 def adapter_deltas(adapter: str) -> dict[str, np.ndarray]:
     """{base weight name: f32 delta [out, in]} of a PEFT LoRA directory (ValueError naming a
     bad directory or tensor)."""
+    import ml_dtypes  # noqa: F401  registers bfloat16 with numpy (bf16 adapters are common)
     from safetensors.numpy import load_file
 
     cfg = read_adapter_config(adapter)

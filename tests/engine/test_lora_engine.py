@@ -150,9 +150,11 @@ def test_qwen2_adapter_and_merge(tmp_path):
                         lora_request=LoRARequest("q16", 1, str(tmp_path / "q16")))
     for prompt, out in zip(prompts, outs):
         _check(out, torch_model, prompt)
-    merged = LLM(str(tmp_path / "merged"), **kw).generate(prompts, params, use_tqdm=False)
-    for prompt, out in zip(prompts, merged):
+    merged_llm = LLM(str(tmp_path / "merged"), **kw)
+    for prompt, out in zip(prompts, merged_llm.generate(prompts, params, use_tqdm=False)):
         _check(out, torch_model, prompt)
+    with pytest.raises(ValueError, match="needs enable_lora=True"):
+        merged_llm.generate(prompts[:1], lora_request=LoRARequest("q16", 1, str(tmp_path / "q16")))
 
 
 def test_tensor_parallel_lora(llama):

@@ -48,13 +48,13 @@ def test_lora_delta_refuses_bad_shapes():
                    jnp.zeros(2, jnp.int32))
 
 
-def _write_adapter(path, tensors: dict, **config):
+def _write_adapter(path, tensors: dict, dtype=np.float32, **config):
     from safetensors.numpy import save_file
 
     path.mkdir(parents=True, exist_ok=True)
     cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], **config}
     (path / "adapter_config.json").write_text(json.dumps(cfg))
-    save_file({k: np.asarray(v, np.float32) for k, v in tensors.items()},
+    save_file({k: np.asarray(v).astype(dtype) for k, v in tensors.items()},
               str(path / "adapter_model.safetensors"))
     return str(path)
 
@@ -92,6 +92,17 @@ def test_peft_layouts_and_scales(tmp_path):
     # rsLoRA: alpha / sqrt(r) = 8 / 2 = 4, twice PEFT's alpha / r = 2 for the same tensors
     np.testing.assert_allclose(rs["layers.0.attn.q_lora"][1], 2 * w["layers.0.attn.q_lora"][1],
                                rtol=1e-6)
+
+
+def test_bf16_adapter(tmp_path):
+    import ml_dtypes
+
+    t = _pair(0, "mlp.up_proj", 16, 24)
+    bf16 = load_peft_adapter(_write_adapter(tmp_path / "bf", t, ml_dtypes.bfloat16), CFG)
+    rounded = {k: v.astype(ml_dtypes.bfloat16).astype(np.float32) for k, v in t.items()}
+    f32 = load_peft_adapter(_write_adapter(tmp_path / "f32", rounded), CFG)
+    for x, y in zip(bf16["layers.0.mlp.up_lora"], f32["layers.0.mlp.up_lora"]):
+        np.testing.assert_array_equal(x, y)
 
 
 def test_kv_heads_replicated_for_tensor_parallel(tmp_path):
