@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from jaxserve.input_processor import InvalidRequest
 from jaxserve.sampling_params import SamplingParams, StructuredOutputsParams
 
 
@@ -55,15 +56,12 @@ def structured_from_response_format(response_format: dict) -> StructuredOutputsP
 NOT_IMPLEMENTED_FIELDS = {
     "functions": "function calling is not implemented yet",
     "function_call": "function calling is not implemented yet",
-    "logit_bias": "logit_bias is not implemented yet",
-    "allowed_token_ids": "allowed_token_ids is not implemented yet",
-    "bad_words": "bad_words is not implemented yet",
     "logits_processors": "custom logits processors are not supported",
     "truncate_prompt_tokens": "prompt truncation is not implemented yet",
     "prompt_logprobs": "prompt_logprobs is not served yet (use echo with logprobs on "
                        "/v1/completions)",
-    "use_beam_search": "beam search is not implemented yet",
-    "length_penalty": "beam search is not implemented yet",
+    "use_beam_search": "beam search is offline only (LLM.beam_search), not served yet",
+    "length_penalty": "beam search is offline only (LLM.beam_search), not served yet",
     "best_of": "best_of is not implemented (use n)",
     "audio": "audio output is not supported",
     "modalities": "only text output is supported",
@@ -114,6 +112,20 @@ class _SamplingRequest(BaseModel):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     guided_whitespace_pattern: str | None = None
+    # Token controls (vLLM's names; OpenAI's logit_bias maps token-id strings to [-100, 100]).
+    logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+
+    def logit_bias_ids(self) -> dict[int, float] | None:
+        """OpenAI's {"token id": bias} -> {id: bias clamped to [-100, 100]} (as vLLM does)."""
+        if self.logit_bias is None:
+            return None
+        try:
+            return {int(t): max(-100.0, min(100.0, float(v))) for t, v in self.logit_bias.items()}
+        except ValueError:
+            raise InvalidRequest("logit_bias keys must be token ids, got "
+                                 f"{list(self.logit_bias)[:5]}", "logit_bias") from None
 
     def sampling_params(self, *, max_tokens: int | None, logprobs: int | None,
                         prompt_logprobs: int | None = None, defaults: dict | None = None,
@@ -129,7 +141,8 @@ class _SamplingRequest(BaseModel):
             stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
             prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
-            structured_outputs=structured_outputs)
+            structured_outputs=structured_outputs, logit_bias=self.logit_bias_ids(),
+            allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words)
         given = self.model_fields_set
         for name, value in (defaults or {}).items():
             unset = not ({"max_tokens", "max_completion_tokens"} & given) if name == "max_tokens" \

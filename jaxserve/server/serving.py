@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from jaxserve import structured_outputs
 from jaxserve.input_processor import InvalidRequest
 from jaxserve.reasoning import get_reasoning_parser
-from jaxserve.sampling_params import StructuredOutputsParams
+from jaxserve.sampling_params import SamplingParams, StructuredOutputsParams
 from jaxserve.server.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from jaxserve.server.core_client import EngineCoreClient
 from jaxserve.server.lora_adapters import LoRAAdapters
@@ -222,8 +222,11 @@ class OpenAIServing:
     def _params(self, body, keep_special_tokens: bool = False, **kw):
         try:
             params = body.sampling_params(defaults=self.inputs.defaults, **kw)
-        except ValueError as e:
-            raise APIError(400, str(e)) from e
+        except ValueError as e:  # SamplingParams' messages start with the field's name
+            param = getattr(e, "param", None) or next(
+                (f for f in sorted(SamplingParams.__dataclass_fields__, key=len, reverse=True)
+                 if str(e).startswith(f)), None)
+            raise APIError(400, str(e), param=param) from e
         if keep_special_tokens:  # the tool parser's markers are special tokens ([TOOL_CALLS])
             params.skip_special_tokens = False
         return params

@@ -46,8 +46,12 @@ def test_top_k_beyond_int32_is_served_as_off(served):
     ({"prompt": [[1, 2], [-5]]}, "prompt"),
     ({"prompt": [10**23]}, "prompt"),
     ({"max_tokens": 10**15}, "prompt"),
-    ({"logit_bias": {"5": 10}}, "logit_bias"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"logit_bias": {"x": 10}}, "logit_bias"),
+    ({"logit_bias": {"99999999": 10}}, "logit_bias"),
+    ({"allowed_token_ids": [-1]}, "allowed_token_ids"),
+    ({"bad_words": [""]}, "bad_words"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": 5}}},
+     "response_format"),
     ({"truncate_prompt_tokens": 5}, "truncate_prompt_tokens"),
     ({"use_beam_search": True}, "use_beam_search"),
 ])
@@ -56,6 +60,26 @@ def test_bad_or_unimplemented_completion_fields_are_400(served, body, param):
                                                 "max_tokens": 2, **body})
     _error(resp, 400, param)
     _still_serving(served)
+
+
+def test_token_controls_are_served(served):
+    """logit_bias (OpenAI's string keys), allowed_token_ids and a JSON response_format."""
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+    free = served.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    tok = served.app_tokenizer if hasattr(served, "app_tokenizer") else None
+    biased = served.post("/v1/completions", json={**body, "logit_bias": {"33": 100}})
+    assert biased.status_code == 200, biased.text
+    only = served.post("/v1/completions", json={**body, "allowed_token_ids": [33]})
+    assert only.status_code == 200, only.text
+    assert biased.json()["choices"][0]["text"] == only.json()["choices"][0]["text"] != free
+    del tok
+    js = served.post("/v1/completions", json={**body, "max_tokens": 40, "temperature": 1.0,
+                                              "response_format": {"type": "json_object"}})
+    assert js.status_code == 200, js.text
+    choice = js.json()["choices"][0]
+    if choice["finish_reason"] == "stop":
+        import json
+        assert isinstance(json.loads(choice["text"]), dict)
 
 
 def test_unknown_and_off_fields_are_accepted(served):
@@ -97,12 +121,25 @@ def test_chat_text_parts_equal_the_string_and_offline(served):
     assert "image_url" in _error(_chat(served, image), 400, "messages[0].content")["message"]
 
 
-def test_tools_need_tool_choice_none_until_parsers_exist(served):
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+def test_tool_choice_auto_needs_the_flag_required_is_enforced(served):
+    """auto needs --enable-auto-tool-choice (vLLM's rule); required is a grammar: the tiny random
+    model always returns a call of a declared function with arguments matching its schema."""
+    params = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": params}}]
     msgs = [{"role": "user", "content": "Hi"}]
     _error(_chat(served, msgs, tools=tools), 400, "tool_choice")
-    _error(_chat(served, msgs, tools=tools, tool_choice="required"), 400, "tool_choice")
     assert _chat(served, msgs, tools=tools, tool_choice="none").status_code == 200
+    # The random model would pad the JSON with whitespace until max_tokens: bias it away.
+    tok = served.app.serving.tokenizer
+    spaces = {str(t): -100 for t in range(384) if any(c.isspace() for c in tok.decode([t]))}
+    resp = _chat(served, msgs, tools=tools, tool_choice="required", max_tokens=100,
+                 temperature=1.0, seed=1, logit_bias=spaces)
+    assert resp.status_code == 200, resp.text
+    choice = resp.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    calls = choice["message"]["tool_calls"]
+    assert calls and all(c["function"]["name"] == "f" for c in calls)
+    assert all(isinstance(json.loads(c["function"]["arguments"])["ok"], bool) for c in calls)
 
 
 def test_request_chat_template_needs_the_trust_flag(served):
