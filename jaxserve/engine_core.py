@@ -1,7 +1,8 @@
 """The engine core: LLMEngine's step loop in its own process, talking to the API server over pipes.
 
-API server --("add" | "abort" | "reset" | "watchdog" | "stop")--> core: apply commands, step()
---one ("step", deltas, failed, gauges) message per step--> API server (server/core_client.py),
+API server --("add" | "abort" | "reset" | "watchdog" | "stop")--> core: apply commands (answer
+("applied", add acks, gauges)), step() --one ("step", deltas, failed, gauges) message per step-->
+API server (server/core_client.py),
 which detokenizes, builds SSE chunks and JSON. The core sends token ids, never per-token text:
 only sequences with stop strings are detokenized here (the stop check needs text), and their
 text deltas ride along. Failure handling is the in-process AsyncEngine's: a step that raises fails
@@ -169,7 +170,7 @@ class EngineCore:
                 self._step()
 
     def _read_commands(self, block: bool) -> bool:
-        acks = []
+        acks, applied = [], False
         try:
             if block:
                 self.commands.poll(None)
@@ -178,13 +179,14 @@ class EngineCore:
                 if command[0] == "stop":
                     return False
                 ack = self._apply(command)
+                applied = True
                 if ack is not None:
                     acks.append(ack)
         except (EOFError, OSError):
             logger.info("the API server is gone; the engine core stops")
             return False
-        if acks:
-            self.send(("added", acks, self._gauges()))
+        if applied:  # acks now (a step may take long); gauges change with adds and aborts
+            self.send(("applied", acks, self._gauges()))
         return True
 
     def _apply(self, command: tuple) -> tuple | None:

@@ -215,8 +215,8 @@ class EngineCoreClient:
                 kind = message[0]
                 if kind == "step":
                     self._on_step(*message[1:])
-                elif kind == "added":
-                    self._on_added(*message[1:])
+                elif kind == "applied":
+                    self._on_applied(*message[1:])
                 elif kind == "reset":
                     fut = self._waiters.pop(message[1])
                     call_in_loop(fut.get_loop(), _resolve, fut, None, message[2])
@@ -231,7 +231,7 @@ class EngineCoreClient:
                             code)
             self._die(RuntimeError(f"engine core exited with code {code}"))
 
-    def _on_added(self, acks: list[tuple], gauges: tuple) -> None:
+    def _on_applied(self, acks: list[tuple], gauges: tuple) -> None:
         for ticket, error, param in acks:
             with self._lock:
                 stream, fut, num_seqs = self._tickets.pop(ticket)

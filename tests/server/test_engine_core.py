@@ -2,8 +2,8 @@
 
 Over a served EngineCoreClient: 200 concurrent greedy streams equal LLM.generate (text and
 tokens, n=2 and stop strings included); a slow reader gets several tokens per SSE chunk with the
-same text; the waiting bound answers 503 + Retry-After; /metrics has queue, prefill and decode
-time histograms. Over the CLI: killing the core process
+same text; logprobs, echo and a failing step (fault injection) as in-process; the waiting bound
+answers 503 + Retry-After; /metrics has queue, prefill and decode time histograms. Over the CLI: killing the core process
 mid-stream ends every open stream with an error event and the server exits EXIT_ENGINE_DEAD.
 Plus RequestStream's coalescing on its own (no model).
 """
@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from jaxserve.outputs import CompletionOutput, RequestOutput
+from jaxserve.server import faults
 from jaxserve.server.async_engine import RequestStream
 from jaxserve.server.cli import EXIT_ENGINE_DEAD
 from tests.server.conftest import (ENGINE_KW, LOAD_MAX_TOKENS, LOAD_PROMPTS, MODEL, Served,
@@ -38,7 +39,11 @@ def core_served(served):
     from jaxserve.server.openai import build_app
     from jaxserve.server.serving import ServerConfig
 
-    client = EngineCoreClient.launch(EngineConfig(model=str(served.model_dir), **ENGINE_KW))
+    os.environ[faults.ENV] = "raise:POISON"  # the core process inherits it
+    try:
+        client = EngineCoreClient.launch(EngineConfig(model=str(served.model_dir), **ENGINE_KW))
+    finally:
+        del os.environ[faults.ENV]
     dead = []
     app = build_app(client, ServerConfig(served_model_names=(MODEL,)),
                     on_dead=lambda: dead.append(True))
@@ -109,6 +114,35 @@ def test_concurrent_streams_equal_offline(core_served, served):
     for phase in ("queue", "prefill", "decode"):  # every request observed once per phase
         assert counts[f"vllm:request_{phase}_time_seconds_count"] >= NUM_STREAMS, counts
     print(f"{NUM_STREAMS} streams through the engine core process in {elapsed:.1f}s")
+
+
+def test_logprobs_echo_and_failures_as_in_process(core_served, served):
+    """Logprobs (sampled and echoed prompt) equal the in-process server's; a step that raises
+    (fault injection in the core) fails only its request, 500 internal_error without internal
+    text, and a stream that hangs up midway is aborted: no pages stay used."""
+    body = {"model": MODEL, "prompt": LOAD_PROMPTS[3], "max_tokens": 5, "temperature": 0,
+            "logprobs": 2, "echo": True}
+    want = served.post("/v1/completions", json=body).json()["choices"]
+    got = core_served.post("/v1/completions", json=body).json()["choices"]
+    assert got == want
+    poisoned = core_served.post("/v1/completions", json={**body, "prompt": "POISON x"})
+    assert poisoned.status_code == 500, poisoned.text
+    error = poisoned.json()["error"]
+    assert error["code"] == "internal_error" and "njected" not in error["message"]
+    assert core_served.post("/v1/completions", json=body).json()["choices"] == want
+
+    async def quit_midway():
+        async with httpx.AsyncClient(base_url=core_served.base_url, timeout=60) as client:
+            async with client.stream("POST", "/v1/completions", json={
+                    "model": MODEL, "prompt": "hi", "max_tokens": 100, "ignore_eos": True,
+                    "stream": True}) as resp:
+                async for line in resp.aiter_lines():
+                    if line.startswith("data: "):
+                        return
+
+    asyncio.run(quit_midway())
+    assert core_served.wait_idle() == {"num_requests_running": 0.0,
+                                       "num_requests_waiting": 0.0, "kv_cache_usage_perc": 0.0}
 
 
 def test_slow_reader_gets_coalesced_chunks(core_served):
