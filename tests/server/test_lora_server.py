@@ -59,6 +59,14 @@ def test_models_and_selection(lora_server):
         body = _complete(client, model).json()
         assert body["model"] == model
         assert body["choices"][0]["text"] == texts[name], model
+    chats = {}
+    for model in ("a8", "tiny"):
+        body = client.post("/v1/chat/completions", json={
+            "model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 5,
+            "temperature": 0, "ignore_eos": True}).json()
+        assert body["model"] == model
+        chats[model] = body["choices"][0]["message"]["content"]
+    assert chats["a8"] != chats["tiny"]  # the adapter runs for chat requests too
     missing = _complete(client, "nope")
     assert missing.status_code == 404 and "`nope`" in missing.json()["error"]["message"]
 
