@@ -150,6 +150,7 @@ def add_lora_slots(state: nnx.State, cfg: ModelConfig, dtype, mesh, rules):
         assert "lora" in ".".join(map(str, path)), f"base param {path} missing"
         value, sharding = var.get_value(), shardings[path].get_value()
         var.set_value(_zeros_maker(value.shape, value.dtype, sharding)())
+    write_lora_slot(abstract, 0, {})  # compiles the slot write now, not at the first adapter
     return graphdef, abstract
 
 
