@@ -29,7 +29,7 @@ def base_url(tmp_path_factory):
 
 def _args(base_url: str, out: Path, *extra: str):
     # logprobs=0: the tiny tokenizer holds back most tokens' text (partial UTF-8), so only with
-    # logprobs does every token arrive in its own chunk
+    # logprobs does every chunk count its tokens (a client behind gets several in one: issue 20)
     return serving.parse_args([
         "--base-url", base_url, "--num-prompts", str(NUM_PROMPTS), "--random-input-len", "16",
         "--random-output-len", str(OUTPUT_LEN), "--random-range-ratio", "0.5", "--vocab-size",
@@ -94,11 +94,11 @@ def _check_run(run: dict, requests: list) -> None:
     assert run["total_input_tokens"] == sum(r.prompt_len for r in requests)
     for r in run["requests"]:
         assert r["success"] and 0 < r["ttft"] <= r["e2el"]
-        assert len(r["itl"]) == r["output_tokens"] - 1
+        assert len(r["itl"]) <= r["output_tokens"] - 1  # a chunk may carry several tokens
         assert r["ttft"] + sum(r["itl"]) <= r["e2el"]
     for name in serving.METRICS:
         assert 0 < run[f"median_{name}_ms"] <= run[f"p99_{name}_ms"]
-    assert run["median_ttft_ms"] <= run["median_e2el_ms"] and run["tokens_per_chunk"] == 1.0
+    assert run["median_ttft_ms"] <= run["median_e2el_ms"] and run["tokens_per_chunk"] >= 1.0
 
 
 @pytest.mark.parametrize("flags", [("--request-rate", "inf"),
