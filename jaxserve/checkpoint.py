@@ -21,13 +21,15 @@ import numpy as np
 from jaxserve.hub import is_hub_spec, resolve_model
 from models import architecture_of, get_model_class
 from models.presets import get_preset, preset_names
+from models.quant import FP8, method_from_hf, wrap_quantized_tensors
 
 logger = logging.getLogger("jaxserve")
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
-# safetensors dtypes read with framework="np" (BF16 comes back as ml_dtypes.bfloat16).
-_ST_DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")
+# safetensors dtypes read with framework="np" (BF16 comes back as ml_dtypes.bfloat16; F8_E4M3,
+# FP8 checkpoints' weights, as ml_dtypes.float8_e4m3fn, see read_safetensors).
+_ST_DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3")
 # Tensor-name suffixes that only quantized checkpoints carry -> the method that writes them.
 _QUANT_TENSORS = {".qweight": "gptq/awq", ".qzeros": "gptq/awq", ".g_idx": "gptq",
                   ".weight_scale": "fp8/compressed-tensors", ".weight_packed": "compressed-tensors",
@@ -151,7 +153,7 @@ def read_hf_dir(path: str, *, dummy: bool = False) -> Checkpoint:
     with open(config_path) as f:
         hf = json.load(f)
     get_model_class(architecture_of(hf))  # fail early on an unsupported architecture
-    _refuse_quantization_config(hf, path)
+    method = method_from_hf(hf, None)  # ValueError naming an unsupported quantization method
     eos = _as_ids(hf.get("eos_token_id"))
     generation = read_generation_config(path)
     eos |= _as_ids(generation.get("eos_token_id"))
@@ -159,7 +161,10 @@ def read_hf_dir(path: str, *, dummy: bool = False) -> Checkpoint:
     if not dummy:
         for file in _safetensors_files(path):
             tensors.update(read_safetensors(file))
-        _refuse_quantized_tensors(tensors, path)
+        if method is None:
+            _refuse_quantized_tensors(tensors, path)
+        else:  # each quantized projection becomes one lazy QuantizedHost (models/quant.py)
+            tensors = wrap_quantized_tensors(tensors, method)
     return Checkpoint(name=path, hf_config=hf, tensors=tensors, tokenizer_path=path,
                       eos_token_ids=eos, native_dtype=_float_dtype(hf),
                       generation_config=generation)
@@ -180,22 +185,13 @@ def _float_dtype(hf: dict) -> str:
     return name if name in ("float32", "bfloat16", "float16") else "bfloat16"
 
 
-def _refuse_quantization_config(hf: dict, path: str) -> None:
-    """AWQ/GPTQ/FP8/bitsandbytes/compressed-tensors checkpoints say so in config.json."""
-    quant = hf.get("quantization_config") or hf.get("compression_config")
-    if quant:
-        method = quant.get("quant_method") or quant.get("format") or "unknown"
-        raise ValueError(f"quantization method {method!r} is not supported (config.json "
-                         f"quantization_config in {path!r}); jaxserve loads bf16/f16/f32 "
-                         f"safetensors and GGUF files")
-
-
 def _refuse_quantized_tensors(tensors: dict, path: str) -> None:
+    """Quantized tensors without a quantization_config saying how to read them."""
     for name in tensors:
         for suffix, method in _QUANT_TENSORS.items():
             if name.endswith(suffix):
-                raise ValueError(f"quantization method {method!r} is not supported: {path!r} "
-                                 f"holds quantized tensors such as {name!r}")
+                raise ValueError(f"{path!r} holds quantized tensors such as {name!r} "
+                                 f"({method}) but config.json has no quantization_config")
 
 
 def _safetensors_files(path: str) -> list[str]:
@@ -230,9 +226,10 @@ def read_safetensors(file: str) -> dict[str, LazyTensor]:
     handle = safe_open(file, framework="np")
     for name in handle.keys():
         dtype = handle.get_slice(name).get_dtype()
-        if dtype.startswith("F8"):
-            raise ValueError(f"quantization method 'fp8' is not supported: {file!r} stores "
-                             f"{name!r} as {dtype}")
+        if dtype == "F8_E4M3" and not hasattr(np, "float8_e4m3fn"):
+            # safetensors' numpy framework looks the dtype up as a numpy attribute, which numpy
+            # lacks; ml_dtypes' type is the one every JAX caller uses.
+            np.float8_e4m3fn = FP8.type
         if dtype not in _ST_DTYPES:
             raise ValueError(f"{file!r} stores {name!r} as {dtype}; supported: {_ST_DTYPES}")
     return {name: functools.partial(handle.get_tensor, name) for name in handle.keys()}

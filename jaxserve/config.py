@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 ATTENTION_BACKENDS = ("auto", "reference", "pallas")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = (None, "fp8", "awq", "gptq")  # models/quant.py METHODS
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # fp8 = e4m3 pages, scale 1.0 (vLLM's default)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,6 +38,10 @@ class ModelConfig:
     sliding_window: int | None = None  # Mistral; None = full attention
     attn_logits_soft_cap: float | None = None
     kv_replication: int = 1  # each HF kv head is stored this many times (tensor parallel > K)
+    # Projection weight format (models/linear.py, models/quant.py): None (the param dtype),
+    # "fp8" (e4m3 W8A8) or "int4" (AWQ/GPTQ packed, quant_group_size input rows per scale).
+    quantization: str | None = None
+    quant_group_size: int = 128
     # LoRA adapter slots on device (models/lora.py): S and the padded rank R; 0 = no LoRA params.
     max_loras: int = 0
     max_lora_rank: int = 0
@@ -115,9 +121,11 @@ class EngineConfig:
                                        aliases=("-pp",))
     data_parallel_size: int = _opt(1, "must be 1: data-parallel replicas are not implemented yet",
                                    aliases=("-dp",))
-    quantization: str | None = _opt(None, "must be unset: quantized weights are not supported yet",
-                                    aliases=("-q",))
-    kv_cache_dtype: str = _opt("auto", "must be auto: the KV cache has the model's dtype")
+    quantization: str | None = _opt(
+        None, "fp8 (W8A8: an FP8 checkpoint, or a float one quantized at load), awq or gptq "
+              "(int4 checkpoints); unset: the checkpoint's quantization_config, if any",
+        aliases=("-q",))
+    kv_cache_dtype: str = _opt("auto", "auto (the model's dtype) or fp8 / fp8_e4m3 (e4m3 pages)")
     cpu_offload_gb: float = _opt(0.0, "must be 0: weights are not offloaded to the CPU")
     enable_lora: bool = _opt(False, "serve LoRA adapters (LoRARequest, --lora-modules)")
     max_loras: int = _opt(1, "LoRA adapters one step can mix (device slots)")
@@ -138,6 +146,11 @@ class EngineConfig:
             choices = EngineConfig.__dataclass_fields__[name].metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be one of {choices}")
+        for name, choices in (("quantization", QUANTIZATIONS),
+                              ("kv_cache_dtype", KV_CACHE_DTYPES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not supported; supported: "
+                                 f"{choices}")
         if self.generation_config not in ("auto", "vllm") and not os.path.isdir(
                 self.generation_config):
             raise ValueError(f"{self.generation_config=} must be 'auto', 'vllm' or a directory")
@@ -166,7 +179,6 @@ class EngineConfig:
 
     def _refuse_unimplemented(self):
         for name, off in (("pipeline_parallel_size", 1), ("data_parallel_size", 1),
-                          ("quantization", None), ("kv_cache_dtype", "auto"),
                           ("cpu_offload_gb", 0.0),
                           ("speculative_config", None)):
             value = getattr(self, name)

@@ -71,6 +71,8 @@ def write_kv(pages: jax.Array, new: jax.Array, slot_mapping: jax.Array) -> jax.A
     Never pad with -1: `.at[-1]` wraps to the last slot instead of dropping.
     """
     flat = pages.reshape(-1, *pages.shape[2:])
+    if pages.dtype == jnp.float8_e4m3fn:  # --kv-cache-dtype fp8, scale 1.0: saturate, never NaN
+        new = jnp.clip(new.astype(jnp.float32), -448.0, 448.0)
     flat = flat.at[slot_mapping].set(new.astype(pages.dtype), mode="drop")
     return flat.reshape(pages.shape)
 

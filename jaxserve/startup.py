@@ -62,6 +62,41 @@ def num_kv_pages_for(config: EngineConfig, model_config: ModelConfig, dtype, max
     return int(budget // per_page)
 
 
+def kv_cache_dtype(kv_cache_dtype: str, param_dtype) -> jnp.dtype:
+    """--kv-cache-dtype: "auto" = the param dtype; "fp8" / "fp8_e4m3" = e4m3 pages with scale 1.0
+    (vLLM's default when the checkpoint carries no KV scales; write_kv saturates at +-448)."""
+    if kv_cache_dtype == "auto":
+        return jnp.dtype(param_dtype)
+    if kv_cache_dtype in ("fp8", "fp8_e4m3"):
+        return jnp.dtype(jnp.float8_e4m3fn)
+    raise ValueError(f"{kv_cache_dtype=} is not supported; supported: auto, fp8, fp8_e4m3")
+
+
+def attention_impl_for(attention_backend: str, kv_dtype) -> str:
+    """default_impl, except that e4m3 pages are read by the reference only: the Pallas kernels
+    copy bf16/f32 pages into their tiles (TODO(quant): e4m3 pages in kernel_gpu.py)."""
+    impl = default_impl(attention_backend)
+    if jnp.dtype(kv_dtype) != jnp.dtype(jnp.float8_e4m3fn) or impl == "reference":
+        return impl
+    if attention_backend == "pallas":
+        raise ValueError("kv_cache_dtype fp8 needs attention_backend 'reference' or 'auto': the "
+                         "Pallas attention kernels do not read e4m3 pages yet")
+    logger.warning("kv_cache_dtype fp8: attention runs the reference implementation (the Pallas "
+                   "kernels do not read e4m3 pages yet)")
+    return "reference"
+
+
+def log_weight_bytes(state, mc: ModelConfig) -> None:
+    """Memory accounting: the weights' bytes per dtype (quantized projections show as e4m3 or
+    int32-packed int4 plus their f16/f32 scales)."""
+    by_dtype: dict[str, int] = {}
+    for leaf in jax.tree.leaves(state):
+        by_dtype[leaf.dtype.name] = by_dtype.get(leaf.dtype.name, 0) + leaf.nbytes
+    parts = sorted(by_dtype.items(), key=lambda kv: -kv[1])
+    logger.info("weights: %.3f GiB (%s), quantization=%s", sum(by_dtype.values()) / 2**30,
+                ", ".join(f"{name} {n / 2**30:.3f} GiB" for name, n in parts), mc.quantization)
+
+
 def check_pool_holds_max_model_len(num_pages: int, page_size: int, max_model_len: int) -> None:
     """vLLM refuses to start when one sequence of max_model_len tokens cannot fit the KV pool;
     otherwise such a request would be admitted and could never be scheduled."""
@@ -140,7 +175,8 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
                         tensor_parallel_size=tp, mesh=mesh, rules=rules,
                         max_model_len=config.max_model_len, seed=config.seed,
                         hf_overrides=config.hf_overrides, tokenizer=config.tokenizer,
-                        revision=config.revision, download_dir=config.download_dir)
+                        revision=config.revision, download_dir=config.download_dir,
+                        quantization=config.quantization)
     mc, graphdef, state = loaded.config, loaded.graphdef, loaded.state
     if config.enable_lora:  # LoRA adapter slots (jaxserve/lora.py, models/lora.py)
         from jaxserve.lora import lora_model_config
@@ -149,14 +185,15 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         mc = lora_model_config(mc, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank)
         graphdef, state = add_lora_slots(state, mc, loaded.dtype, mesh, rules)
     max_model_len = loaded.max_model_len
-    impl = default_impl(config.attention_backend)
+    kv_dtype = kv_cache_dtype(config.kv_cache_dtype, loaded.dtype)
+    impl = attention_impl_for(config.attention_backend, kv_dtype)
+    log_weight_bytes(loaded.state, mc)
     devices = mesh.devices.flatten().tolist()
-    num_pages = num_kv_pages_for(config, mc, loaded.dtype, max_model_len, devices)
+    num_pages = num_kv_pages_for(config, mc, kv_dtype, max_model_len, devices)
     check_pool_holds_max_model_len(num_pages, config.page_size, max_model_len)
     if config.trust_remote_code:
         logger.warning("trust_remote_code is accepted for vLLM compatibility; jaxserve runs no "
                        "code from the model repository")
-    kv_dtype = jnp.dtype(loaded.dtype)
     kv_cache = init_kv_cache(mc.num_layers, num_pages, config.page_size, mc.num_kv_heads,
                              mc.head_dim, kv_dtype, kv_cache_sharding(mesh, rules))
     gib = num_pages * kv_cache_bytes_per_page(mc.num_layers, config.page_size, mc.num_kv_heads,

@@ -5,6 +5,7 @@ startup.py calls load_model once; the runner jits over (graphdef, state).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ from jaxserve.sharding import ShardingRules, make_mesh
 from models import architecture_of, config_from_hf, get_model_class, get_weight_map
 from models.hf import map_weight_names
 from models.layers import longrope_for_context
+from models.quant import QUANT_LEAVES, QuantizedHost, QuantMethod, linear_arrays, method_from_hf
 
 logger = logging.getLogger("jaxserve")
 
@@ -47,7 +49,8 @@ def load_model(model: str | None, *, load_format: str = "auto", dtype: str = "au
                tensor_parallel_size: int = 1, mesh: Mesh | None = None,
                rules: ShardingRules = ShardingRules(), max_model_len: int | None = None,
                seed: int = 0, hf_overrides=None, tokenizer: str | None = None,
-               revision: str | None = None, download_dir: str | None = None) -> LoadedModel:
+               revision: str | None = None, download_dir: str | None = None,
+               quantization: str | None = None) -> LoadedModel:
     """Load `model` onto `mesh` (default: make_mesh(tensor_parallel_size)).
 
     model: HF directory (config.json + safetensors), a .gguf file, a hub repo id (`org/name`,
@@ -61,6 +64,8 @@ def load_model(model: str | None, *, load_format: str = "auto", dtype: str = "au
     hf_overrides: dict (or tuple of pairs) merged over the HF config before parsing.
     tokenizer: a directory, .gguf file or hub repo id to take the tokenizer from instead.
     revision, download_dir: the hub revision of `model` and the cache directory for downloads.
+    quantization: None (the checkpoint's quantization_config, if any), "fp8" (an FP8 checkpoint,
+      or a float one quantized at load), "awq" / "gptq" (int4 checkpoints; random with dummy).
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"{load_format=} must be one of {LOAD_FORMATS}")
@@ -72,13 +77,17 @@ def load_model(model: str | None, *, load_format: str = "auto", dtype: str = "au
     max_model_len = check_max_model_len(max_model_len, base.max_position_embeddings)
     base = longrope_for_context(base, max_model_len)  # Phi-3's LongRoPE factors follow it
     config = base.with_kv_replication(tensor_parallel_size)
+    method = _quant_method(ckpt.hf_config, quantization, load_format)
+    if method is not None:
+        config = dataclasses.replace(config, quantization=method.weight_format,
+                                     quant_group_size=method.group_size)
     param_dtype = resolve_dtype(dtype, ckpt)
     mesh = mesh if mesh is not None else make_mesh(tensor_parallel_size)
     graphdef, abstract, shardings = abstract_model(config, param_dtype, mesh, rules)
     if load_format == "dummy":
         state = _random_state(abstract, shardings, seed)
     else:
-        state = _checkpoint_state(ckpt, config, abstract, shardings)
+        state = _checkpoint_state(ckpt, config, abstract, shardings, method)
     tok = load_tokenizer(_tokenizer_path(tokenizer, download_dir) or ckpt.tokenizer_path
                          or embedded_gguf_path())
     # The checkpoint's own eos ids win (config.json / generation_config.json / GGUF metadata);
@@ -89,6 +98,14 @@ def load_model(model: str | None, *, load_format: str = "auto", dtype: str = "au
         eos_token_ids=frozenset(eos), chat_template=ckpt.chat_template or tok.chat_template,
         dtype=param_dtype, max_model_len=max_model_len, model_name=ckpt.name, mesh=mesh,
         generation_config=ckpt.generation_config)
+
+
+def _quant_method(hf: dict, requested: str | None, load_format: str) -> QuantMethod | None:
+    """models.quant.method_from_hf; dummy weights take awq/gptq's layout without a checkpoint
+    (group size 128), so the int4 path can be benchmarked on presets."""
+    if load_format == "dummy" and requested in ("awq", "gptq"):
+        return QuantMethod(requested)
+    return method_from_hf(hf, requested)
 
 
 def check_max_model_len(max_model_len: int | None, limit: int) -> int:
@@ -133,8 +150,10 @@ def _flat(state: nnx.State) -> list[tuple[str, nnx.Variable]]:
 
 
 def _checkpoint_state(ckpt: Checkpoint, config: ModelConfig, abstract: nnx.State,
-                      shardings: nnx.State) -> nnx.State:
-    """Each param: read its HF tensor, transform to our layout, cast, and place shard by shard."""
+                      shardings: nnx.State, method: QuantMethod | None = None) -> nnx.State:
+    """Each param: read its HF tensor, transform to our layout, cast, and place shard by shard.
+    A quantized projection (models/linear.py QuantLinear) is one mapped path owning several
+    leaves (models/quant.py QUANT_LEAVES), filled together by quant.linear_arrays."""
     weight_map = get_weight_map(architecture_of({"architectures": [config.architecture]}))
     if not ckpt.tensors:
         raise ValueError(f"checkpoint {ckpt.name!r} holds no tensors (load_format='dummy' gives "
@@ -143,21 +162,50 @@ def _checkpoint_state(ckpt: Checkpoint, config: ModelConfig, abstract: nnx.State
     if unmatched:
         logger.info("ignoring checkpoint tensors: %s", unmatched[:8])
     targets = dict(_flat(shardings))
-    params = _flat(abstract)
-    missing = [path for path, _ in params if path not in mapped]
+    params, quantized = _split_quantized(_flat(abstract))
+    missing = [path for path, _ in params + list(quantized.items()) if path not in mapped]
     if missing:
         raise ValueError(f"checkpoint {ckpt.name!r} lacks tensors for params {missing[:8]}")
     for path, var in tqdm(params, desc="loading weights", unit="tensor"):
         hf_name, transform = mapped[path]
         if isinstance(hf_name, tuple):  # one tensor per expert, stacked (models.hf.Stacked)
-            host = transform([ckpt.tensors[n]() for n in hf_name], config)
+            host = transform([_read_float(ckpt, n) for n in hf_name], config)
         else:
-            host = transform(ckpt.tensors[hf_name](), config)
+            host = transform(_read_float(ckpt, hf_name), config)
         if tuple(host.shape) != tuple(var.get_value().shape):
             raise ValueError(f"{hf_name}: shape {host.shape} after transform, param {path} "
                              f"expects {var.get_value().shape}")
         var.set_value(_place(host, var.get_value().dtype, targets[path].get_value()))
+    for path, leaves in tqdm(quantized.items(), desc="quantized weights", unit="tensor"):
+        hf_name, transform = mapped[path]
+        arrays = linear_arrays(ckpt.tensors[hf_name](), transform, config, method,
+                               leaves["qweight"].get_value().shape)
+        for leaf, var in leaves.items():
+            if arrays[leaf].shape != var.get_value().shape:
+                raise ValueError(f"{hf_name}: {leaf} shape {arrays[leaf].shape}, param "
+                                 f"{path}.{leaf} expects {var.get_value().shape}")
+            var.set_value(_place(arrays[leaf], var.get_value().dtype,
+                                 targets[f"{path}.{leaf}"].get_value()))
     return abstract
+
+
+def _split_quantized(params: list[tuple[str, nnx.Variable]]):
+    """(plain params, {quantized projection path: {leaf name: var}})."""
+    plain, quantized = [], {}
+    for path, var in params:
+        base, _, leaf = path.rpartition(".")
+        if leaf in QUANT_LEAVES:
+            quantized.setdefault(base, {})[leaf] = var
+        else:
+            plain.append((path, var))
+    return plain, quantized
+
+
+def _read_float(ckpt: Checkpoint, hf_name: str) -> np.ndarray:
+    """A checkpoint tensor as floats: quantized ones (an fp8 lm_head, MoE experts, which stay in
+    the param dtype) are dequantized here."""
+    raw = ckpt.tensors[hf_name]()
+    return raw.dequantize() if isinstance(raw, QuantizedHost) else raw
 
 
 def _place(host: np.ndarray, dtype, sharding) -> jax.Array:

@@ -19,6 +19,7 @@ from jaxserve.kv_cache import AttentionMetadata, KVCache, write_kv
 from jaxserve.sharding import heads_parallel, shard
 from kernels_pallas.ragged_paged_attention import ragged_paged_attention
 from models.lora import attention_loras, mlp_loras
+from models.linear import project, projection
 
 # Implemented HF rope_type values -> the rope_scaling keys each needs (checked at load, hf.py).
 ROPE_REQUIRED_KEYS = {"default": (), "linear": ("factor",), "yarn": ("factor",),
@@ -185,10 +186,11 @@ class Attention(nnx.Module):
         D, N, K, H = cfg.hidden_size, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim
         self.cfg = cfg
         self.sm_scale = cfg.head_dim ** -0.5 if sm_scale is None else sm_scale
-        self.q_proj = param(rngs, (D, N, H), ("embed", "q_heads", "head_dim"), dtype)
-        self.k_proj = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dtype)
-        self.v_proj = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dtype)
-        self.o_proj = param(rngs, (N, H, D), ("q_heads", "head_dim", "embed"), dtype)
+        self.q_proj = projection(cfg, rngs, (D, N, H), ("embed", "q_heads", "head_dim"), dtype)
+        self.k_proj = projection(cfg, rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dtype)
+        self.v_proj = projection(cfg, rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), dtype)
+        self.o_proj = projection(cfg, rngs, (N, H, D), ("q_heads", "head_dim", "embed"), dtype,
+                                 num_in=2)
         if cfg.qkv_bias:
             self.q_bias = param(rngs, (N, H), ("q_heads", "head_dim"), dtype, init="zeros")
             self.k_bias = param(rngs, (K, H), ("kv_heads", "head_dim"), dtype, init="zeros")
@@ -206,9 +208,9 @@ class Attention(nnx.Module):
                  v_pages: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [T, D], pages [P, S, K, H] -> (out [T, D], new k_pages, new v_pages)."""
         cfg = self.cfg
-        q = jnp.einsum("TD,DNH->TNH", x, self.q_proj[...])
-        k = jnp.einsum("TD,DKH->TKH", x, self.k_proj[...])
-        v = jnp.einsum("TD,DKH->TKH", x, self.v_proj[...])
+        q = project("TD,DNH->TNH", x, self.q_proj)
+        k = project("TD,DKH->TKH", x, self.k_proj)
+        v = project("TD,DKH->TKH", x, self.v_proj)
         if cfg.max_loras:
             q, k, v = (q + self.q_lora(x, md.lora_slots), k + self.k_lora(x, md.lora_slots),
                        v + self.v_lora(x, md.lora_slots))
@@ -227,7 +229,7 @@ class Attention(nnx.Module):
             impl=md.attention_impl)
         o = heads_parallel(attend)(q, k_pages, v_pages, md.kv_lens, md.page_table, md.cu_q_lens,
                                    md.num_seqs)  # [T, N, H]
-        out = jnp.einsum("TNH,NHD->TD", o, self.o_proj[...])
+        out = project("TNH,NHD->TD", o, self.o_proj)
         if cfg.max_loras:
             out = out + self.o_lora(o, md.lora_slots)
         return out, k_pages, v_pages
@@ -241,21 +243,21 @@ class GatedMLP(nnx.Module):
                  intermediate_size: int | None = None, activation=jax.nn.silu):
         D, F = cfg.hidden_size, intermediate_size or cfg.intermediate_size
         self.activation = activation
-        self.gate_proj = param(rngs, (D, F), ("embed", "ffw"), dtype)
-        self.up_proj = param(rngs, (D, F), ("embed", "ffw"), dtype)
-        self.down_proj = param(rngs, (F, D), ("ffw", "embed"), dtype)
+        self.gate_proj = projection(cfg, rngs, (D, F), ("embed", "ffw"), dtype)
+        self.up_proj = projection(cfg, rngs, (D, F), ("embed", "ffw"), dtype)
+        self.down_proj = projection(cfg, rngs, (F, D), ("ffw", "embed"), dtype)
         self.max_loras = cfg.max_loras
         if cfg.max_loras:  # stacked LoRA adapters (models/lora.py)
             self.gate_lora, self.up_lora, self.down_lora = mlp_loras(cfg, F, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, lora_slots: jax.Array | None = None) -> jax.Array:
         """x [T, D] -> [T, D]; lora_slots i32[T] (md.lora_slots) when the model has LoRA slots."""
-        gate = jnp.einsum("TD,DF->TF", x, self.gate_proj[...])
-        up = jnp.einsum("TD,DF->TF", x, self.up_proj[...])
+        gate = project("TD,DF->TF", x, self.gate_proj)
+        up = project("TD,DF->TF", x, self.up_proj)
         if self.max_loras:
             gate, up = gate + self.gate_lora(x, lora_slots), up + self.up_lora(x, lora_slots)
         h = self.activation(gate) * up
-        out = jnp.einsum("TF,FD->TD", h, self.down_proj[...])
+        out = project("TF,FD->TD", h, self.down_proj)
         if self.max_loras:
             out = out + self.down_lora(h, lora_slots)
         return out

@@ -40,8 +40,8 @@ def test_vllm_spellings():
 
 @pytest.mark.parametrize("argv, match", [
     (["--pipeline-parallel-size", "2"], "pipeline_parallel_size=2 is not supported"),
-    (["--quantization", "awq"], "quantization='awq' is not supported"),
-    (["--kv-cache-dtype", "fp8"], "kv_cache_dtype='fp8' is not supported"),
+    (["--quantization", "bitsandbytes"], "quantization='bitsandbytes' is not supported"),
+    (["--kv-cache-dtype", "fp8_e5m2"], "kv_cache_dtype='fp8_e5m2' is not supported"),
     (["--enable-lora", "--max-loras", "0"], "max_loras=0"),
     (["--tool-parser-plugin", "p.py"], "--tool-parser-plugin is not supported"),
     (["--structured-outputs-config", "{}"], "--structured-outputs-config is not supported"),

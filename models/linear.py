@@ -1,0 +1,108 @@
+"""Projections of the decoder blocks, whatever the weight format: layers.py builds each with
+`projection(...)` and applies it with `project(spec, x, w)`.
+
+Unquantized (cfg.quantization None): an nnx.Param in the einsum layout and `jnp.einsum(spec, ...)`,
+exactly the plain path. Quantized: a QuantLinear holding the format's leaves (models/quant.py):
+fp8 W8A8 through `lax.dot_general` on e4m3 inputs (XLA's FP8 GEMM on Hopper), int4 (AWQ/GPTQ)
+kept packed and dequantized inside kernels_pallas/quant_matmul.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxserve.config import ModelConfig
+from jaxserve.sharding import num_shards
+from kernels_pallas.quant_matmul import int4_matmul
+from models.quant import FP8_MAX, leaf_shapes
+
+
+def projection(cfg: ModelConfig, rngs: nnx.Rngs, shape: tuple[int, ...],
+               names: tuple[str, ...], dtype, *, num_in: int = 1):
+    """The weight of a projection from the first `num_in` axes of `shape` to the rest (einsum
+    layout, e.g. q_proj (D, N, H) with num_in=1, o_proj (N, H, D) with num_in=2)."""
+    if cfg.quantization is None:
+        from models.layers import param  # layers imports this module
+
+        return param(rngs, shape, names, dtype)
+    return QuantLinear(cfg.quantization, shape, names, num_in=num_in,
+                       group_size=cfg.quant_group_size, rngs=rngs)
+
+
+def project(spec: str, x: jax.Array, w) -> jax.Array:
+    """x [T, in...] -> [T, out...]: `jnp.einsum(spec, x, w)` for a Param, w(x) for a QuantLinear."""
+    if isinstance(w, QuantLinear):
+        return w(x)
+    return jnp.einsum(spec, x, w[...])
+
+
+class QuantLinear(nnx.Module):
+    """A quantized projection stored 2-D over in = prod(in axes), out = prod(out axes) (row-major
+    flattening, so a tensor-parallel split of the first out axis is a split of the flat axis).
+
+    fp8:  qweight e4m3 [O, I] (contracting dim minor: the "TN" layout cuBLASLt FP8 wants),
+          qscale f32[O] per output channel.
+    int4: qweight i32[I/8, O] (packing: models.quant.pack_int4), qscale/qzero f16[I/g, O].
+    """
+
+    def __init__(self, weight_format: str, shape: tuple[int, ...], names: tuple[str, ...], *,
+                 num_in: int, group_size: int, rngs: nnx.Rngs):
+        if weight_format not in ("fp8", "int4"):
+            raise ValueError(f"{weight_format=} must be 'fp8' or 'int4'")
+        self.weight_format, self.group_size = weight_format, group_size
+        self.in_features = math.prod(shape[:num_in])
+        self.out_shape = tuple(shape[num_in:])
+        in_name, out_name = names[0], names[num_in]
+        leaf_names = {"qweight": (out_name, in_name), "qscale": (out_name,)} if (
+            weight_format == "fp8") else {"qweight": (in_name, out_name),
+                                          "qscale": (in_name, out_name),
+                                          "qzero": (in_name, out_name)}
+        for leaf, (leaf_shape, dtype) in leaf_shapes(weight_format, self.in_features,
+                                                     math.prod(self.out_shape),
+                                                     group_size).items():
+            init = nnx.with_partitioning(nnx.initializers.zeros, leaf_names[leaf],
+                                         eager_sharding=False)
+            setattr(self, leaf, nnx.Param(init(rngs.params(), leaf_shape, dtype)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [T, in...] -> [T, out...]
+        x2 = x.reshape(x.shape[0], self.in_features)
+        if self.weight_format == "fp8":
+            y = fp8_matmul(x2, self.qweight[...], self.qscale[...])
+        else:
+            # Pallas kernels are not partitioned by XLA: under tensor parallelism the dequantizing
+            # reference runs (XLA shards it like any matmul).
+            impl = "auto" if num_shards("q_heads") == 1 else "reference"
+            y = int4_matmul(x2, self.qweight[...], self.qscale[...], self.qzero[...],
+                            group_size=self.group_size, impl=impl)
+        return y.reshape(x.shape[0], *self.out_shape)
+
+
+def quantize_per_token(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [T, I] -> (e4m3 [T, I], f32[T, 1] scale): dynamic per-token scale amax / 448 (vLLM's
+    dynamic per-token activation scheme; an all-zero row gets a tiny scale, not 0/0)."""
+    xf = x.astype(jnp.float32)
+    scale = jnp.maximum(jnp.max(jnp.abs(xf), axis=-1, keepdims=True), 1e-12) / FP8_MAX
+    return jnp.clip(xf / scale, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn), scale
+
+
+def fp8_matmul(x: jax.Array, w: jax.Array, w_scale: jax.Array) -> jax.Array:
+    """W8A8: x [T, I] (bf16/f32), w e4m3 [O, I], w_scale f32[O] -> [T, O] in x's dtype.
+
+    Both operands e4m3 into one dot_general with f32 accumulation (on Hopper XLA emits a
+    cuBLASLt FP8 GEMM; on CPU it is emulated), then the two scales on the f32 result."""
+    xq, x_scale = quantize_per_token(x)
+    y = jax.lax.dot_general(xq, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return (y * x_scale * w_scale[None, :]).astype(x.dtype)
+
+
+def fp8_matmul_reference(x: jax.Array, w: jax.Array, w_scale: jax.Array) -> jax.Array:
+    """Same contract as fp8_matmul, dequantized to f32 first: (q(x) * s_x) @ (w * s_w)^T."""
+    xf = x.astype(jnp.float32)
+    s_x = jnp.maximum(jnp.abs(xf).max(axis=1, keepdims=True), 1e-12) / FP8_MAX
+    x_dq = jnp.clip(xf / s_x, -FP8_MAX, FP8_MAX).astype(jnp.float8_e4m3fn).astype(jnp.float32)
+    w_dq = w.astype(jnp.float32) * w_scale[:, None]
+    y = jnp.matmul(x_dq * s_x, w_dq.T, precision=jax.lax.Precision.HIGHEST)
+    return y.astype(x.dtype)
