@@ -106,7 +106,7 @@ class QuantizedHost:
     """One projection's checkpoint tensors, host-side, HF orientation [O, I] (O out, I in).
 
     fp8: values e4m3 [O, I], scales f32[O, 1]; int4: values u8[O, I] in 0..15, scales f32[O, G],
-    zeros u8[O, G] (G = I / group_size). w = (values - zeros) * scales, per group of inputs.
+    zeros int[O, G] (0..16: GPTQ v1 can read 16) (G = I / group_size). w = (values - zeros) * scales, per group of inputs.
     """
 
     values: np.ndarray
@@ -196,9 +196,9 @@ def _gptq_host(parts: dict, g_idx, group_size: int, *, method: QuantMethod) -> Q
         got = np.asarray(g_idx())
         if not np.array_equal(got, np.arange(q.shape[0]) // group_size):
             raise ValueError("gptq g_idx is not sequential (act-order): not supported")
-    if z.max() > 15:
-        raise ValueError(f"gptq zero point {z.max()} out of the 4-bit range")
-    return _int4_host(q, z.astype(np.uint8), parts["scales"](), group_size)
+    # A v1 zero point of 0 was stored as 15 (0 - 1 wrapped) and reads back as 16, as in vLLM's
+    # and AutoGPTQ's own kernels: kept as is (qzero is f16).
+    return _int4_host(q, z, parts["scales"](), group_size)
 
 
 def _int4_host(q: np.ndarray, z: np.ndarray, scales: np.ndarray, group_size: int
