@@ -106,7 +106,8 @@ class QuantizedHost:
     """One projection's checkpoint tensors, host-side, HF orientation [O, I] (O out, I in).
 
     fp8: values e4m3 [O, I], scales f32[O, 1]; int4: values u8[O, I] in 0..15, scales f32[O, G],
-    zeros int[O, G] (0..16: GPTQ v1 can read 16) (G = I / group_size). w = (values - zeros) * scales, per group of inputs.
+    zeros int[O, G] in 0..16 (GPTQ v1 can read 16), G = I / group_size.
+    w = (values - zeros) * scales, per group of inputs.
     """
 
     values: np.ndarray
