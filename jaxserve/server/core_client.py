@@ -10,6 +10,8 @@ engine, the watchdog, or a kill), every in-flight request fails with EngineDeadE
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import itertools
 import logging
 import multiprocessing
@@ -58,6 +60,16 @@ def _resolve(fut: asyncio.Future, error: BaseException | None, result=None) -> N
         fut.set_exception(error)
 
 
+PIPE_BYTES = 1 << 20  # Linux's default pipe-max-size: ~16 steps of 1,000 sequences' deltas
+
+
+def _widen(connection) -> None:
+    """Grow a pipe's kernel buffer from 64 KiB, so the core's send of one step's deltas does not
+    wait for this process's receiver thread (which needs the GIL) to read the previous ones."""
+    with contextlib.suppress(OSError, AttributeError):  # not Linux, or above pipe-max-size
+        fcntl.fcntl(connection.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+
+
 class EngineCoreClient:
     """Starts the engine core process (launch), then carries requests to it and deltas back."""
 
@@ -103,6 +115,8 @@ class EngineCoreClient:
         ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold JAX
         cmd_read, cmd_write = ctx.Pipe(duplex=False)
         out_read, out_write = ctx.Pipe(duplex=False)
+        for end in (cmd_write, out_write):
+            _widen(end)
         process = ctx.Process(target=run_engine_core, name="jaxserve-engine-core", daemon=True,
                               args=(config, cmd_read, out_write, log_level))
         process.start()
