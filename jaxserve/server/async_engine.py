@@ -2,10 +2,11 @@
 
 handler --add/abort--> inbox (lock) --engine thread: apply commands, step()--> call_soon_threadsafe
 --> the handler's RequestStream (coalescing). The default server runs the engine in its own
-process instead (engine_core.py, core_client.py: the same interface). The HTTP side only ever holds the lock to append to the inbox.
-A step that raises fails only the requests it was running (500 internal_error) and the thread keeps
-serving; a device error, MAX_FAILED_STEPS failures in a row, or a step that outlives
-`step_timeout` (the watchdog) marks the engine dead and calls `on_dead` (the CLI exits non-zero).
+process instead (engine_core.py, core_client.py: the same interface). The HTTP side only ever
+holds the lock to append to the inbox. A step that raises fails only the requests it was running
+(500 internal_error) and the thread keeps serving; a device error, MAX_FAILED_STEPS failures in a
+row, or a step that outlives `step_timeout` (the watchdog) marks the engine dead and calls
+`on_dead` (the CLI exits non-zero).
 """
 from __future__ import annotations
 

@@ -3,8 +3,9 @@
 Over a served EngineCoreClient: 200 concurrent greedy streams equal LLM.generate (text and
 tokens, n=2 and stop strings included); a slow reader gets several tokens per SSE chunk with the
 same text; logprobs, echo and a failing step (fault injection) as in-process; the waiting bound
-answers 503 + Retry-After; /metrics has queue, prefill and decode time histograms. Over the CLI: killing the core process
-mid-stream ends every open stream with an error event and the server exits EXIT_ENGINE_DEAD.
+answers 503 + Retry-After; /metrics has queue, prefill and decode time histograms. Over the
+CLI: killing the core process mid-stream ends every open stream with an error event and the
+server exits EXIT_ENGINE_DEAD.
 Plus RequestStream's coalescing on its own (no model).
 """
 from __future__ import annotations

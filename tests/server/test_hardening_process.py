@@ -1,6 +1,7 @@
 """`jaxserve serve` processes that must end: a hung device step (fault injection) trips the
---step-timeout watchdog and the server exits non-zero instead of wedging; a second SIGTERM during
-the drain exits at once and cleanly (it used to die by SIGABRT, exit code -6)."""
+--step-timeout watchdog (in the engine core process, or the thread of --engine-in-process) and
+the server exits non-zero instead of wedging; a second SIGTERM during the drain exits at once and
+cleanly (it used to die by SIGABRT, exit code -6)."""
 from __future__ import annotations
 
 import signal
@@ -8,6 +9,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from jaxserve.server.cli import EXIT_ENGINE_DEAD
 from tests.server.conftest import start_cli
@@ -25,8 +27,9 @@ def _stream(base: str, started: threading.Event, results: list) -> None:
         results.append(type(e).__name__)
 
 
-def test_hung_step_trips_the_watchdog_and_the_server_exits(tiny_model_dir):
-    proc, base = start_cli(tiny_model_dir, "--step-timeout", "5",
+@pytest.mark.parametrize("mode", [(), ("--engine-in-process",)], ids=["core", "in-process"])
+def test_hung_step_trips_the_watchdog_and_the_server_exits(tiny_model_dir, mode):
+    proc, base = start_cli(tiny_model_dir, "--step-timeout", "5", *mode,
                            env={"JAXSERVE_FAULT_INJECT": "hang:SLEEPY"})
     try:
         ok = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 3},
