@@ -158,6 +158,7 @@ class EngineCore:
         self._send_lock = threading.Lock()  # the watchdog thread sends too
         self._failed_steps = 0
         self._step_started: float | None = None
+        self._sent_gauges: tuple | None = None  # those of the last "step" message
 
     def send(self, message: tuple) -> None:
         with self._send_lock:
@@ -225,7 +226,10 @@ class EngineCore:
             return
         self._step_started = None
         self._failed_steps = 0
-        self.send(("step", deltas, [], self._gauges()))
+        gauges = self._gauges()
+        if deltas or gauges != self._sent_gauges:  # not while requests wait for free pages
+            self.send(("step", deltas, [], gauges))
+            self._sent_gauges = gauges
 
     def _recover(self, error: Exception) -> list[str]:
         """Abort the requests the failed step ran (freeing their pages) and return their ids;
