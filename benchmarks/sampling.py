@@ -102,14 +102,14 @@ def run_engine(args) -> dict:
 def _host_timers(engine) -> dict[str, float]:
     """Seconds spent in each host phase of LLMEngine.step (accumulating; the caller zeroes them).
     `fetch` is the host waiting for the device: ~0 when the host is the bottleneck. dispatch
-    includes _inputs (host arrays), which includes _sampling_metadata and _penalty_inputs."""
+    includes _inputs (host arrays), which includes metadata and penalty_inputs (runner.sampling)."""
     if hasattr(engine, "_bench_timers"):
         return engine._bench_timers
     timers = engine._bench_timers = {}
     targets = [(engine.scheduler, "schedule"), (engine.runner, "dispatch"),
                (engine.runner, "fetch"), (engine.scheduler, "update"),
-               (engine.runner, "_inputs"), (engine.runner, "_sampling_metadata"),
-               (engine.runner, "_penalty_inputs"), (engine.runner, "_key"),
+               (engine.runner, "_inputs"), (engine.runner.sampling, "metadata"),
+               (engine.runner.sampling, "penalty_inputs"), (engine.runner, "_key"),
                (engine, "_record_logprobs"), (engine, "_process_outputs")]
     for obj, name in targets:
         timers[name] = 0.0

@@ -29,11 +29,11 @@ from flax import nnx
 
 from jaxserve.batch import Batch
 from jaxserve.kv_cache import AttentionMetadata, KVCache
+from jaxserve.logits_processors import read_history
 from jaxserve.lora import NO_LORA_SLOT
-from jaxserve.sampler import (SamplerOutput, SamplingMetadata, read_history, sample,
-                              write_prefix)
-from jaxserve.sampling_params import MAX_LOGIT_BIAS
-from jaxserve.token_controls import TokenInputs, num_words
+from jaxserve.sampler import SamplerOutput, SamplingMetadata, sample
+from jaxserve.sampling_inputs import PenaltyInputs, SamplingInputs, pad_to, pow2_at_least
+from jaxserve.token_controls import TokenInputs
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +45,6 @@ def token_buckets(max_num_batched_tokens: int, smallest: int = 8) -> tuple[int, 
         buckets.append(buckets[-1] * 2)
     return tuple(buckets)
 
-
-def _pow2_at_least(n: int, smallest: int = 1) -> int:
-    size = smallest
-    while size < n:
-        size *= 2
-    return size
 
 
 @dataclass
@@ -66,18 +60,6 @@ class StepOutput:
     prompt_logprobs: np.ndarray | None = None  # f32[T] logprob of the token after token t
     prompt_top_ids: np.ndarray | None = None  # i32[T, k]
     prompt_top_logprobs: np.ndarray | None = None  # f32[T, k]
-
-
-@dataclass
-class PenaltyInputs:
-    """Where a penalty step reads and writes the token history (host-built, padded)."""
-
-    token_slot: np.ndarray  # i32[T] history row of each new token; pad (no penalties) = num rows
-    row_slot: np.ndarray  # i32[B] history row of each sequence; pad (no penalties) = num rows
-
-
-jax.tree_util.register_dataclass(PenaltyInputs, data_fields=["token_slot", "row_slot"],
-                                 meta_fields=[])
 
 
 @dataclass(frozen=True)
@@ -136,7 +118,7 @@ class ModelRunner:
         self.vocab_size = vocab_size
         self.max_num_seqs = max_num_seqs
         self.buckets = token_buckets(max(max_num_batched_tokens, max_num_seqs))
-        self.max_rows = _pow2_at_least(max_num_seqs, 8)
+        self.max_rows = pow2_at_least(max_num_seqs, 8)
         self.max_pages_per_seq = -(-max_model_len // kv_cache.page_size)
         self.attention_impl = attention_impl
         # Kernels read only live pages, so a max_model_len-wide table costs nothing and keeps one
@@ -151,14 +133,10 @@ class ModelRunner:
         self._jit = jax.jit(_step, static_argnames=("graphdef", "prompt_logprobs_k"),
                             donate_argnames=("kv_cache", "history"))
         self._prev_tokens = jnp.zeros(self.max_rows, jnp.int32)  # last step's sampled tokens
-        # Penalty token history (allocated at the first penalty step) and its host bookkeeping.
-        self.max_model_len = max_model_len
-        self.num_history_rows = max_num_seqs
-        self._history = None  # i32[num_history_rows, max_model_len]
-        self._row_of: dict[int, tuple[Any, int]] = {}  # seq_id -> (Sequence, history row)
-        self._free_rows = list(range(self.num_history_rows - 1, -1, -1))
-        self._write_prefix = jax.jit(write_prefix, donate_argnames=("history",))
-        self._neutral_tokens: dict[int, tuple] = {}  # b_pad -> no-op token controls (device)
+        self.sampling = SamplingInputs(vocab_size=vocab_size, max_num_seqs=max_num_seqs,
+                                       max_model_len=max_model_len,
+                                       max_logprobs=self.max_logprobs,
+                                       mesh_context=self._mesh_context)
 
     # ---- padding -------------------------------------------------------------------------------
     def bucket_for(self, num_tokens: int) -> int:
@@ -173,7 +151,7 @@ class ModelRunner:
     def _page_table_width(self, needed: int) -> int:
         if self.full_width_page_table:
             return self.max_pages_per_seq
-        return min(max(_pow2_at_least(needed, 8), needed), max(self.max_pages_per_seq, needed))
+        return min(max(pow2_at_least(needed, 8), needed), max(self.max_pages_per_seq, needed))
 
     def _inputs(self, batch: Batch, full_sampler: bool = False,
                 tokens: TokenInputs | None = None) -> tuple[tuple, int]:
@@ -189,126 +167,18 @@ class ModelRunner:
         cu = np.full(b_pad + 1, batch.cu_q_lens[-1], np.int32)
         cu[:B + 1] = batch.cu_q_lens
         md = AttentionMetadata(
-            positions=_pad(batch.positions, t_pad, 0),
-            slot_mapping=_pad(batch.slot_mapping, t_pad, self.kv_cache.num_slots),
-            page_table=page_table, kv_lens=_pad(batch.kv_lens, b_pad, 0), cu_q_lens=cu,
+            positions=pad_to(batch.positions, t_pad, 0),
+            slot_mapping=pad_to(batch.slot_mapping, t_pad, self.kv_cache.num_slots),
+            page_table=page_table, kv_lens=pad_to(batch.kv_lens, b_pad, 0), cu_q_lens=cu,
             num_seqs=np.array([B], np.int32), attention_impl=self.attention_impl,
-            lora_slots=_pad(batch.lora_slots, t_pad, NO_LORA_SLOT))
-        logits_idx = _pad(batch.cu_q_lens[1:] - 1, b_pad, 0)
+            lora_slots=pad_to(batch.lora_slots, t_pad, NO_LORA_SLOT))
+        logits_idx = pad_to(batch.cu_q_lens[1:] - 1, b_pad, 0)
         prompt_k, next_ids = self._prompt_inputs(batch, t_pad)
-        smd = self._sampling_metadata(batch, b_pad, full_sampler, tokens or TokenInputs())
-        pen = self._penalty_inputs(batch, t_pad, b_pad) if smd.use_penalties else None
-        args = (_pad(batch.token_ids, t_pad, 0), _pad(batch.token_src, t_pad, -1), logits_idx,
+        smd = self.sampling.metadata(batch, b_pad, full_sampler, tokens or TokenInputs())
+        pen = self.sampling.penalty_inputs(batch, t_pad, b_pad) if smd.use_penalties else None
+        args = (pad_to(batch.token_ids, t_pad, 0), pad_to(batch.token_src, t_pad, -1), logits_idx,
                 next_ids, md, smd, pen)
         return args, prompt_k
-
-    def _sampling_metadata(self, batch: Batch, b_pad: int, full: bool,
-                           tokens: TokenInputs) -> SamplingMetadata:
-        """Two sampler variants only: plain (greedy, temperature) and full (penalties, top-k/p,
-        min-p, max_logprobs logprobs, token masks and logit bias; no-ops for rows that do not ask).
-        A static flag per setting compiled every token bucket mid-run when a setting first
-        appeared (seconds each)."""
-        seqs = batch.seqs
-        B = len(seqs)
-
-        def col(fn, dtype, pad):
-            a = np.full(b_pad, pad, dtype)
-            a[:B] = [fn(s) for s in seqs]
-            return a
-
-        params = [s.params for s in seqs]
-        full = full or any(
-            p.uses_penalties or p.logprobs is not None
-            or (not p.greedy and (0 < p.top_k < self.vocab_size or p.top_p < 1.0 or p.min_p > 0))
-            for p in params) or tokens.mask is not None or tokens.bias_ids is not None
-        mask, bias_ids, bias_values = self._token_arrays(tokens, b_pad, full)
-        return SamplingMetadata(
-            temperature=col(lambda s: s.params.temperature, np.float32, 0.0),
-            top_k=col(lambda s: s.params.top_k, np.int32, 0),
-            top_p=col(lambda s: s.params.top_p, np.float32, 1.0),
-            min_p=col(lambda s: s.params.min_p, np.float32, 0.0),
-            seeds=col(lambda s: s.sampling_seed, np.uint32, 0),
-            counters=_pad(batch.kv_lens, b_pad, 0),  # position of the sampled token: batch-free
-            presence_penalty=col(lambda s: s.params.presence_penalty, np.float32, 0.0),
-            frequency_penalty=col(lambda s: s.params.frequency_penalty, np.float32, 0.0),
-            repetition_penalty=col(lambda s: s.params.repetition_penalty, np.float32, 1.0),
-            token_mask=mask, bias_ids=bias_ids, bias_values=bias_values,
-            history_ids=np.zeros((b_pad, 0), np.int32),
-            want_logprobs=col(lambda s: s.params.logprobs is not None, bool, False),
-            prompt_lens=col(lambda s: s.num_prompt_tokens, np.int32, 0),
-            use_penalties=full, use_top_k=full, use_top_p=full, use_min_p=full,
-            num_logprobs=self.max_logprobs if full else -1)
-
-    def _token_arrays(self, tokens: TokenInputs, b_pad: int, full: bool) -> tuple:
-        """(mask i32[b_pad, W], bias ids, bias values) padded; [b_pad, 0] in the plain variant.
-        A full step without controls gets device-resident neutral arrays (nothing copied)."""
-        if not full:
-            empty = np.zeros((b_pad, 0), np.int32)
-            return empty, empty, empty.astype(np.float32)
-        if b_pad not in self._neutral_tokens:
-            with self._mesh_context():
-                self._neutral_tokens[b_pad] = (
-                    jnp.full((b_pad, num_words(self.vocab_size)), -1, jnp.int32),
-                    jnp.full((b_pad, MAX_LOGIT_BIAS), self.vocab_size, jnp.int32),
-                    jnp.zeros((b_pad, MAX_LOGIT_BIAS), jnp.float32))
-        mask, ids, values = self._neutral_tokens[b_pad]
-        if tokens.mask is not None:
-            mask = np.full((b_pad, tokens.mask.shape[1]), -1, np.int32)
-            mask[:len(tokens.mask)] = tokens.mask
-        if tokens.bias_ids is not None:
-            ids = np.full((b_pad, MAX_LOGIT_BIAS), self.vocab_size, np.int32)
-            values = np.zeros((b_pad, MAX_LOGIT_BIAS), np.float32)
-            ids[:len(tokens.bias_ids)], values[:len(tokens.bias_ids)] = \
-                tokens.bias_ids, tokens.bias_values
-        return mask, ids, values
-
-    def _penalty_inputs(self, batch: Batch, t_pad: int, b_pad: int) -> PenaltyInputs:
-        """History rows of the batch's penalty sequences; a sequence new to its row gets the tokens
-        before its first chunk written now (dispatched ahead of the step)."""
-        if self._history is None:
-            with self._mesh_context():
-                self._history = jnp.zeros((self.num_history_rows, self.max_model_len), jnp.int32)
-        none = self.num_history_rows
-        row_slot = np.full(b_pad, none, np.int32)
-        in_batch = {s.seq_id for s in batch.seqs}
-        prefixes = []
-        for b, seq in enumerate(batch.seqs):
-            if not seq.params.uses_penalties:
-                continue
-            entry = self._row_of.get(seq.seq_id)
-            if entry is None:
-                entry = self._row_of[seq.seq_id] = (seq, self._take_row(in_batch))
-                start = int(batch.positions[batch.cu_q_lens[b]])
-                if start > 0:
-                    prefixes.append((entry[1], seq.all_token_ids[:start]))
-            row_slot[b] = entry[1]
-        if prefixes:
-            self._write_prefixes(prefixes, b_pad)
-        lens = np.diff(batch.cu_q_lens)
-        token_slot = _pad(np.repeat(row_slot[:batch.num_seqs], lens), t_pad, none)
-        return PenaltyInputs(token_slot=token_slot, row_slot=row_slot)
-
-    def _take_row(self, in_batch: set[int]) -> int:
-        """A free history row: else one of a finished sequence, else of one not in this batch
-        (it gets a row and its prefix again when it next runs)."""
-        if not self._free_rows:
-            for seq_id, (seq, row) in list(self._row_of.items()):
-                if seq.is_finished:
-                    self._free_rows.append(self._row_of.pop(seq_id)[1])
-        if not self._free_rows:
-            seq_id = next(i for i in self._row_of if i not in in_batch)
-            self._free_rows.append(self._row_of.pop(seq_id)[1])
-        return self._free_rows.pop()
-
-    def _write_prefixes(self, prefixes: list[tuple[int, list[int]]], b_pad: int) -> None:
-        width = _pow2_at_least(max(len(ids) for _, ids in prefixes), 16)
-        slots = np.full(b_pad, self.num_history_rows, np.int32)
-        ids = np.full((b_pad, width), self.vocab_size, np.int32)
-        for i, (row, tokens) in enumerate(prefixes):
-            slots[i] = row
-            ids[i, :len(tokens)] = tokens
-        with self._mesh_context():
-            self._history = self._write_prefix(self._history, slots, ids)
 
     def _prompt_inputs(self, batch: Batch, t_pad: int) -> tuple[int, np.ndarray]:
         """(-1 if no prompt logprobs wanted else k, i32[t_pad] next prompt token of each token)."""
@@ -335,7 +205,7 @@ class ModelRunner:
                        leaves=tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
 
     def _lower(self, args: tuple, prompt_k: int):
-        history = self._history if args[-1] is not None else None
+        history = self.sampling.history if args[-1] is not None else None
         with self._mesh_context():
             return self._jit.lower(self.graphdef, self.state, self.kv_cache, history,
                                    self._prev_tokens, *args, prompt_k)
@@ -391,11 +261,11 @@ class ModelRunner:
         args, prompt_k = self._inputs(batch, tokens=tokens)
         key = self._key(args, prompt_k)
         exe = self._executables.get(key) or self._compile(key, self._lower(args, prompt_k))
-        history = self._history if args[-1] is not None else None
+        history = self.sampling.history if args[-1] is not None else None
         out, self._prev_tokens, prompt, self.kv_cache, history = exe(
             self.state, self.kv_cache, history, self._prev_tokens, *args)
         if history is not None:
-            self._history = history
+            self.sampling.history = history
         return StepHandle(batch, out, prompt)
 
     def fetch(self, handle: StepHandle) -> StepOutput:
@@ -421,8 +291,3 @@ class ModelRunner:
     def jit_cache_size(self) -> int:
         return len(self._executables)
 
-
-def _pad(a: np.ndarray, size: int, value) -> np.ndarray:
-    out = np.full(size, value, np.int32)
-    out[:len(a)] = a
-    return out

@@ -9,8 +9,8 @@ import pytest
 from scipy import stats
 
 from jaxserve import sampler
-from jaxserve.sampler import (SamplingMetadata, apply_penalties, apply_penalties_reference, sample,
-                              top_k_exact, truncate_reference)
+from jaxserve.logits_processors import apply_penalties, apply_penalties_reference
+from jaxserve.sampler import SamplingMetadata, sample, top_k_exact, truncate_reference
 
 
 def make_md(B: int, V: int, **fields) -> SamplingMetadata:

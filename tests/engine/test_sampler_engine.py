@@ -86,7 +86,8 @@ def test_history_rows_are_reassigned(llm, model_dir):
     for prompt in prompts:  # one at a time: each takes a row, the next reuses a finished one
         out = llm.generate([prompt], p, use_tqdm=False)[0]
         assert out.outputs[0].token_ids == naive_greedy(model_dir, prompt, 4, p)
-    assert len(runner._row_of) + len(runner._free_rows) == runner.num_history_rows
+    assert len(runner.sampling._row_of) + len(runner.sampling._free_rows) == \
+        runner.sampling.num_history_rows
 
 
 def test_prefix_cache_hits_enter_the_history(llm, model_dir):

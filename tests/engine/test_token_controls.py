@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from jaxserve import LLM, SamplingParams
-from jaxserve.sampler import apply_token_controls, apply_token_controls_reference, sample
+from jaxserve.logits_processors import apply_token_controls, apply_token_controls_reference
+from jaxserve.sampler import sample
 from jaxserve.structured_outputs import StructuredOutputsParams, allowed_tokens
 from jaxserve.token_controls import bad_words_token_ids, clear_bits, mask_row
 from tests.engine.test_sampler import make_md
