@@ -125,11 +125,13 @@ class EngineCoreClient:
         logger.info("engine core process %d started", process.pid)
         try:
             if not out_read.poll(start_timeout):
+                process.kill()
                 raise RuntimeError(f"the engine core did not start in {start_timeout}s")
             message = out_read.recv()
-        except EOFError:
-            message = ("failed", False, f"the engine core exited (code {process.join(5) or
-                                                                     process.exitcode})")
+        except EOFError:  # it died without a word (a signal, a crash in native code)
+            process.join(5)
+            message = ("failed", False, f"the engine core exited (code {process.exitcode}) "
+                                        "while starting")
         if message[0] == "failed":
             process.join(5)
             raise (ValueError if message[1] else RuntimeError)(message[2])
@@ -240,7 +242,8 @@ class EngineCoreClient:
         except (EOFError, OSError):
             if self._stopping:
                 return
-            code = self.process.join(5) or self.process.exitcode
+            self.process.join(5)
+            code = self.process.exitcode
             logger.critical("the engine core process exited (code %s); failing every request",
                             code)
             self._die(RuntimeError(f"engine core exited with code {code}"))
