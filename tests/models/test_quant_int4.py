@@ -26,11 +26,11 @@ G = 128
 SMALL = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
 
 
-def _quantize(w: np.ndarray, min_zero: int = 0):
-    """Asymmetric 4-bit RTN per (output row, group of 128 inputs): w [O, I] -> q u8[O, I],
-    scales f16[O, G], zeros u8[O, G]; w ~ (q - zero) * scale."""
+def quantize_int4(w: np.ndarray, min_zero: int = 0, g: int = G):
+    """Asymmetric 4-bit RTN per (output row, group of g inputs): w [O, I] -> q u8[O, I],
+    scales f16[O, I/g], zeros u8[O, I/g]; w ~ (q - zero) * scale."""
     O, I = w.shape
-    wg = w.reshape(O, I // G, G)
+    wg = w.reshape(O, I // g, g)
     lo, hi = np.minimum(wg.min(-1), 0), np.maximum(wg.max(-1), 0)
     scales = ((hi - lo) / 15).astype(np.float16)
     s = scales.astype(np.float32)
@@ -39,9 +39,10 @@ def _quantize(w: np.ndarray, min_zero: int = 0):
     return q.reshape(O, I), scales, zeros
 
 
-def _dequantize(q, scales, zeros):  # -> f32[O, I]
+def dequantize_int4_numpy(q, scales, zeros):  # -> f32[O, I]
     O, I = q.shape
-    return ((q.reshape(O, I // G, G).astype(np.float32) - zeros[..., None])
+    g = I // scales.shape[1]
+    return ((q.reshape(O, I // g, g).astype(np.float32) - zeros[..., None])
             * scales.astype(np.float32)[..., None]).reshape(O, I)
 
 
@@ -53,7 +54,7 @@ def _pack_columns(a: np.ndarray, order) -> np.ndarray:
     return out.view(np.int32)
 
 
-def _awq_tensors(q, scales, zeros) -> dict:
+def awq_tensors(q, scales, zeros) -> dict:
     """AutoAWQ WQLinear_GEMM.pack: intweight [I, O] packed along O, order_map 0,2,4,6,1,3,5,7."""
     order = [0, 2, 4, 6, 1, 3, 5, 7]
     return {"qweight": _pack_columns(q.T, order), "qzeros": _pack_columns(zeros.T, order),
@@ -64,6 +65,7 @@ def _gptq_tensors(q, scales, zeros) -> dict:
     """AutoGPTQ QuantLinear.pack: qweight row r's nibble j holds input row 8r + j; qzeros store
     zero - 1 packed along O in order; g_idx sequential (desc_act=False)."""
     I = q.shape[1]
+    G = I // scales.shape[1]
     intweight = q.T.astype(np.uint32)  # [I, O]
     qweight = np.zeros((I // 8, q.shape[0]), np.uint32)
     for j in range(8):
@@ -85,11 +87,11 @@ def _write(hf_model, path, method: str) -> dict[str, np.ndarray]:
             tensors[name] = w
             continue
         # GPTQ v1 cannot store zero 0 (zero - 1 wraps to 15); real GPTQ checkpoints avoid it too
-        q, scales, zeros = _quantize(w, min_zero=1 if method == "gptq" else 0)
-        pack = _awq_tensors if method == "awq" else _gptq_tensors
+        q, scales, zeros = quantize_int4(w, min_zero=1 if method == "gptq" else 0)
+        pack = awq_tensors if method == "awq" else _gptq_tensors
         prefix = name.removesuffix(".weight")
         tensors.update({f"{prefix}.{k}": v for k, v in pack(q, scales, zeros).items()})
-        deq[name] = _dequantize(q, scales, zeros)
+        deq[name] = dequantize_int4_numpy(q, scales, zeros)
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
