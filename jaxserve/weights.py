@@ -25,7 +25,8 @@ from jaxserve.sharding import ShardingRules, make_mesh
 from models import architecture_of, config_from_hf, get_model_class, get_weight_map
 from models.hf import map_weight_names
 from models.layers import longrope_for_context
-from models.quant import QUANT_LEAVES, QuantizedHost, QuantMethod, linear_arrays, method_from_hf
+from models.quant import (QUANT_LEAVES, QuantizedHost, QuantMethod, check_fp8_devices,
+                          linear_arrays, method_from_hf)
 
 logger = logging.getLogger("jaxserve")
 
@@ -83,6 +84,8 @@ def load_model(model: str | None, *, load_format: str = "auto", dtype: str = "au
                                      quant_group_size=method.group_size)
     param_dtype = resolve_dtype(dtype, ckpt)
     mesh = mesh if mesh is not None else make_mesh(tensor_parallel_size)
+    if method is not None and method.weight_format == "fp8":
+        check_fp8_devices(mesh.devices.flat)
     graphdef, abstract, shardings = abstract_model(config, param_dtype, mesh, rules)
     if load_format == "dummy":
         state = _random_state(abstract, shardings, seed)

@@ -59,6 +59,17 @@ def method_from_hf(hf: dict, requested: str | None) -> QuantMethod | None:
     return found
 
 
+def check_fp8_devices(devices) -> None:
+    """fp8 matmuls need FP8 tensor cores on NVIDIA GPUs (compute capability >= 8.9: Ada,
+    Hopper); CPU runs them emulated (tests). Other GPUs: a ValueError at start-up, not a slow
+    or failing first step."""
+    for d in devices:
+        cc = getattr(d, "compute_capability", None)
+        if d.platform == "gpu" and cc is not None and tuple(map(int, cc.split("."))) < (8, 9):
+            raise ValueError(f"quantization='fp8' needs FP8 tensor cores (compute capability "
+                             f">= 8.9); {d.device_kind} has {cc}")
+
+
 def _parse_quantization_config(q: dict) -> QuantMethod:
     method = str(q.get("quant_method") or q.get("format") or "unknown").lower()
     if method == "fp8":  # vLLM / AutoFP8: per-tensor (or per-channel) weight_scale

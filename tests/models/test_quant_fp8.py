@@ -233,3 +233,16 @@ def test_unsupported_fp8_variants_are_refused(llama, tmp_path):
         method_from_hf({}, "int8")
     with pytest.raises(ValueError, match="quantization='awq' needs a awq checkpoint"):
         load_model(llama[1], quantization="awq")
+
+
+def test_fp8_needs_fp8_tensor_cores():
+    from types import SimpleNamespace
+
+    from models.quant import check_fp8_devices
+
+    def gpu(cc):
+        return SimpleNamespace(platform="gpu", compute_capability=cc, device_kind="NVIDIA X")
+
+    check_fp8_devices([gpu("9.0"), gpu("8.9"), SimpleNamespace(platform="cpu")])
+    with pytest.raises(ValueError, match=r"compute capability >= 8.9\); NVIDIA X has 8.0"):
+        check_fp8_devices([gpu("8.0")])
