@@ -72,9 +72,9 @@ class QuantLinear(nnx.Module):
         if self.weight_format == "fp8":
             y = fp8_matmul(x2, self.qweight[...], self.qscale[...])
         else:
-            # Pallas kernels are not partitioned by XLA: under tensor parallelism the dequantizing
-            # reference runs (XLA shards it like any matmul).
-            impl = "auto" if num_shards("q_heads") == 1 else "reference"
+            # Pallas kernels are not partitioned by XLA: under tensor parallelism the dequantize +
+            # matmul path runs (XLA shards it like any matmul).
+            impl = "auto" if num_shards("q_heads") == 1 else "xla"
             y = int4_matmul(x2, self.qweight[...], self.qscale[...], self.qzero[...],
                             group_size=self.group_size, impl=impl)
         return y.reshape(x.shape[0], *self.out_shape)
