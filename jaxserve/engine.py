@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -36,6 +36,7 @@ class _RequestState:
     detok: list[DetokenizerState]
     arrival_time: float
     first_token_time: float | None = None
+    sent: dict = field(default_factory=dict)  # DELTA: index -> (tokens, chars, finished) sent
 
     @property
     def finished(self) -> bool:
@@ -294,8 +295,17 @@ class LLMEngine:
             logprobs = cumulative = None
             if seq.params.logprobs is not None:
                 logprobs, cumulative = seq.logprobs.view(), seq.logprobs.cumulative_logprob
+            tokens = list(seq.output_token_ids)
+            if seq.params.output_kind is RequestOutputKind.DELTA:  # only what is new
+                sent_tokens, sent_chars, sent_finish = state.sent.get(seq.index, (0, 0, False))
+                if len(tokens) == sent_tokens and len(text) == sent_chars and \
+                        seq.is_finished == sent_finish:
+                    continue
+                state.sent[seq.index] = (len(tokens), len(text), seq.is_finished)
+                text, tokens = text[sent_chars:], tokens[sent_tokens:]
+                logprobs = logprobs[sent_tokens:] if logprobs is not None else None
             completions.append(CompletionOutput(
-                index=seq.index, text=text, token_ids=list(seq.output_token_ids),
+                index=seq.index, text=text, token_ids=tokens,
                 cumulative_logprob=cumulative, logprobs=logprobs,
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
         first = state.seqs[0]

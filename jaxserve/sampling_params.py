@@ -60,9 +60,11 @@ def _is_token_id(t) -> bool:
 
 
 class RequestOutputKind(enum.Enum):
-    """What step() reports for a request (vLLM's names): the text so far, or only the end."""
+    """What step() reports for a request (vLLM's names): the text so far, only what is new since
+    the previous output, or only the end."""
 
     CUMULATIVE = 0
+    DELTA = 1
     FINAL_ONLY = 2
 
 

@@ -271,3 +271,30 @@ def test_reset_prefix_cache_forgets_finished_prompts(llm):
     assert llm.generate([prompt], params, use_tqdm=False)[0].num_cached_tokens > 0
     assert llm.reset_prefix_cache()
     assert llm.generate([prompt], params, use_tqdm=False)[0].num_cached_tokens == 0
+
+
+def test_delta_outputs_add_up_to_the_cumulative_ones(llm):
+    """output_kind=DELTA (vLLM): each output carries only the new tokens, text and logprobs;
+    concatenated they equal the final CUMULATIVE output, for both of n=2's completions."""
+    from jaxserve.sampling_params import RequestOutputKind
+
+    engine = llm.llm_engine
+    prompt = _prompts(1, seed=21)[0]
+    outs = {}
+    for kind in (RequestOutputKind.CUMULATIVE, RequestOutputKind.DELTA):
+        engine.add_request(f"kind-{kind.name}", prompt, SamplingParams(
+            temperature=1.0, seed=4, n=2, max_tokens=7, logprobs=1, ignore_eos=True,
+            output_kind=kind))
+        seen = []
+        while engine.has_unfinished_requests():
+            seen += engine.step()
+        outs[kind] = seen
+    final = {c.index: c for c in outs[RequestOutputKind.CUMULATIVE][-1].outputs}
+    deltas = [c for o in outs[RequestOutputKind.DELTA] for c in o.outputs]
+    for i in (0, 1):
+        mine = [c for c in deltas if c.index == i]
+        assert len(mine) > 2 and all(len(c.token_ids) <= 1 for c in mine)
+        assert sum((c.token_ids for c in mine), []) == final[i].token_ids
+        assert "".join(c.text for c in mine) == final[i].text
+        assert sum((list(c.logprobs) for c in mine), []) == list(final[i].logprobs)
+        assert mine[-1].finish_reason == "length"
