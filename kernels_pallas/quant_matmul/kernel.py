@@ -65,7 +65,7 @@ def int4_matmul_pallas(x: jax.Array, qweight: jax.Array, scales: jax.Array, zero
     """x [M, I] (bf16/f32) @ int4 weight -> [M, O] in x's dtype.
 
     Args:
-      x: [M, I] activations; M is padded to a multiple of 16 inside.
+      x: [M, I] activations; M is padded to a power of two >= 16 inside.
       qweight: i32[I/8, O] packed as models.quant.pack_int4 (see reference.py).
       scales, zeros: f16[G, O], G = I / group_size.
       group_size: input rows per scale; a multiple of 128 (g/8 rows per Triton dot).
@@ -82,11 +82,11 @@ def int4_matmul_pallas(x: jax.Array, qweight: jax.Array, scales: jax.Array, zero
         raise ValueError(f"{scales.shape=} and {zeros.shape=} must be {(G, O)}")
     default_n, default_splits = default_tiles(O, G)
     block_n, num_splits = block_n or default_n, num_splits or default_splits
-    if O % block_n or block_n % MIN_DOT:
-        raise ValueError(f"{block_n=} must divide out_features={O} and be a multiple of 16")
+    if O % block_n or block_n < MIN_DOT or block_n & (block_n - 1):
+        raise ValueError(f"{block_n=} must divide out_features={O} and be a power of two >= 16")
     if G % num_splits:
         raise ValueError(f"{num_splits=} must divide the {G} groups")
-    Mp = -(-M // MIN_DOT) * MIN_DOT
+    Mp = max(MIN_DOT, 1 << (M - 1).bit_length())  # Triton loads power-of-two shapes
     xp = jnp.pad(x, ((0, Mp - M), (0, 0)))
     kernel = functools.partial(_kernel, group_size=group_size, groups_per_split=G // num_splits)
     whole_i = lambda n, s: (0, 0)

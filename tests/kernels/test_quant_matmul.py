@@ -39,11 +39,11 @@ def test_dequantize_equals_numpy(I, O, g):
     np.testing.assert_array_equal(got, _numpy_dequant(q, scales, zeros, g))
 
 
-# (M, I, O, g, block_n, num_splits): odd M (padded to 16 inside), O not a power of two, several
-# groups per split, one group per split, a single program column.
+# (M, I, O, g, block_n, num_splits): odd M (padded to a power of two >= 16 inside), O not a
+# power of two, several groups per split, one group per split, a single program column.
 SHAPES = [(1, 128, 16, 128, None, None), (3, 384, 48, 128, None, None),
           (5, 640, 96, 128, 32, 5), (17, 512, 80, 128, 16, 2), (8, 1024, 256, 256, 64, 1),
-          (64, 256, 128, 128, 128, 2)]
+          (33, 256, 32, 128, None, None), (64, 256, 128, 128, 128, 2)]
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
@@ -85,6 +85,8 @@ def test_tiles_and_shape_errors():
     x, q, packed, scales, zeros = _case(np.random.default_rng(3), 2, 256, 32, 128)
     with pytest.raises(ValueError, match="group_size=64 must be a multiple of 128"):
         int4_matmul_pallas(x, packed, scales, zeros, group_size=64, interpret=True)
+    with pytest.raises(ValueError, match="block_n=48 must divide out_features=32 and be a power"):
+        int4_matmul_pallas(x, packed, scales, zeros, group_size=128, block_n=48, interpret=True)
     with pytest.raises(ValueError, match="num_splits=3 must divide the 2 groups"):
         int4_matmul_pallas(x, packed, scales, zeros, group_size=128, num_splits=3,
                            interpret=True)
