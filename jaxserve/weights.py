@@ -179,7 +179,8 @@ def _checkpoint_state(ckpt: Checkpoint, config: ModelConfig, abstract: nnx.State
             raise ValueError(f"{hf_name}: shape {host.shape} after transform, param {path} "
                              f"expects {var.get_value().shape}")
         var.set_value(_place(host, var.get_value().dtype, targets[path].get_value()))
-    for path, leaves in tqdm(quantized.items(), desc="quantized weights", unit="tensor"):
+    for path, leaves in tqdm(quantized.items(), desc="quantized weights", unit="tensor",
+                             disable=not quantized):
         hf_name, transform = mapped[path]
         arrays = linear_arrays(ckpt.tensors[hf_name](), transform, config, method,
                                leaves["qweight"].get_value().shape)

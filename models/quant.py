@@ -138,11 +138,25 @@ class QuantizedHost:
 
 
 def quantize_fp8(w: np.ndarray) -> QuantizedHost:
-    """f32[O, I] -> e4m3 per output channel: scale = amax(|row|) / 448 (vLLM's channel scheme)."""
+    """f32[O, I] -> e4m3 per output channel: scale = amax(|row|) / 448 (vLLM's channel scheme).
+    The two passes over w run in XLA on the default device (numpy + ml_dtypes took 1.5 s for one
+    14336 x 4096 weight here: minutes for an 8B model); the scale division stays in numpy, since
+    XLA turns a division by the constant 448 into a multiply that can differ by one ulp."""
+    amax_fn, cast_fn = _fp8_quantizer()
     w = np.asarray(w, np.float32)
-    scale = np.maximum(np.abs(w).max(axis=1, keepdims=True), 1e-12) / FP8_MAX
-    values = np.clip(w / scale, -FP8_MAX, FP8_MAX).astype(FP8)
-    return QuantizedHost(values=values, scales=scale.astype(np.float32))
+    scale = np.maximum(np.asarray(amax_fn(w)), np.float32(1e-12)) / np.float32(FP8_MAX)
+    return QuantizedHost(values=np.asarray(cast_fn(w, scale)), scales=scale.astype(np.float32))
+
+
+@functools.cache
+def _fp8_quantizer():
+    import jax
+    import jax.numpy as jnp
+
+    amax = jax.jit(lambda w: jnp.max(jnp.abs(w), axis=1, keepdims=True))  # f32[O, 1]
+    cast = jax.jit(lambda w, scale: jnp.clip(w / scale, -FP8_MAX, FP8_MAX).astype(
+        jnp.float8_e4m3fn))  # e4m3 [O, I]
+    return amax, cast
 
 
 # ---------------------------------------------------------------- checkpoint tensors -> hosts
