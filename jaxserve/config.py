@@ -119,7 +119,8 @@ class EngineConfig:
     # vLLM options jaxserve does not implement: accepted only at their off value.
     pipeline_parallel_size: int = _opt(1, "must be 1: jaxserve has tensor parallelism only",
                                        aliases=("-pp",))
-    data_parallel_size: int = _opt(1, "must be 1: data-parallel replicas are not implemented yet",
+    data_parallel_size: int = _opt(1, "engine replicas behind one `jaxserve serve` (each on its own "
+                                      "tensor_parallel_size devices); LLM runs one engine",
                                    aliases=("-dp",))
     quantization: str | None = _opt(
         None, "fp8 (W8A8: an FP8 checkpoint, or a float one quantized at load), awq or gptq "
@@ -158,6 +159,8 @@ class EngineConfig:
     def _validate_ranges(self):
         if self.tensor_parallel_size < 1:
             raise ValueError(f"{self.tensor_parallel_size=} must be >= 1")
+        if self.data_parallel_size < 1:
+            raise ValueError(f"{self.data_parallel_size=} must be >= 1")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"{self.gpu_memory_utilization=} must be in (0, 1]")
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -178,8 +181,7 @@ class EngineConfig:
             raise ValueError(f"{self.max_cpu_loras=} must be >= {self.max_loras=}")
 
     def _refuse_unimplemented(self):
-        for name, off in (("pipeline_parallel_size", 1), ("data_parallel_size", 1),
-                          ("cpu_offload_gb", 0.0),
+        for name, off in (("pipeline_parallel_size", 1), ("cpu_offload_gb", 0.0),
                           ("speculative_config", None)):
             value = getattr(self, name)
             if value != off:

@@ -165,6 +165,9 @@ def enable_compilation_cache() -> None:
 def build_engine_parts(config: EngineConfig) -> EngineParts:
     from jaxserve.weights import load_model
 
+    if config.data_parallel_size != 1:  # the DP router gives each replica data_parallel_size=1
+        raise ValueError(f"data_parallel_size={config.data_parallel_size} runs replicas behind "
+                         "`jaxserve serve` only; one engine (LLM, --engine-in-process) needs 1")
     reserve_device_memory(config.gpu_memory_utilization)
     enable_compilation_cache()
 

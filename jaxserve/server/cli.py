@@ -226,6 +226,10 @@ def serve(args: argparse.Namespace) -> int:
     engine_config = EngineConfig(model=args.model_flag or args.model, **engine_kwargs(args))
     if args.engine_in_process:
         engine = LLMEngine(engine_config)
+    elif engine_config.data_parallel_size > 1:  # N core processes behind a router
+        from jaxserve.server.dp_router import DataParallelClient
+
+        engine = DataParallelClient.launch(engine_config, logging.getLogger().level)
     else:  # the engine loop in its own process; this one does HTTP, text and JSON
         engine = EngineCoreClient.launch(engine_config, logging.getLogger().level)
     logger.info("engine ready in %.1fs: %s, max_model_len=%d, %d KV pages",

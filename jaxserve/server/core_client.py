@@ -15,6 +15,7 @@ import fcntl
 import itertools
 import logging
 import multiprocessing
+import os
 import queue
 import threading
 import time
@@ -60,6 +61,7 @@ def _resolve(fut: asyncio.Future, error: BaseException | None, result=None) -> N
         fut.set_exception(error)
 
 
+_ENV_LOCK = threading.Lock()  # replicas launch from several threads (dp_router)
 PIPE_BYTES = 1 << 20  # Linux's default pipe-max-size: ~16 steps of 1,000 sequences' deltas
 
 
@@ -106,10 +108,17 @@ class EngineCoreClient:
                                           daemon=True)]
 
     @classmethod
-    def launch(cls, config, log_level: int = logging.INFO,
-               start_timeout: float = 3600.0) -> EngineCoreClient:
+    def launch(cls, config, log_level: int = logging.INFO, start_timeout: float = 3600.0,
+               env: dict[str, str] | None = None) -> EngineCoreClient:
         """Spawn the core process with `config` (an EngineConfig) and wait until its engine is
-        built; raises ValueError (bad model or option) or RuntimeError if it cannot start."""
+        built; raises ValueError (bad model or option) or RuntimeError if it cannot start.
+        env: variables set for the core process only (a data-parallel replica's devices)."""
+        return cls.wait_ready(cls.spawn(config, log_level, env), start_timeout)
+
+    @staticmethod
+    def spawn(config, log_level: int = logging.INFO, env: dict[str, str] | None = None) -> tuple:
+        """Start the core process; wait_ready() it. Call from a thread that outlives the core:
+        Linux's parent-death signal (engine_core._die_with_parent) follows the spawning thread."""
         from jaxserve.engine_core import run_engine_core
 
         ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold JAX
@@ -119,10 +128,26 @@ class EngineCoreClient:
             _widen(end)
         process = ctx.Process(target=run_engine_core, name="jaxserve-engine-core", daemon=True,
                               args=(config, cmd_read, out_write, log_level))
-        process.start()
+        with _ENV_LOCK:  # spawn copies os.environ at start(): swap env in for that moment
+            saved = {k: os.environ.get(k) for k in env or {}}
+            os.environ.update(env or {})
+            try:
+                process.start()
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
         cmd_read.close()  # ours closed: the core's death reads as EOF here
         out_write.close()
         logger.info("engine core process %d started", process.pid)
+        return process, cmd_write, out_read
+
+    @classmethod
+    def wait_ready(cls, spawned: tuple, start_timeout: float = 3600.0) -> EngineCoreClient:
+        """The client of a spawn()ed core once its engine is built (raises as launch)."""
+        process, cmd_write, out_read = spawned
         try:
             if not out_read.poll(start_timeout):
                 process.kill()
@@ -160,6 +185,11 @@ class EngineCoreClient:
     @property
     def gauges(self) -> dict[str, float]:
         return self._gauges
+
+    @property
+    def num_unfinished(self) -> int:
+        """Engine requests sent and not finished, failed or aborted (the DP router's load)."""
+        return len(self._routes)
 
     @property
     def num_waiting(self) -> int:

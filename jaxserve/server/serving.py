@@ -18,6 +18,7 @@ from jaxserve.reasoning import get_reasoning_parser
 from jaxserve.sampling_params import SamplingParams, StructuredOutputsParams
 from jaxserve.server.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from jaxserve.server.core_client import EngineCoreClient
+from jaxserve.server.dp_router import DataParallelClient
 from jaxserve.server.lora_adapters import LoRAAdapters
 from jaxserve.server.metrics import ServerMetrics
 from jaxserve.server.protocol import APIError, ChatCompletionRequest, CompletionRequest
@@ -93,7 +94,7 @@ class OpenAIServing:
         for name, path in config.lora_modules:  # ValueError: the server does not start
             self.loras.add(name, path)
         self.metrics = ServerMetrics(self.model_names[0])
-        if isinstance(engine, EngineCoreClient):  # the engine runs in its own process
+        if isinstance(engine, (EngineCoreClient, DataParallelClient)):  # engine process(es)
             engine.metrics = self.metrics
             self.async_engine = engine
         else:  # an LLMEngine: stepped by a thread of this process
