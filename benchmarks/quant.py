@@ -2,11 +2,16 @@
 Llama-3-8B's projection shapes at decode (M = 1..64) and prefill row counts, on one GPU.
 
 python -m benchmarks.quant [--out DIR] [--ms 1,8,32,64,512] [--tiles auto,64x4] [--quick]
+python -m benchmarks.quant --e2e fp8 [--kv-cache-dtype fp8] [--model llama-3-8b] [--batch-sizes 1,64]
 Device time by benchmarks.common.device_us with several weight copies rotated (so no weight sits in
 L2), next to each weight's floor (its bytes / measured copy bandwidth) and each result's relative
 error against the f32 reference (so a miscompiled kernel shows). Also sums one decode token's 7
 projections x 32 layers per method (the matmul part of Llama-3-8B batch-1 decode). Writes
 quant.json and quant.png. On CPU (smoke run) it falls back to wall-clock time, kernel interpreted.
+--e2e METHOD (none | fp8 | awq | gptq) instead times whole decode steps of the engine on a dummy
+preset (benchmarks.latency.measure), next to the floor of its actual weight bytes (every param
+leaf, quantized or not) plus KV bytes over the copy bandwidth; one method per process (each engine
+takes the GPU's memory), written to quant_e2e_<method>_kv<dtype>.json.
 """
 from __future__ import annotations
 
@@ -144,8 +149,53 @@ def plot(result, path):
     print(f"wrote {path}")
 
 
+def e2e(args):
+    """Batch decode TPOT of the engine with one quantization method, vs its bytes floor."""
+    from benchmarks import common
+    from benchmarks.latency import measure
+    from jaxserve import LLM
+
+    common.log_engine_progress()
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    bw = measure_copy_bandwidth() if jax.default_backend() == "gpu" else 20e9
+    input_len, output_len = args.input_len, args.output_len
+    llm = LLM(args.model, load_format="dummy", dtype="bfloat16",
+              quantization=None if args.e2e == "none" else args.e2e,
+              kv_cache_dtype=args.kv_cache_dtype, max_model_len=input_len + output_len + 16,
+              max_num_seqs=max(batches), max_num_batched_tokens=max(2048, input_len * max(batches)))
+    engine = llm.llm_engine
+    w_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(engine.runner.state))
+    kv_item = engine.runner.kv_cache.k[0].dtype.itemsize
+    for b in batches:
+        measure(engine, b, input_len, 4, seed=1000 + b)  # compile every bucket first
+    rows = []
+    for b in batches:
+        r = measure(engine, b, input_len, output_len, seed=b)
+        kv = b * (input_len + output_len / 2) * common.kv_bytes_per_token(engine.model_config,
+                                                                         kv_item)
+        r["tpot_floor_s"] = (w_bytes + kv) / bw
+        rows.append(r)
+        print(f"{args.e2e} kv={args.kv_cache_dtype} batch {b}: TPOT {1e3 * r['tpot_s']:.3f} ms, "
+              f"floor {1e3 * r['tpot_floor_s']:.3f} ms ({r['tpot_s'] / r['tpot_floor_s']:.2f}x), "
+              f"weights {w_bytes / 1e9:.2f} GB", flush=True)
+    result = {"args": vars(args), "env": environment(), "copy_gbps": bw / 1e9,
+              "weight_bytes": w_bytes, "rows": rows}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"quant_e2e_{args.e2e}_kv{args.kv_cache_dtype}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}")
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--e2e", choices=["none", "fp8", "awq", "gptq"],
+                    help="time engine decode steps with this method instead of matmuls")
+    ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--model", default="llama-3-8b", help="dummy preset for --e2e")
+    ap.add_argument("--batch-sizes", default="1,64")
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--out", default="benchmarks/out")
     ap.add_argument("--ms", default="1,8,32,64,512")
     ap.add_argument("--tiles", default="auto,64x4,128x8,32x8",
@@ -153,6 +203,8 @@ def main():
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="one shape, M=1 and 8 (smoke run)")
     args = ap.parse_args()
+    if args.e2e:
+        return e2e(args)
     rng = np.random.default_rng(0)
     ms = [int(m) for m in args.ms.split(",")]
     shapes = dict(SHAPES)
