@@ -1,0 +1,124 @@
+"""Issue 19, multi-host on CPU: two local processes joined by jax.distributed (gloo collectives),
+2 fake CPU devices each, run one engine over the 4-device mesh (tensor_parallel_size=4); its
+greedy tokens equal the single-process TP=1 engine's. Plus DistributedConfig's environment and
+flag parsing, and a bare cross-process all-reduce (what the engine test needs of the backend).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxserve.distributed import DistributedConfig
+from tests.server.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["The capital of France is", "Once upon a time", "def add(a, b):", "1 2 3 4"]
+MAX_TOKENS = 8
+ENGINE_KW = dict(dtype="float32", max_model_len=64, max_num_seqs=4, num_kv_pages=64,
+                 max_num_batched_tokens=64)
+
+
+def _worker(model_dir: str, out: str) -> None:
+    """One process of the distributed engine (its settings from JAXSERVE_* variables)."""
+    from jaxserve.distributed import DistributedConfig, initialize
+
+    assert initialize(DistributedConfig.from_env())
+    import jax
+
+    from jaxserve import LLM, SamplingParams
+
+    assert (jax.process_count(), jax.local_device_count(), jax.device_count()) == (2, 2, 4)
+    llm = LLM(model_dir, tensor_parallel_size=4, **ENGINE_KW)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS),
+                        use_tqdm=False)
+    Path(out).write_text(json.dumps([o.outputs[0].token_ids for o in outs]))
+    jax.distributed.shutdown()
+
+
+def _psum_worker(out: str) -> None:
+    """The smallest cross-process collective: a sum over a 4-device mesh of 2 processes."""
+    from jaxserve.distributed import DistributedConfig, initialize
+
+    assert initialize(DistributedConfig.from_env())
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()).reshape(4), ("model",))
+    x = jax.device_put(np.arange(8.0), NamedSharding(mesh, P()))
+    total = jax.jit(lambda a: jax.lax.with_sharding_constraint(
+        a * 2, NamedSharding(mesh, P("model"))).sum(), out_shardings=NamedSharding(mesh, P()))(x)
+    Path(out).write_text(json.dumps(float(total)))
+    jax.distributed.shutdown()
+
+
+def _run_two(call: str, tmp_path: Path, timeout: float = 300) -> list:
+    """Run `call` (a Python expression using OUT) in 2 processes joined on a free port."""
+    port = free_port()
+    procs, outs = [], []
+    for rank in range(2):
+        out = tmp_path / f"out{rank}.json"
+        outs.append(out)
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+               "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+               "JAXSERVE_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+               "JAXSERVE_NUM_PROCESSES": "2", "JAXSERVE_PROCESS_ID": str(rank)}
+        code = (f"from tests.test_distributed import _psum_worker, _worker; OUT = {str(out)!r}; "
+                f"{call}")
+        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+    return [json.loads(out.read_text()) for out in outs]
+
+
+def test_cross_process_cpu_all_reduce(tmp_path):
+    assert _run_two("_psum_worker(OUT)", tmp_path, timeout=120) == [56.0, 56.0]
+
+
+def test_engine_over_two_processes_equals_single_process(tmp_path):
+    from tests.engine.tiny import build_tiny_llama
+
+    from jaxserve import LLM, SamplingParams
+
+    model_dir = build_tiny_llama(tmp_path / "tiny")
+    llm = LLM(str(model_dir), tensor_parallel_size=1, **ENGINE_KW)
+    want = [o.outputs[0].token_ids for o in llm.generate(
+        PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)]
+    assert all(len(t) == MAX_TOKENS for t in want)
+    got = _run_two(f"_worker({str(model_dir)!r}, OUT)", tmp_path)
+    assert got == [want, want]
+
+
+def test_settings_from_environment_and_flags():
+    env = {"JAXSERVE_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAXSERVE_NUM_PROCESSES": "4",
+           "JAXSERVE_PROCESS_ID": "3"}
+    assert DistributedConfig.from_env(env) == DistributedConfig("10.0.0.1:1234", 4, 3)
+    torchrun = {"MASTER_ADDR": "h0", "MASTER_PORT": "29400", "WORLD_SIZE": "16", "RANK": "9",
+                "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "8"}
+    assert DistributedConfig.from_env(torchrun) == DistributedConfig("h0:29400", 16, 9, (1,))
+    flags = DistributedConfig.from_env(env, nnodes=2, node_rank=1, master_addr="h0")
+    assert flags == DistributedConfig("h0:29500", 2, 1)  # flags win over the environment
+    assert DistributedConfig.from_env({}) is None
+    assert DistributedConfig.from_env({**env, "JAXSERVE_NUM_PROCESSES": "1"}) is None
+    assert DistributedConfig.from_env({"JAXSERVE_DISTRIBUTED": "auto"}).auto
+    with pytest.raises(ValueError, match="process_id=4 must be in"):
+        DistributedConfig.from_env({**env, "JAXSERVE_PROCESS_ID": "4"})
+    with pytest.raises(ValueError, match="JAXSERVE_NUM_PROCESSES='two' must be an integer"):
+        DistributedConfig.from_env({**env, "JAXSERVE_NUM_PROCESSES": "two"})
+    with pytest.raises(ValueError, match="--nnodes, --node-rank and --master-addr together"):
+        DistributedConfig.from_env({}, nnodes=2)
