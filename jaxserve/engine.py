@@ -157,21 +157,31 @@ class LLMEngine:
         if self._can_schedule_ahead(handle.batch):
             ahead = self.scheduler.schedule()
             if ahead is not None:
-                self._inflight = self._dispatch(ahead)
+                self._inflight = self._dispatch(ahead, ahead=True)
         out = self.runner.fetch(handle)
         batch = handle.batch
         touched = self.scheduler.update(batch, out.token_ids)
         self._advance_grammars(touched)
+        if self._inflight is not None and self._inflight.deferred:
+            # Its masks follow the tokens just read: fill them while its forward pass runs.
+            self._inflight = self.runner.sample(self._inflight, self._token_inputs(
+                self._inflight.batch))
         self.stats["steps"] += 1
         self.stats["prompt_tokens"] += batch.num_prefill_tokens
         self._record_logprobs(batch, out)
         return self._process_outputs(touched)
 
-    def _dispatch(self, batch):
-        tokens = step_inputs(batch.seqs, self.model_config.vocab_size, self._fill_grammar_rows)
+    def _dispatch(self, batch, ahead: bool = False):
+        """Dispatch a step. One scheduled ahead of the tokens in flight is deferred (forward now,
+        sampling after the next update) if a row's mask depends on its token in flight."""
         if self.lora is not None:  # adapters newly given a device slot by the scheduler
             self.lora.write_slots(self.scheduler.lora_slots, self.runner.state)
-        return self.runner.dispatch(batch, tokens)
+        if ahead and any(s.num_pending and s.mask_follows_tokens for s in batch.seqs):
+            return self.runner.dispatch(batch, defer=True)
+        return self.runner.dispatch(batch, self._token_inputs(batch))
+
+    def _token_inputs(self, batch):
+        return step_inputs(batch.seqs, self.model_config.vocab_size, self._fill_grammar_rows)
 
     @staticmethod
     def _fill_grammar_rows(rows, mask) -> None:

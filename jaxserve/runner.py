@@ -66,6 +66,7 @@ class StepOutput:
 class StepKey:
     """What selects a compiled step: the shapes and static fields of its inputs."""
 
+    kind: str  # "step" (forward + sample fused), "forward" or "sample" (a deferred step)
     num_tokens: int
     page_table_width: int
     prompt_logprobs_k: int
@@ -73,22 +74,20 @@ class StepKey:
     leaves: tuple  # (shape, dtype) of each input array
 
 
-def _step(graphdef, state, kv_cache: KVCache, history, prev_tokens, token_ids, token_src,
-          logits_idx, next_ids, md: AttentionMetadata, smd: SamplingMetadata,
-          pen: PenaltyInputs | None, prompt_logprobs_k: int):
-    """The compiled step. Returns (SamplerOutput, tokens padded to prev_tokens' size, prompt logprob
-    triple or None, new KVCache, new history). prev_tokens: the previous step's padded sampled
-    tokens; history: i32[R, max_model_len] or None (pen is None: no penalties this step)."""
+def _forward(graphdef, state, kv_cache: KVCache, history, prev_tokens, token_ids, token_src,
+             logits_idx, next_ids, md: AttentionMetadata, pen: PenaltyInputs | None,
+             prompt_logprobs_k: int):
+    """The model part of a step: (logits [B, V], the penalty rows' token history i32[B, L] or None,
+    prompt logprob triple or None, new KVCache, new history). prev_tokens: the previous step's
+    padded sampled tokens; history: i32[R, max_model_len] or None (no penalties this step)."""
     model = nnx.merge(graphdef, state)
     token_ids = jnp.where(token_src >= 0, prev_tokens[jnp.maximum(token_src, 0)], token_ids)
     hidden, kv_cache = model(token_ids, md, kv_cache)
     logits = model.compute_logits(hidden[logits_idx])
+    ids = None
     if pen is not None:
         history, ids = read_history(history, pen.token_slot, pen.row_slot, token_ids, md,
                                     logits.shape[-1])
-        smd = dataclasses.replace(smd, history_ids=ids)
-    out = sample(logits, smd)
-    padded = jnp.zeros_like(prev_tokens).at[:out.token_ids.shape[0]].set(out.token_ids)
     prompt = None
     if prompt_logprobs_k >= 0:
         with jax.named_scope("prompt_logprobs"):
@@ -96,16 +95,42 @@ def _step(graphdef, state, kv_cache: KVCache, history, prev_tokens, token_ids, t
             nxt = jnp.take_along_axis(all_logprobs, next_ids[:, None], axis=-1)[:, 0]
             top_lp, top_ids = jax.lax.top_k(all_logprobs, prompt_logprobs_k)
             prompt = (nxt, top_ids.astype(jnp.int32), top_lp)
+    return logits, ids, prompt, kv_cache, history
+
+
+def _sample(logits, smd: SamplingMetadata, history_ids, prev_tokens):
+    """The sampling part: (SamplerOutput, tokens padded to prev_tokens' size)."""
+    if history_ids is not None:
+        smd = dataclasses.replace(smd, history_ids=history_ids)
+    out = sample(logits, smd)
+    return out, jnp.zeros_like(prev_tokens).at[:out.token_ids.shape[0]].set(out.token_ids)
+
+
+def _step(graphdef, state, kv_cache: KVCache, history, prev_tokens, token_ids, token_src,
+          logits_idx, next_ids, md: AttentionMetadata, smd: SamplingMetadata,
+          pen: PenaltyInputs | None, prompt_logprobs_k: int):
+    """The compiled step, forward and sample fused: (SamplerOutput, padded tokens, prompt logprob
+    triple or None, new KVCache, new history)."""
+    logits, ids, prompt, kv_cache, history = _forward(
+        graphdef, state, kv_cache, history, prev_tokens, token_ids, token_src, logits_idx,
+        next_ids, md, pen, prompt_logprobs_k)
+    out, padded = _sample(logits, smd, ids, prev_tokens)
     return out, padded, prompt, kv_cache, history
 
 
 @dataclass
 class StepHandle:
-    """A dispatched step: device results not yet read."""
+    """A dispatched step: device results not yet read. A deferred step has run its forward pass
+    only (`logits` holds (logits, history ids)); sample() dispatches the rest."""
 
     batch: Batch
-    out: SamplerOutput
+    out: SamplerOutput | None
     prompt: tuple | None
+    logits: tuple | None = None
+
+    @property
+    def deferred(self) -> bool:
+        return self.out is None
 
 
 class ModelRunner:
@@ -132,6 +157,10 @@ class ModelRunner:
         self._lock = threading.Lock()
         self._jit = jax.jit(_step, static_argnames=("graphdef", "prompt_logprobs_k"),
                             donate_argnames=("kv_cache", "history"))
+        # A deferred step (its masks follow the token in flight) runs as forward + sample.
+        self._jit_forward = jax.jit(_forward, static_argnames=("graphdef", "prompt_logprobs_k"),
+                                    donate_argnames=("kv_cache", "history"))
+        self._jit_sample = jax.jit(_sample)
         self._prev_tokens = jnp.zeros(self.max_rows, jnp.int32)  # last step's sampled tokens
         self.sampling = SamplingInputs(vocab_size=vocab_size, max_num_seqs=max_num_seqs,
                                        max_model_len=max_model_len,
@@ -197,18 +226,29 @@ class ModelRunner:
 
     # ---- compilation ---------------------------------------------------------------------------
     @staticmethod
-    def _key(args: tuple, prompt_k: int) -> StepKey:
+    def _key(args: tuple, prompt_k: int, kind: str = "step") -> StepKey:
         leaves, treedef = jax.tree.flatten(args)
-        md = args[4]
-        return StepKey(num_tokens=int(args[0].shape[0]), page_table_width=md.page_table.shape[1],
+        num_tokens, width = int(args[0].shape[0]), 0
+        if kind != "sample":
+            width = args[4].page_table.shape[1]
+        return StepKey(kind=kind, num_tokens=num_tokens, page_table_width=width,
                        prompt_logprobs_k=prompt_k, treedef=treedef,
                        leaves=tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
 
-    def _lower(self, args: tuple, prompt_k: int):
-        history = self.sampling.history if args[-1] is not None else None
+    def _lower(self, args: tuple, prompt_k: int, kind: str = "step"):
+        """args: _inputs()'s for "step"; without smd for "forward"; (logits, smd, history ids,
+        prev tokens) for "sample" (arrays or ShapeDtypeStructs)."""
         with self._mesh_context():
-            return self._jit.lower(self.graphdef, self.state, self.kv_cache, history,
-                                   self._prev_tokens, *args, prompt_k)
+            if kind == "sample":
+                return self._jit_sample.lower(*args)
+            history = self.sampling.history if args[-1] is not None else None
+            jit = self._jit if kind == "step" else self._jit_forward
+            return jit.lower(self.graphdef, self.state, self.kv_cache, history,
+                             self._prev_tokens, *args, prompt_k)
+
+    def _executable(self, args: tuple, prompt_k: int, kind: str = "step"):
+        key = self._key(args, prompt_k, kind)
+        return self._executables.get(key) or self._compile(key, self._lower(args, prompt_k, kind))
 
     def _compile(self, key: StepKey, lowered) -> object:
         start = time.perf_counter()
@@ -218,7 +258,7 @@ class ModelRunner:
             self._executables[key] = exe
             self.num_compiles += 1
             self.compile_seconds += seconds
-            logger.info("compiled step #%d (%d tokens, page table %s, %s) in %.1fs",
+            logger.info("compiled %s #%d (%d tokens, page table %s, %s) in %.1fs", key.kind,
                         self.num_compiles, key.num_tokens, key.page_table_width,
                         "prompt logprobs" if key.prompt_logprobs_k >= 0 else "plain", seconds)
         return exe
@@ -244,6 +284,35 @@ class ModelRunner:
                 f.result()  # re-raise a failed compile here
         logger.info("warm-up: %d step shapes in %.1fs (the last lowered after %.1fs)",
                     len(futures), time.perf_counter() - start, lowered_at - start)
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+            (self.state, self.kv_cache, self.sampling.history, self._prev_tokens))
+        threading.Thread(target=self._warm_deferred, args=(abstract,), daemon=True,
+                         name="jaxserve-warmup-deferred").start()
+
+    def _warm_deferred(self, abstract) -> None:
+        """Compile the deferred kind (forward, then sample) of every bucket in the background,
+        from shapes only (the engine keeps running and donating the real buffers meanwhile): only
+        steps with a mask that follows the token in flight use it, and one needed before its
+        executable is ready compiles on the spot."""
+        state, kv_cache, history, prev_tokens = abstract
+        try:
+            for t_pad in self.buckets:
+                args, prompt_k = self._inputs(self._padding_batch(t_pad), full_sampler=True)
+                fwd_args = args[:5] + args[6:]
+                with self._mesh_context():
+                    lowered = self._jit_forward.lower(self.graphdef, state, kv_cache, history,
+                                                      prev_tokens, *fwd_args, prompt_k)
+                key = self._key(fwd_args, prompt_k, "forward")
+                if key not in self._executables:
+                    self._compile(key, lowered)
+                logits, ids = lowered.out_info[:2]
+                sample_args = (logits, args[5], ids, prev_tokens)
+                key = self._key(sample_args, -1, "sample")
+                if key not in self._executables:
+                    self._compile(key, self._lower(sample_args, -1, "sample"))
+        except Exception:  # never fatal: the engine compiles what it needs on the spot
+            logger.exception("background warm-up of deferred steps failed")
 
     def _padding_batch(self, t_pad: int) -> Batch:
         """A step of t_pad padding tokens and no sequences: the shapes of a plain step."""
@@ -255,18 +324,37 @@ class ModelRunner:
                      sample_mask=np.zeros(0, bool), num_prefill_tokens=0, num_decode_tokens=0)
 
     # ---- execution -----------------------------------------------------------------------------
-    def dispatch(self, batch: Batch, tokens: TokenInputs | None = None) -> StepHandle:
+    def dispatch(self, batch: Batch, tokens: TokenInputs | None = None,
+                 defer: bool = False) -> StepHandle:
         """Start the step on the device and return without waiting for it; `tokens`: the
-        batch's token controls (masks, logit bias), if any row has one."""
-        args, prompt_k = self._inputs(batch, tokens=tokens)
-        key = self._key(args, prompt_k)
-        exe = self._executables.get(key) or self._compile(key, self._lower(args, prompt_k))
+        batch's token controls (masks, logit bias), if any row has one. defer: run the forward
+        pass only; sample(handle, tokens) follows once the masks are known (they depend on the
+        token still in flight), while the device computes the forward pass."""
+        args, prompt_k = self._inputs(batch, full_sampler=defer, tokens=None if defer else tokens)
         history = self.sampling.history if args[-1] is not None else None
-        out, self._prev_tokens, prompt, self.kv_cache, history = exe(
-            self.state, self.kv_cache, history, self._prev_tokens, *args)
+        if not defer:
+            exe = self._executable(args, prompt_k)
+            out, self._prev_tokens, prompt, self.kv_cache, history = exe(
+                self.state, self.kv_cache, history, self._prev_tokens, *args)
+            if history is not None:
+                self.sampling.history = history
+            return StepHandle(batch, out, prompt)
+        fwd_args = args[:5] + args[6:]
+        exe = self._executable(fwd_args, prompt_k, "forward")
+        logits, ids, prompt, self.kv_cache, history = exe(
+            self.state, self.kv_cache, history, self._prev_tokens, *fwd_args)
         if history is not None:
             self.sampling.history = history
-        return StepHandle(batch, out, prompt)
+        return StepHandle(batch, None, prompt, logits=(logits, ids))
+
+    def sample(self, handle: StepHandle, tokens: TokenInputs | None = None) -> StepHandle:
+        """Dispatch the sampling of a deferred step with its token controls."""
+        logits, ids = handle.logits
+        smd = self.sampling.metadata(handle.batch, logits.shape[0], True, tokens or TokenInputs())
+        args = (logits, smd, ids, self._prev_tokens)
+        handle.out, self._prev_tokens = self._executable(args, -1, "sample")(*args)
+        handle.logits = None
+        return handle
 
     def fetch(self, handle: StepHandle) -> StepOutput:
         """Wait for a dispatched step and copy its results to the host."""

@@ -142,8 +142,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_tokens_with_pending - seq.num_computed_tokens, budget)
-            if num_new <= 0 or self._ends_with_pending(seq) or (
-                    seq.num_pending and seq.mask_follows_tokens):
+            if num_new <= 0 or self._ends_with_pending(seq):
                 i += 1
                 continue
             while not self._grow_pages(seq, seq.num_computed_tokens + num_new):

@@ -168,3 +168,21 @@ def test_logprobs_minus_one_is_the_whole_vocabulary(model_dir):
     entry = out.logprobs[0]
     assert len(entry) == len(ref) == 384
     np.testing.assert_allclose([entry[t].logprob for t in range(len(ref))], ref, atol=1e-4)
+
+
+def test_constrained_sequences_advance_every_step(llm):
+    """A mask that follows the tokens (grammar, multi-token bad word) does not cost the async
+    pipeline: the step scheduled ahead runs its forward pass at once and samples once the mask is
+    known, so a constrained request next to a free one advances in every step, as the free one
+    does (skipping it while its token was in flight took twice the steps)."""
+    engine = llm.llm_engine
+    regex = StructuredOutputsParams(regex=r"[a-z]{40}")
+    steps = {}
+    for name, kw in [("free", {}), ("grammar", dict(structured_outputs=regex))]:
+        before = engine.stats["steps"]
+        params = [SamplingParams(temperature=1.0, seed=2, max_tokens=12, ignore_eos=True),
+                  SamplingParams(temperature=1.0, seed=3, max_tokens=12, ignore_eos=True, **kw)]
+        outs = llm.generate([PROMPT, PROMPT[:4]], params, use_tqdm=False)
+        assert [len(o.outputs[0].token_ids) for o in outs] == [12, 12]
+        steps[name] = engine.stats["steps"] - before
+    assert steps["grammar"] <= steps["free"] + 1, steps
