@@ -8,7 +8,6 @@ turns each QuantizedHost or float tensor into a QuantLinear's leaves (linear_arr
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -299,7 +298,3 @@ def leaf_shapes(weight_format: str, in_features: int, out_features: int, group_s
     G = I // group_size
     return {"qweight": ((I // INT4_PACK, O), np.dtype(np.int32)),
             "qscale": ((G, O), np.dtype(np.float16)), "qzero": ((G, O), np.dtype(np.float16))}
-
-
-def is_quant_leaf(path: str) -> bool:
-    return re.search(r"\.(%s)$" % "|".join(QUANT_LEAVES), path) is not None
