@@ -159,6 +159,7 @@ class EngineCore:
         self._failed_steps = 0
         self._step_started: float | None = None
         self._sent_gauges: tuple | None = None  # those of the last "step" message
+        self.fanout = None  # multi-host: followers replay each command and step (distributed.py)
 
     def send(self, message: tuple) -> None:
         with self._send_lock:
@@ -191,6 +192,8 @@ class EngineCore:
         return True
 
     def _apply(self, command: tuple) -> tuple | None:
+        if self.fanout is not None:
+            self.fanout.send(command)
         kind = command[0]
         if kind == "abort":
             self.engine.abort_request(command[1])
@@ -217,6 +220,8 @@ class EngineCore:
         return ticket, None, None
 
     def _step(self) -> None:
+        if self.fanout is not None:
+            self.fanout.send(("step",))
         self._step_started = time.monotonic()
         try:
             deltas = self.engine.step()
@@ -289,8 +294,11 @@ def run_engine_core(config: EngineConfig, commands, outputs, log_level: int) -> 
     logging.basicConfig(level=log_level,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        from jaxserve import distributed
         from jaxserve.server import faults
 
+        multihost = distributed.DistributedConfig.from_env(torchrun=False)  # set by the CLI
+        distributed.initialize(multihost)
         engine = CoreEngine(config)
         faults.install_from_env(engine)  # a no-op unless JAXSERVE_FAULT_INJECT is set
     except Exception as e:  # noqa: BLE001 - the API server reports it and exits
@@ -298,10 +306,14 @@ def run_engine_core(config: EngineConfig, commands, outputs, log_level: int) -> 
         outputs.send(("failed", isinstance(e, ValueError), f"{type(e).__name__}: {e}"
                       if not isinstance(e, ValueError) else str(e)))
         return
-    outputs.send(("ready", EngineFacts.of(engine)))
     core = EngineCore(engine, commands, outputs)
+    if multihost is not None:
+        core.fanout = distributed.CommandFanout.accept(multihost)
+    outputs.send(("ready", EngineFacts.of(engine)))
     try:
         core.run()
     except BaseException:  # noqa: BLE001 - a broken engine: the server fails every request
         logger.exception("the engine is broken; the engine core exits")
         core.die()
+    if multihost is not None:  # the followers see EOF; leave jax.distributed together
+        distributed.shutdown(core.fanout)

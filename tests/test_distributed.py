@@ -5,12 +5,15 @@ flag parsing, and a bare cross-process all-reduce (what the engine test needs of
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from jaxserve.distributed import DistributedConfig
@@ -90,18 +93,63 @@ def test_cross_process_cpu_all_reduce(tmp_path):
     assert _run_two("_psum_worker(OUT)", tmp_path, timeout=120) == [56.0, 56.0]
 
 
-def test_engine_over_two_processes_equals_single_process(tmp_path):
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """(tiny model dir, single-process TP=1 greedy outputs of PROMPTS)."""
     from tests.engine.tiny import build_tiny_llama
 
     from jaxserve import LLM, SamplingParams
 
-    model_dir = build_tiny_llama(tmp_path / "tiny")
+    model_dir = build_tiny_llama(tmp_path_factory.mktemp("dist") / "tiny")
     llm = LLM(str(model_dir), tensor_parallel_size=1, **ENGINE_KW)
-    want = [o.outputs[0].token_ids for o in llm.generate(
+    outs = [o.outputs[0] for o in llm.generate(
         PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)]
-    assert all(len(t) == MAX_TOKENS for t in want)
+    assert all(len(o.token_ids) == MAX_TOKENS for o in outs)
+    return model_dir, outs
+
+
+def test_engine_over_two_processes_equals_single_process(reference, tmp_path):
+    model_dir, outs = reference
+    want = [list(o.token_ids) for o in outs]
     got = _run_two(f"_worker({str(model_dir)!r}, OUT)", tmp_path)
     assert got == [want, want]
+
+
+def test_serve_over_two_processes_equals_single_process(reference):
+    """`jaxserve serve --nnodes 2`: rank 0 serves HTTP, rank 1 (headless) replays its commands;
+    concurrent greedy completions over the 4-device mesh give the TP=1 text; stopping rank 0
+    stops rank 1."""
+    from tests.server.conftest import start_cli
+
+    model_dir, outs = reference
+    port = free_port()
+    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    flags = ["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
+             "--tensor-parallel-size", "4",
+             *[f"--{k.replace('_', '-')}={v}" for k, v in ENGINE_KW.items()]]
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "jaxserve.cli", "serve", str(model_dir), *flags,
+         "--node-rank", "1", "--headless"], cwd=ROOT, env={**os.environ, **env},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    leader = None
+    try:
+        leader, base = start_cli(model_dir, *flags, "--node-rank", "0", env=env)
+        body = {"max_tokens": MAX_TOKENS, "temperature": 0}
+        with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+            texts = list(pool.map(lambda p: httpx.post(
+                base + "/v1/completions", json={**body, "prompt": p}, timeout=120
+            ).json()["choices"][0]["text"], PROMPTS))
+        assert texts == [o.text for o in outs]
+        again = httpx.post(base + "/v1/completions", json={**body, "prompt": PROMPTS[1]},
+                           timeout=120).json()["choices"][0]["text"]
+        assert again == outs[1].text  # a later request: the followers stayed in step
+        leader.send_signal(signal.SIGTERM)
+        assert leader.wait(60) == 0
+        assert follower.wait(60) == 0, follower.stdout.read()[-3000:]
+    finally:
+        for p in (leader, follower):
+            if p is not None and p.poll() is None:
+                p.kill()
 
 
 def test_settings_from_environment_and_flags():

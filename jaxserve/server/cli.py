@@ -51,6 +51,15 @@ def _add_http_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine-in-process", action="store_true",
                    help="step the engine in a thread of the API server's process instead of its "
                         "own engine core process (debugging; the HTTP work then shares its GIL)")
+    p.add_argument("--nnodes", type=int, default=None,
+                   help="processes (hosts) one engine spans (jax.distributed; docs/multi_gpu.md)")
+    p.add_argument("--node-rank", type=int, default=None,
+                   help="this process's rank among --nnodes; 0 serves HTTP, the others follow")
+    p.add_argument("--master-addr", default=None, help="rank 0's address (coordinator)")
+    p.add_argument("--master-port", type=int, default=None,
+                   help="rank 0's coordinator port (default 29500; commands use port + 1)")
+    p.add_argument("--headless", action="store_true",
+                   help="vLLM's flag for ranks > 0: no API server (implied by --node-rank > 0)")
     p.add_argument("--step-timeout", type=float, default=600.0,
                    help="seconds an engine step (compiles included) may take before the engine "
                         "is declared hung and the server exits; 0 turns the watchdog off")
@@ -218,12 +227,25 @@ def _on_dead(server_ref: list) -> None:
 def serve(args: argparse.Namespace) -> int:
     from jaxserve.cli import engine_kwargs
     from jaxserve.config import EngineConfig
+    from jaxserve.distributed import DistributedConfig, follow
     from jaxserve.engine import LLMEngine
     from jaxserve.server.core_client import EngineCoreClient
     from jaxserve.server.openai import build_app
 
     config, http = server_config(args), http_options(args)
     engine_config = EngineConfig(model=args.model_flag or args.model, **engine_kwargs(args))
+    multihost = DistributedConfig.from_env(nnodes=args.nnodes, node_rank=args.node_rank,
+                                           master_addr=args.master_addr,
+                                           master_port=args.master_port)
+    if multihost is not None:  # one engine over several processes (jaxserve/distributed.py)
+        if engine_config.data_parallel_size > 1 or args.engine_in_process:
+            raise ValueError("--nnodes > 1 runs one engine core over all processes: it cannot "
+                             "be combined with --data-parallel-size > 1 or --engine-in-process")
+        if multihost.process_id != 0:  # vLLM's --headless: no API server here
+            return follow(engine_config, multihost)
+        if args.headless:
+            raise ValueError("--headless is for --node-rank > 0; rank 0 serves the API")
+        os.environ.update(multihost.to_env())  # the engine core process initializes from it
     if args.engine_in_process:
         engine = LLMEngine(engine_config)
     elif engine_config.data_parallel_size > 1:  # N core processes behind a router
