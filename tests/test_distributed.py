@@ -140,6 +140,10 @@ def test_serve_over_two_processes_equals_single_process(reference):
                 base + "/v1/completions", json={**body, "prompt": p}, timeout=120
             ).json()["choices"][0]["text"], PROMPTS))
         assert texts == [o.text for o in outs]
+        # A client that leaves mid-stream: its abort reaches every process at the same step.
+        with httpx.stream("POST", base + "/v1/completions", timeout=120, json={
+                "prompt": PROMPTS[2], "max_tokens": 40, "ignore_eos": True, "stream": True}) as r:
+            next(line for line in r.iter_lines() if line.startswith("data: "))
         again = httpx.post(base + "/v1/completions", json={**body, "prompt": PROMPTS[1]},
                            timeout=120).json()["choices"][0]["text"]
         assert again == outs[1].text  # a later request: the followers stayed in step
