@@ -162,6 +162,41 @@ def test_pick_least_loaded_then_round_robin():
     assert router.pick() == 0
 
 
+class _DeadOnAdd(_FakeReplica):
+    """A replica whose core died before acknowledging (what EngineCoreClient.add raises)."""
+
+    def __init__(self):
+        super().__init__(0)
+        self.error = RuntimeError("engine core exited with code -9")
+
+    async def add(self, items):
+        from jaxserve.server.async_engine import DEAD_MESSAGE, EngineDeadError
+
+        raise EngineDeadError(DEAD_MESSAGE)
+
+
+class _Alive(_FakeReplica):
+    error = None
+
+    async def add(self, items):
+        return _FakeReplica(0)  # a stand-in RequestStream (weak-referenceable)
+
+
+def test_request_unacknowledged_by_a_dead_replica_goes_to_another():
+    import itertools
+    import weakref
+
+    router = DataParallelClient.__new__(DataParallelClient)
+    router.replicas = [_DeadOnAdd(), _Alive(3)]
+    router._lock, router._live, router._next = threading.Lock(), [0, 1], itertools.count()
+    router._owner, router.routed, router.error = weakref.WeakKeyDictionary(), [0, 0], None
+    dead = []
+    router.on_dead = lambda: dead.append(True)
+    stream = asyncio.run(router.add([("r", {"prompt": "x"}, None)]))
+    assert router._owner[stream] == 1 and router.routed == [0, 1]
+    assert router._live == [1] and not dead  # replica 0 left the rotation, the server lives
+
+
 def test_replica_env_gives_each_replica_its_own_devices():
     gpu = {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}
     assert [replica_env(r, 2, gpu)["CUDA_VISIBLE_DEVICES"] for r in (0, 1)] == ["4,5", "6,7"]
