@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxserve.config import ModelConfig
-from jaxserve.kv_cache import AttentionMetadata, KVCache
+from jaxserve.kv_cache import AttentionMetadata
 from jaxserve.sharding import shard
 from models.hf import LLAMA_WEIGHT_MAP, base_config_from_hf, identity
 from models.layers import Attention, CausalLM, GatedMLP, RMSNorm
@@ -130,19 +130,11 @@ class Gemma2(CausalLM):
     def make_layer(self, cfg: GemmaConfig, layer_idx: int, *, dtype, rngs: nnx.Rngs):
         return GemmaDecoderLayer(cfg, layer_idx, dtype=dtype, rngs=rngs)
 
-    def __call__(self, token_ids: jax.Array, md: AttentionMetadata,
-                 kv: KVCache) -> tuple[jax.Array, KVCache]:
-        """token_ids i32[T] -> (hidden [T, D] after the final norm, new KVCache)."""
+    def embed_tokens(self, token_ids: jax.Array) -> jax.Array:
+        """Embeddings times sqrt(D), the scale rounded to the param dtype as HF does."""
         embed = self.embed[...]
-        x = jnp.take(embed, token_ids, axis=0) * jnp.asarray(self.cfg.hidden_size ** 0.5,
-                                                              embed.dtype)
-        x = shard(x, "tokens", "embed")  # [T, D]
-        new_k, new_v = [], []
-        for layer, k_pages, v_pages in zip(self.layers, kv.k, kv.v):
-            x, k_pages, v_pages = layer(x, md, k_pages, v_pages)
-            new_k.append(k_pages)
-            new_v.append(v_pages)
-        return self.final_norm(x), KVCache(k=new_k, v=new_v)
+        return jnp.take(embed, token_ids, axis=0) * jnp.asarray(self.cfg.hidden_size ** 0.5,
+                                                                embed.dtype)
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [B, D] -> f32[B, V], soft-capped when the config says so."""

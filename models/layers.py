@@ -303,13 +303,17 @@ class CausalLM(nnx.Module):
         """Decoder layer `layer_idx`; architectures whose layers differ (MoE) override this."""
         return DecoderLayer(cfg, dtype=dtype, rngs=rngs)
 
+    def embed_tokens(self, token_ids: jax.Array) -> jax.Array:
+        """i32[T] -> [T, D] input embeddings (Gemma scales them)."""
+        return jnp.take(self.embed[...], token_ids, axis=0)
+
     def __call__(self, token_ids: jax.Array, md: AttentionMetadata,
                  kv: KVCache) -> tuple[jax.Array, KVCache]:
         """token_ids i32[T] -> (hidden [T, D] AFTER the final norm, new KVCache).
 
         Positions come from md.positions. The cache is returned, never mutated.
         """
-        x = shard(jnp.take(self.embed[...], token_ids, axis=0), "tokens", "embed")  # [T, D]
+        x = shard(self.embed_tokens(token_ids), "tokens", "embed")  # [T, D]
         new_k, new_v = [], []
         for layer, k_pages, v_pages in zip(self.layers, kv.k, kv.v):
             x, k_pages, v_pages = layer(x, md, k_pages, v_pages)
