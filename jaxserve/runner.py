@@ -3,12 +3,12 @@
 Owns the compiled steps, the shape buckets and the KV cache. Token counts are bucketed to powers of two
 (the sequence rows follow the token bucket); the page table is max_model_len wide for the Pallas
 kernels, which read only live pages, and bucketed to powers of two for the reference, whose cost
-follows its width. warmup() compiles every bucket of both sampler variants, so a steady state
-never recompiles. dispatch() returns at once and fetch() waits, so the engine prepares step n+1
-while step n runs; tokens sampled by step n feed step n+1 on device (Batch.token_src).
-Penalties read a device token history (i32[max_num_seqs rows, max_model_len]): each step writes its
-input tokens at their positions in their sequence's row, so the history follows async scheduling,
-preemption and recompute with no host copy of the output; rows are assigned on the host.
+follows its width. warmup() compiles every bucket of both sampler variants (then, in the
+background, the deferred kind), so a steady state never recompiles. dispatch() returns at once and
+fetch() waits, so the engine prepares step n+1 while step n runs; tokens sampled by step n feed
+step n+1 on device (Batch.token_src). A deferred step (its token masks follow step n's tokens) is
+dispatched as its forward pass, and sample() adds the sampling once the host has the masks.
+Penalties read a device token history (jaxserve/sampling_inputs.py), written by each step.
 """
 from __future__ import annotations
 
