@@ -2,6 +2,8 @@
 against a plain loop, and through the engine on a tiny Llama against transformers' logits."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -186,3 +188,28 @@ def test_constrained_sequences_advance_every_step(llm):
         assert [len(o.outputs[0].token_ids) for o in outs] == [12, 12]
         steps[name] = engine.stats["steps"] - before
     assert steps["grammar"] <= steps["free"] + 1, steps
+
+
+def test_deferred_steps_sample_as_the_fused_step(llm):
+    """A multi-token bad word that never matches makes every step scheduled ahead deferred
+    (forward, then sample): the tokens equal the fused step's, for it and the free rows."""
+    tok = llm.get_tokenizer()
+    word = "zqxzqxzqx"
+    assert any(len(ids) > 1 for ids in bad_words_token_ids([word], tok))
+    prompts = [PROMPT, PROMPT[:3], [9, 8, 7, 6]]
+    free = [SamplingParams(temperature=t, seed=i, max_tokens=10, ignore_eos=True, logprobs=2)
+            for i, t in enumerate([0.0, 1.0, 0.7])]
+    deferred = [free[0], dataclasses.replace(free[1], bad_words=[word]), free[2]]
+    a = llm.generate(prompts, free, use_tqdm=False)
+    runner, calls = llm.llm_engine.runner, []
+    sample = runner.sample
+    runner.sample = lambda *args, **kw: calls.append(1) or sample(*args, **kw)
+    try:
+        b = llm.generate(prompts, deferred, use_tqdm=False)
+    finally:
+        runner.sample = sample
+    assert len(calls) >= 8  # the steps after the first were deferred
+    for x, y in zip(a, b):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        assert x.outputs[0].cumulative_logprob == pytest.approx(y.outputs[0].cumulative_logprob,
+                                                                abs=1e-5)
