@@ -58,8 +58,6 @@ NOT_IMPLEMENTED_FIELDS = {
     "function_call": "function calling is not implemented yet",
     "logits_processors": "custom logits processors are not supported",
     "truncate_prompt_tokens": "prompt truncation is not implemented yet",
-    "prompt_logprobs": "prompt_logprobs is not served yet (use echo with logprobs on "
-                       "/v1/completions)",
     "use_beam_search": "beam search is offline only (LLM.beam_search), not served yet",
     "length_penalty": "beam search is offline only (LLM.beam_search), not served yet",
     "best_of": "best_of is not implemented (use n)",
@@ -114,6 +112,7 @@ class _SamplingRequest(BaseModel):
     guided_whitespace_pattern: str | None = None
     # Token controls (vLLM's names; OpenAI's logit_bias maps token-id strings to [-100, 100]).
     logit_bias: dict[str, float] | None = None
+    prompt_logprobs: int | None = Field(None, ge=0)  # vLLM's: logprobs of the prompt tokens
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
 

@@ -110,6 +110,25 @@ class ResponseMeta:
     include_usage: bool = False
     # chat: a new ChatOutputParser per choice (reasoning, tool calls); None: the text is content
     output_parser: Callable[[], ChatOutputParser] | None = None
+    prompt_logprobs: int | None = None  # vLLM's prompt_logprobs (non-streamed responses)
+
+
+def prompt_logprobs_json(meta: ResponseMeta, out: RequestOutput) -> list | None:
+    """vLLM's layout: per prompt token None (the first) or {token id: {logprob, rank,
+    decoded_token}}, the top prompt_logprobs by rank plus the prompt's own token."""
+    if meta.prompt_logprobs is None or out.prompt_logprobs is None:
+        return None
+    k, ids = meta.prompt_logprobs, out.prompt_token_ids
+    result = []
+    for i, entry in enumerate(out.prompt_logprobs):
+        if entry is None:
+            result.append(None)
+            continue
+        result.append({str(t): {"logprob": lp.logprob, "rank": lp.rank,
+                                "decoded_token": meta.decode(t)}
+                       for t, lp in entry.items()
+                       if t == ids[i] or (lp.rank is not None and lp.rank <= k)})
+    return result
 
 
 def _choice_logprobs(meta: ResponseMeta, chat: bool, c: CompletionOutput, start: int,
@@ -148,7 +167,8 @@ def completion_body(meta: ResponseMeta, outs: list[RequestOutput], echo: list[st
             logprobs, _ = _choice_logprobs(meta, False, c, 0, offset)
             choices.append({"index": p * n + c.index, "text": prefix + c.text,
                             "logprobs": _merge(lp_prefix, logprobs),
-                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})
+                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                            "prompt_logprobs": prompt_logprobs_json(meta, out)})
     return {"id": meta.id, "object": "text_completion", "created": meta.created,
             "model": meta.model, "choices": choices, "usage": usage(outs),
             "system_fingerprint": None}
@@ -167,7 +187,7 @@ def chat_body(meta: ResponseMeta, out: RequestOutput) -> dict:
                         "finish_reason": finish, "stop_reason": c.stop_reason})
     return {"id": meta.id, "object": "chat.completion", "created": meta.created,
             "model": meta.model, "choices": choices, "usage": usage([out]),
-            "system_fingerprint": None}
+            "system_fingerprint": None, "prompt_logprobs": prompt_logprobs_json(meta, out)}
 
 
 def _chunk(meta: ResponseMeta, chat: bool, choice: dict) -> dict:

@@ -244,14 +244,17 @@ class OpenAIServing:
             raise APIError(400, "suffix is not supported", param="suffix")
         prompts = self._with_lora(
             await asyncio.to_thread(self.completion_prompts, body.prompt, body.echo), model)
-        prompt_lp = body.logprobs if body.echo and body.logprobs is not None else None
+        echo_lp = body.logprobs if body.echo and body.logprobs is not None else None
+        prompt_lp = max((k for k in (echo_lp, self._prompt_logprobs(body)) if k is not None),
+                        default=None)
         constraint = await asyncio.to_thread(self.structured, body)
         params = self._params(body, max_tokens=body.max_tokens, logprobs=body.logprobs,
                               prompt_logprobs=prompt_lp, structured_outputs=constraint)
         self._admit(prompts, params, "prompt")
         stream = await self._start("cmpl", prompts, params)
         meta = ResponseMeta(stream.request_ids[0].rsplit("-", 1)[0], int(time.time()), model,
-                            body.logprobs, self._decoder(body), body.include_usage)
+                            body.logprobs, self._decoder(body), body.include_usage,
+                            prompt_logprobs=body.prompt_logprobs)
         return Generation(stream, meta, prompts, echo=body.echo)
 
     async def start_chat(self, body: ChatCompletionRequest) -> Generation:
@@ -264,6 +267,7 @@ class OpenAIServing:
                                    model)
         constraint = await asyncio.to_thread(self.structured, body, plan.grammar)
         params = self._params(body, max_tokens=body.max_new_tokens, logprobs=top,
+                              prompt_logprobs=self._prompt_logprobs(body),
                               structured_outputs=constraint,
                               keep_special_tokens=bool(plan.parser
                                                        and plan.parser.needs_special_tokens))
@@ -271,8 +275,17 @@ class OpenAIServing:
         stream = await self._start("chatcmpl", [prompt], params)
         meta = ResponseMeta(stream.request_ids[0].rsplit("-", 1)[0], int(time.time()), model,
                             top, self._decoder(body), body.include_usage,
-                            output_parser=self.output_parser(plan))
+                            output_parser=self.output_parser(plan),
+                            prompt_logprobs=body.prompt_logprobs)
         return Generation(stream, meta, [prompt])
+
+    @staticmethod
+    def _prompt_logprobs(body) -> int | None:
+        """vLLM's prompt_logprobs field: in the non-streamed response only (as vLLM's chat)."""
+        if body.prompt_logprobs is not None and body.stream:
+            raise APIError(400, "prompt_logprobs is not supported with stream=true",
+                           param="prompt_logprobs")
+        return body.prompt_logprobs
 
     def _with_lora(self, prompts: list[dict], model: str) -> list[dict]:
         """`model` naming an adapter: its LoRARequest rides in each prompt (engine.add_request)."""

@@ -173,3 +173,25 @@ def test_waiting_bound_counts_sequences(served):
         serving.config = old
     assert json.loads(served.post("/v1/completions", json={
         "model": MODEL, "prompt": PROMPT, "max_tokens": 2}).text)["choices"]
+
+
+def test_prompt_logprobs_are_served(served):
+    """vLLM's prompt_logprobs: per prompt token None (the first) or the top-k by rank plus the
+    prompt's own token, equal to echo+logprobs' numbers; with stream=true a 400 naming it."""
+    ids = served.post("/tokenize", json={"model": MODEL, "prompt": PROMPT}).json()["tokens"]
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1, "temperature": 0}
+    echo = served.post("/v1/completions", json={**body, "echo": True, "logprobs": 1}).json()
+    token_lps = echo["choices"][0]["logprobs"]["token_logprobs"][:len(ids)]
+    resp = served.post("/v1/completions", json={**body, "prompt_logprobs": 2})
+    assert resp.status_code == 200, resp.text
+    plp = resp.json()["choices"][0]["prompt_logprobs"]
+    assert len(plp) == len(ids) and plp[0] is None
+    for i in range(1, len(ids)):
+        entry = plp[i]
+        assert entry[str(ids[i])]["logprob"] == pytest.approx(token_lps[i], abs=1e-4)
+        ranked = sorted((v["rank"] for v in entry.values() if v["rank"] is not None))
+        assert ranked[:2] == [1, 2] and len(entry) <= 3
+    chat = _chat(served, [{"role": "user", "content": "Hi"}], prompt_logprobs=1)
+    assert chat.status_code == 200 and chat.json()["prompt_logprobs"][0] is None
+    _error(served.post("/v1/completions", json={**body, "prompt_logprobs": 1, "stream": True}),
+           400, "prompt_logprobs")
