@@ -1,10 +1,13 @@
-"""Layering: the host-side modules (scheduler, pages, request, batch, sampling_params) import without JAX."""
+"""Layering: the host-side modules (scheduler, pages, request, batch, sampling_params, token
+controls, the engine loop and its process client) import without JAX."""
 import subprocess
 import sys
 
 HOST_MODULES = ["jaxserve.scheduler", "jaxserve.pages", "jaxserve.request", "jaxserve.batch",
                 "jaxserve.sampling_params", "jaxserve.structured_outputs", "jaxserve.tool_parsers",
-                "jaxserve.reasoning"]
+                "jaxserve.reasoning", "jaxserve.token_controls", "jaxserve.logprobs",
+                "jaxserve.lora", "jaxserve.engine", "jaxserve.engine_core",
+                "jaxserve.server.core_client"]
 
 
 def test_host_modules_import_without_jax():
