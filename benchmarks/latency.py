@@ -48,6 +48,8 @@ def main(argv=None):
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--quantization", default=None, help="fp8, awq or gptq (vLLM's)")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
     common.log_engine_progress()
@@ -58,7 +60,8 @@ def main(argv=None):
     llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, tokenizer=args.tokenizer,
               max_model_len=args.input_len + args.output_len + 16, max_num_seqs=max(batches),
               max_num_batched_tokens=max(2048, args.input_len * max(batches)),
-              attention_backend=args.attention_backend)
+              attention_backend=args.attention_backend,
+              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     engine = llm.llm_engine
     for b in batches:  # warm-up: compile every bucket the timed runs touch
         measure(engine, b, args.input_len, 4, seed=1000 + b)

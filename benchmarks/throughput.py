@@ -51,7 +51,8 @@ def run_jaxserve(args) -> dict:
     llm = LLM(args.model, load_format=args.load_format, dtype=args.dtype, tokenizer=args.tokenizer,
               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
-              attention_backend=args.attention_backend, page_size=args.page_size)
+              attention_backend=args.attention_backend, page_size=args.page_size,
+              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     load_s = time.perf_counter() - t0
     engine = llm.llm_engine
     data = make_dataset(args, engine.model_config.vocab_size, engine.tokenizer)
@@ -111,6 +112,8 @@ def parse_args(argv=None):
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--quantization", default=None, help="fp8, awq or gptq (vLLM's)")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8")
     p.add_argument("--baseline", choices=["hf"], default=None)
     p.add_argument("--hf-batches", default="1,64", help="batch sizes for the transformers baseline")
     p.add_argument("--hf-num-prompts", type=int, default=64)
