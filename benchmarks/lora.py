@@ -59,6 +59,7 @@ def run(args) -> dict:
         else {}
     t0 = time.perf_counter()
     llm = LLM(args.model, load_format="dummy", dtype="bfloat16", max_num_seqs=args.max_num_seqs,
+              tokenizer=args.tokenizer,
               max_model_len=args.input_len + args.output_len + 16,
               max_num_batched_tokens=args.max_num_batched_tokens, **kw)
     load_s = time.perf_counter() - t0
@@ -105,6 +106,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", choices=["lora", "base"], default=None,
                    help="run one mode here (the driver runs both, each in a subprocess)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer directory (default: the embedded SmolLM2 one)")
     p.add_argument("--out", default="benchmarks/results")
     return p.parse_args(argv)
 

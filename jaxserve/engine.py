@@ -103,6 +103,8 @@ class LLMEngine:
                            parent=seqs[0] if seqs else None, lora_request=lora_request)
             seq.sampling_seed = self._sampling_seed(params, i)
             seq.controls = controls
+            if seq.mask_follows_tokens:
+                self.runner.start_deferred_warmup()
             if controls is not None and controls.grammar is not None:
                 seq.matcher = controls.grammar.matcher()
             if params.logprobs is not None:
@@ -217,14 +219,24 @@ class LLMEngine:
         grammar = None
         if params.structured_outputs is not None:
             grammar = structured_outputs.compiler_for(
-                self.tokenizer, sorted(self.eos_token_ids)).compile(params.structured_outputs)
+                self.tokenizer, self._grammar_eos_ids()).compile(params.structured_outputs)
         return RequestControls(params, self.model_config.vocab_size, tokenizer=self.tokenizer,
                                grammar=grammar)
 
+    def _grammar_eos_ids(self) -> list[int] | None:
+        """The model's EOS ids that its tokenizer knows (a grammar ends on one of them); None (the
+        tokenizer's own EOS) when none does, e.g. a dummy model served with another tokenizer."""
+        known = sorted(t for t in self.eos_token_ids if t < len(self.tokenizer))
+        return known or None
+
     def _can_schedule_ahead(self, batch) -> bool:
-        """Always, unless turned off: penalties read the runner's device token history, which the
-        step in flight updates on device."""
-        return self.async_scheduling
+        """Always, unless turned off (penalties read the runner's device token history, which the
+        step in flight updates on device), or while a row's mask follows its token in flight and
+        the deferred kind of step is still compiling in the background."""
+        if not self.async_scheduling:
+            return False
+        return (self.runner.deferred_ready.is_set()
+                or not any(s.mask_follows_tokens for s in batch.seqs))
 
     def _record_logprobs(self, batch, out) -> None:
         """Append this step's logprobs to the sequences that asked and kept their token (one that

@@ -155,6 +155,8 @@ class ModelRunner:
         self.compile_seconds = 0.0
         self._executables: dict[tuple, object] = {}
         self._lock = threading.Lock()
+        self._deferred_thread: threading.Thread | None = None
+        self.deferred_ready = threading.Event()  # the deferred kind of step is compiled
         self._jit = jax.jit(_step, static_argnames=("graphdef", "prompt_logprobs_k"),
                             donate_argnames=("kv_cache", "history"))
         # A deferred step (its masks follow the token in flight) runs as forward + sample.
@@ -284,17 +286,27 @@ class ModelRunner:
                 f.result()  # re-raise a failed compile here
         logger.info("warm-up: %d step shapes in %.1fs (the last lowered after %.1fs)",
                     len(futures), time.perf_counter() - start, lowered_at - start)
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-            (self.state, self.kv_cache, self.sampling.history, self._prev_tokens))
-        threading.Thread(target=self._warm_deferred, args=(abstract,), daemon=True,
-                         name="jaxserve-warmup-deferred").start()
+
+    def start_deferred_warmup(self) -> None:
+        """Compile the deferred kind of step in a background thread, once: called when the first
+        request whose masks follow its tokens arrives, so engines that never see one never pay
+        its ~2 compiles per bucket (measured on the H200: 18 compiles in ~70 s of host time, which
+        slowed every step they overlapped). Until `deferred_ready` is set the engine does not
+        schedule such requests ahead (no deferred step is needed)."""
+        with self._lock:
+            if self._deferred_thread is not None:
+                return
+            abstract = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                (self.state, self.kv_cache, self.sampling.history, self._prev_tokens))
+            self._deferred_thread = threading.Thread(
+                target=self._warm_deferred, args=(abstract,), daemon=True,
+                name="jaxserve-warmup-deferred")
+        self._deferred_thread.start()
 
     def _warm_deferred(self, abstract) -> None:
-        """Compile the deferred kind (forward, then sample) of every bucket in the background,
-        from shapes only (the engine keeps running and donating the real buffers meanwhile): only
-        steps with a mask that follows the token in flight use it, and one needed before its
-        executable is ready compiles on the spot."""
+        """Compile the deferred kind (forward, then sample) of every bucket, from shapes only (the
+        engine keeps running and donating the real buffers meanwhile)."""
         state, kv_cache, history, prev_tokens = abstract
         try:
             for t_pad in self.buckets:
@@ -313,6 +325,8 @@ class ModelRunner:
                     self._compile(key, self._lower(sample_args, -1, "sample"))
         except Exception:  # never fatal: the engine compiles what it needs on the spot
             logger.exception("background warm-up of deferred steps failed")
+        finally:
+            self.deferred_ready.set()
 
     def _padding_batch(self, t_pad: int) -> Batch:
         """A step of t_pad padding tokens and no sequences: the shapes of a plain step."""

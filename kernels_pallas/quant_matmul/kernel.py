@@ -37,7 +37,9 @@ def _kernel(x_ref,  # [Mp, I] activations (whole)
         for j in range(PACK):
             xj = x_ref[:, pl.ds(g * group_size + j * r, r)]  # [Mp, r]
             qj = (jax.lax.shift_right_logical(words, 4 * j) & 0xF).astype(xj.dtype)  # [r, bn]
-            part += jnp.dot(xj, qj, preferred_element_type=jnp.float32)
+            # f32 inputs: full precision (Triton's default for f32 dots is TF32, ~1e-3 relative)
+            precision = jax.lax.Precision.HIGHEST if xj.dtype == jnp.float32 else None
+            part += jnp.dot(xj, qj, preferred_element_type=jnp.float32, precision=precision)
             x_sum += jnp.sum(xj.astype(jnp.float32), axis=1, keepdims=True)
         s = s_ref[pl.ds(g, 1), :].astype(jnp.float32)  # [1, block_n]
         z = z_ref[pl.ds(g, 1), :].astype(jnp.float32)

@@ -3,6 +3,7 @@ against a plain loop, and through the engine on a tiny Llama against transformer
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -172,12 +173,48 @@ def test_logprobs_minus_one_is_the_whole_vocabulary(model_dir):
     np.testing.assert_allclose([entry[t].logprob for t in range(len(ref))], ref, atol=1e-4)
 
 
+def _deferred_steps_compiled(engine) -> None:
+    engine.runner.start_deferred_warmup()  # what the first constrained request does
+    assert engine.runner.deferred_ready.wait(timeout=600)
+
+
+def test_constrained_requests_before_the_deferred_steps_compile(model_dir):
+    """Until the deferred kind of step is compiled (in the background, started by the first
+    request whose mask follows its tokens), such requests are not scheduled ahead: no step is
+    deferred, nothing compiles on the spot, and the tokens equal the ones the same request gets
+    once deferred steps run."""
+    llm = LLM(str(model_dir), dtype="float32", page_size=4, num_kv_pages=64, max_num_seqs=8,
+              max_num_batched_tokens=64, max_model_len=64)
+    runner, calls = llm.llm_engine.runner, []
+    assert not runner.deferred_ready.is_set()  # nothing started it yet
+    gate = threading.Event()
+    warm = runner._warm_deferred
+    runner._warm_deferred = lambda abstract: (gate.wait(), warm(abstract))  # held until released
+    dispatch = runner.dispatch
+    runner.dispatch = lambda *a, defer=False, **kw: calls.append(defer) or dispatch(
+        *a, defer=defer, **kw)
+    params = SamplingParams(temperature=1.0, seed=5, max_tokens=10, ignore_eos=True,
+                            structured_outputs=StructuredOutputsParams(regex=r"[a-z]{40}"))
+    try:
+        before = llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0].token_ids
+        assert calls and not any(calls)  # no deferred step while they were not compiled
+        gate.set()
+        assert runner.deferred_ready.wait(timeout=600)
+        calls.clear()
+        after = llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0].token_ids
+        assert any(calls)  # now the steps scheduled ahead were deferred
+    finally:
+        gate.set()
+    assert before == after and len(before) == 10
+
+
 def test_constrained_sequences_advance_every_step(llm):
     """A mask that follows the tokens (grammar, multi-token bad word) does not cost the async
     pipeline: the step scheduled ahead runs its forward pass at once and samples once the mask is
     known, so a constrained request next to a free one advances in every step, as the free one
     does (skipping it while its token was in flight took twice the steps)."""
     engine = llm.llm_engine
+    _deferred_steps_compiled(engine)
     regex = StructuredOutputsParams(regex=r"[a-z]{40}")
     steps = {}
     for name, kw in [("free", {}), ("grammar", dict(structured_outputs=regex))]:
@@ -201,6 +238,7 @@ def test_deferred_steps_sample_as_the_fused_step(llm):
             for i, t in enumerate([0.0, 1.0, 0.7])]
     deferred = [free[0], dataclasses.replace(free[1], bad_words=[word]), free[2]]
     a = llm.generate(prompts, free, use_tqdm=False)
+    _deferred_steps_compiled(llm.llm_engine)
     runner, calls = llm.llm_engine.runner, []
     sample = runner.sample
     runner.sample = lambda *args, **kw: calls.append(1) or sample(*args, **kw)
