@@ -197,8 +197,10 @@ def _tp_worker(tp: int, out: str) -> None:
 
     from jaxserve import LLM, SamplingParams
 
+    # JAXSERVE_TEST_TOKENIZER: a tokenizer directory where the embedded SmolLM2 is not installed
     llm = LLM("llama-3-8b", load_format="dummy", dtype="bfloat16", tensor_parallel_size=tp,
-              max_model_len=1024, max_num_seqs=64, seed=0)
+              max_model_len=1024, max_num_seqs=64, seed=0,
+              tokenizer=os.environ.get("JAXSERVE_TEST_TOKENIZER"))
     outs = llm.generate(GPU_PROMPTS, SamplingParams(temperature=0.0, max_tokens=32, logprobs=5),
                         use_tqdm=False)
     seqs = [{"token_ids": list(o.outputs[0].token_ids),
