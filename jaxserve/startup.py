@@ -37,6 +37,11 @@ class EngineParts:
     sampling_defaults: dict  # SamplingParams fields from generation_config.json (--generation-config)
 
 
+# XLA's own temporaries beyond the estimate above: on the H200 (2026-11-29) dummy Llama-3-8B with
+# max_num_seqs 64 and max_model_len 1024 failed to compile a warm-up step for want of 1018 MiB.
+_XLA_WORKSPACE_BYTES = 2 << 30
+
+
 def num_kv_pages_for(config: EngineConfig, model_config: ModelConfig, dtype, max_model_len: int,
                      devices) -> int:
     """Pages that fit in gpu_memory_utilization of each device after weights and activations."""
@@ -53,7 +58,8 @@ def num_kv_pages_for(config: EngineConfig, model_config: ModelConfig, dtype, max
         tokens = config.max_num_batched_tokens
         rows = min(tokens, config.max_num_seqs)
         act = (tokens * model_config.intermediate_size * 8
-               + rows * model_config.vocab_size * 4 * 16 // tp)
+               + rows * model_config.vocab_size * 4 * 16 // tp
+               + _XLA_WORKSPACE_BYTES)
         # bytes_limit is gpu_memory_utilization of the device (reserve_device_memory), unless the
         # backend started earlier or XLA_PYTHON_CLIENT_MEM_FRACTION was set: then that share.
         budget = stats["bytes_limit"] - stats["bytes_in_use"] - act

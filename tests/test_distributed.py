@@ -199,7 +199,7 @@ def _tp_worker(tp: int, out: str) -> None:
 
     # JAXSERVE_TEST_TOKENIZER: a tokenizer directory where the embedded SmolLM2 is not installed
     llm = LLM("llama-3-8b", load_format="dummy", dtype="bfloat16", tensor_parallel_size=tp,
-              max_model_len=1024, max_num_seqs=64, seed=0,
+              max_model_len=1024, max_num_seqs=64, seed=0, gpu_memory_utilization=0.8,
               tokenizer=os.environ.get("JAXSERVE_TEST_TOKENIZER"))
     outs = llm.generate(GPU_PROMPTS, SamplingParams(temperature=0.0, max_tokens=32, logprobs=5),
                         use_tqdm=False)
