@@ -1,0 +1,175 @@
+"""Every collective in the compiled decode step at tensor parallelism N, with its shape and bytes.
+
+Issue 19: TP=2 decode of Llama-3-8B was slower than TP=1 on two H200s. This lists what XLA's SPMD
+partitioner put into the step (all-reduce, all-gather, reduce-scatter, collective-permute,
+all-to-all), one row per collective with the model code it came from (op metadata), so a
+weight-, page- or vocab x hidden-sized collective shows at once. Nothing is allocated: the state
+and KV cache are ShapeDtypeStructs with their shardings, so the real 8B shapes compile on CPU
+with fake devices in seconds:
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \
+    python -m benchmarks.tp_collectives --model llama-3-8b --tensor-parallel-size 2
+  python -m benchmarks.tp_collectives --model tiny --tensor-parallel-size 2 --num-tokens 8
+
+On a GPU host (no flags) it compiles for the GPUs themselves; --dump-hlo FILE keeps the text.
+Expected per decoder layer: 2 all-reduces of [T, D] (after o_proj and down_proj), plus for the
+logits / sampler at most [B, V]-sized ones.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from collections import Counter
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
+                "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+# "%name = TYPE op(" where TYPE is one array shape or a tuple of them; op may be async (-start).
+_LINE = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<type>\(.*?\)|\S+)\s+"
+                   r"(?P<op>" + "|".join(COLLECTIVES) + r")(?P<suffix>-start)?\(")
+_SHAPE = re.compile(r"(?P<dtype>[a-z]+\d*[a-z\d]*)\[(?P<dims>[\d,]*)\]")
+_OP_NAME = re.compile(r'op_name="(?P<op_name>[^"]*)"')
+_SOURCE = re.compile(r'source_file="(?P<file>[^"]*)"\s+source_line=(?P<line>\d+)')
+
+TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 512,
+        "intermediate_size": 1408, "num_hidden_layers": 2, "num_attention_heads": 8,
+        "num_key_value_heads": 2, "vocab_size": 32000, "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
+        "hidden_act": "silu", "torch_dtype": "bfloat16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective instruction of the optimized HLO."""
+
+    op: str  # all-reduce, all-gather, ...
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]  # (dtype, dims) of each result array
+    op_name: str  # the JAX op path from metadata ("" when XLA made it without one)
+    source: str  # file:line of the Python that produced it ("" if unknown)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_DTYPE_BYTES.get(dt, 4) * int(np.prod(dims, dtype=np.int64))
+                   for dt, dims in self.shapes)
+
+    @property
+    def shape_text(self) -> str:
+        return ", ".join(f"{dt}[{','.join(map(str, dims))}]" for dt, dims in self.shapes)
+
+
+def parse_collectives(hlo_text: str) -> list[Collective]:
+    """Every collective instruction in an HLO module's text (async pairs counted once, at -start;
+    for an async start the result tuple holds the operand too, so only its last array counts)."""
+    found = []
+    for line in hlo_text.splitlines():
+        m = _LINE.match(line)
+        if m is None:
+            continue
+        shapes = tuple((s["dtype"], tuple(int(d) for d in s["dims"].split(",") if d))
+                       for s in _SHAPE.finditer(m["type"]))
+        if m["suffix"] and len(shapes) > 1:
+            shapes = shapes[len(shapes) // 2:]  # ((operands...), (results...)): keep results
+        op_name = _OP_NAME.search(line)
+        source = _SOURCE.search(line)
+        found.append(Collective(
+            op=m["op"], shapes=shapes, op_name=op_name["op_name"] if op_name else "",
+            source=f"{source['file'].rsplit('/', 1)[-1]}:{source['line']}" if source else ""))
+    return found
+
+
+def abstract_runner(hf_config: dict, *, tensor_parallel_size: int, dtype: str = "bfloat16",
+                    num_pages: int = 256, page_size: int = 16, max_model_len: int = 1024,
+                    max_num_seqs: int = 8, attention_backend: str = "auto"):
+    """A ModelRunner whose state and KV cache are ShapeDtypeStructs placed as the engine places
+    them (weights.abstract_model, kv_cache_sharding): it lowers and compiles, never runs."""
+    from jaxserve.kv_cache import KVCache
+    from jaxserve.runner import ModelRunner
+    from jaxserve.sharding import ShardingRules, kv_cache_sharding, make_mesh
+    from jaxserve.startup import attention_impl_for
+    from jaxserve.weights import abstract_model
+    from models import config_from_hf
+
+    mesh = make_mesh(tensor_parallel_size)
+    rules = ShardingRules()
+    config = config_from_hf(hf_config, {}).with_kv_replication(tensor_parallel_size)
+    graphdef, abstract, shardings = abstract_model(config, jnp.dtype(dtype), mesh, rules)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         abstract, shardings)
+    page = jax.ShapeDtypeStruct((num_pages, page_size, config.num_kv_heads, config.head_dim),
+                                jnp.dtype(dtype), sharding=kv_cache_sharding(mesh, rules))
+    kv = KVCache(k=[page] * config.num_layers, v=[page] * config.num_layers)
+    impl = attention_impl_for(attention_backend, jnp.dtype(dtype))
+    runner = ModelRunner(graphdef, state, kv, vocab_size=config.vocab_size,
+                         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_seqs,
+                         max_model_len=max_model_len, attention_impl=impl, mesh=mesh)
+    return runner, config
+
+
+def step_hlo(runner, num_tokens: int, full_sampler: bool = False) -> str:
+    """Optimized HLO text of the runner's fused step for a num_tokens bucket (padding batch)."""
+    t_pad = runner.bucket_for(num_tokens)
+    args, prompt_k = runner._inputs(runner._padding_batch(t_pad), full_sampler=full_sampler)
+    return runner._lower(args, prompt_k).compile().as_text()
+
+
+def summarize(collectives: list[Collective]) -> list[tuple[Collective, int]]:
+    """Identical rows (op, shapes, op_name) merged with their count, largest bytes first."""
+    counts = Counter(collectives)
+    return sorted(counts.items(), key=lambda kv: (-kv[0].nbytes, kv[0].op, kv[0].op_name))
+
+
+def print_table(collectives: list[Collective], *, width: int = 110) -> None:
+    rows = summarize(collectives)
+    print(f"{'count':>5}  {'op':<18} {'shape':<28} {'bytes':>12}  source / op_name")
+    for c, n in rows:
+        where = f"{c.source} {c.op_name}".strip()
+        print(f"{n:>5}  {c.op:<18} {c.shape_text:<28} {c.nbytes:>12,}  {where[:width]}")
+    total = sum(c.nbytes for c in collectives)
+    by_op = Counter(c.op for c in collectives)
+    print(f"total: {len(collectives)} collectives ({dict(by_op)}), {total:,} bytes per step")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny", help="a models/presets.py name or 'tiny' "
+                   "(Llama layout: D 512, 8 q / 2 kv heads, V 32000, 2 layers)")
+    p.add_argument("--tensor-parallel-size", type=int, default=2)
+    p.add_argument("--num-tokens", type=int, default=1, help="tokens in the step (decode: B)")
+    p.add_argument("--num-layers", type=int, default=None, help="override the layer count")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--full-sampler", action="store_true", help="the full sampler variant")
+    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--dump-hlo", default=None, help="write the optimized HLO text here")
+    a = p.parse_args(argv)
+    if a.model == "tiny":
+        hf = dict(TINY)
+    else:
+        from models.presets import get_preset
+
+        hf = get_preset(a.model)
+        if hf is None:
+            raise ValueError(f"--model {a.model!r} is neither 'tiny' nor a preset")
+        hf = dict(hf)
+    if a.num_layers is not None:
+        hf["num_hidden_layers"] = a.num_layers
+    runner, cfg = abstract_runner(hf, tensor_parallel_size=a.tensor_parallel_size, dtype=a.dtype,
+                                  max_num_seqs=max(8, a.num_tokens),
+                                  attention_backend=a.attention_backend)
+    text = step_hlo(runner, a.num_tokens, a.full_sampler)
+    if a.dump_hlo:
+        with open(a.dump_hlo, "w") as f:
+            f.write(text)
+    print(f"{a.model}: D={cfg.hidden_size} N={cfg.num_q_heads} K={cfg.num_kv_heads} "
+          f"F={cfg.intermediate_size} V={cfg.vocab_size} L={cfg.num_layers}, "
+          f"TP={a.tensor_parallel_size}, bucket {runner.bucket_for(a.num_tokens)} tokens, "
+          f"attention={runner.attention_impl}, backend={jax.default_backend()}")
+    print_table(parse_collectives(text))
+
+
+if __name__ == "__main__":
+    main()
