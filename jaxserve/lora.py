@@ -13,6 +13,7 @@ import math
 import os
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 import dataclasses
 from dataclasses import dataclass
 
@@ -100,11 +101,20 @@ def read_adapter_config(path: str) -> dict:
     return cfg
 
 
-def load_peft_adapter(path: str, shape: ModelConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """A PEFT LoRA directory -> {"layers.{i}.attn.q_lora": (a f32[*in, R], b f32[R, *out])} with
-    ranks zero-padded to max_lora_rank and PEFT's scale (lora_alpha / r, or / sqrt(r) for rsLoRA;
-    rank_pattern / alpha_pattern per module) folded into b. ValueError names a bad path, rank,
-    module or shape."""
+def lora_scale(cfg: dict, module: str, r: int) -> float:
+    """PEFT's scale of one module's B @ A: lora_alpha / r, or / sqrt(r) for rsLoRA, with
+    alpha_pattern overriding lora_alpha per module."""
+    alpha = _pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8))
+    return alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+
+
+def read_adapter_tensors(path: str, split: Callable[[str], tuple[str, str]]
+                         ) -> tuple[dict, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """(adapter_config, {module: (A f32[r, in], B f32[out, r])}) of a PEFT LoRA directory.
+
+    `split(tensor name)` -> (module name, "A" or "B"); it raises the ValueError for a tensor its
+    caller cannot use. ValueError names a missing file or a module without both lora_A and lora_B.
+    Shared by the engine (load_peft_adapter) and merge-lora (merge_lora.adapter_deltas)."""
     import ml_dtypes  # noqa: F401  registers bfloat16 with numpy (bf16 adapters are common)
     from safetensors.numpy import load_file
 
@@ -114,6 +124,22 @@ def load_peft_adapter(path: str, shape: ModelConfig) -> dict[str, tuple[np.ndarr
         raise ValueError(f"LoRA adapter {path!r} has no adapter_model.safetensors")
     pairs: dict[str, dict[str, np.ndarray]] = {}
     for name, tensor in load_file(weights_file).items():
+        module, ab = split(name)
+        pairs.setdefault(module, {})[ab] = tensor.astype(np.float32)
+    for module, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"LoRA adapter {path!r}: {module} lacks "
+                             f"lora_{({'A', 'B'} - set(ab)).pop()}")
+    return cfg, {module: (ab["A"], ab["B"]) for module, ab in pairs.items()}
+
+
+def load_peft_adapter(path: str, shape: ModelConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A PEFT LoRA directory -> {"layers.{i}.attn.q_lora": (a f32[*in, R], b f32[R, *out])} with
+    ranks zero-padded to max_lora_rank and PEFT's scale (lora_alpha / r, or / sqrt(r) for rsLoRA;
+    rank_pattern / alpha_pattern per module) folded into b. ValueError names a bad path, rank,
+    module or shape."""
+
+    def split(name: str) -> tuple[str, str]:
         m = _TENSOR.fullmatch(name)
         if m is None or m.group(3) not in _TARGETS:
             raise ValueError(f"LoRA adapter {path!r}: tensor {name!r} targets a module jaxserve "
@@ -121,9 +147,11 @@ def load_peft_adapter(path: str, shape: ModelConfig) -> dict[str, tuple[np.ndarr
         if int(m.group(2)) >= shape.num_layers:
             raise ValueError(f"LoRA adapter {path!r}: {name!r} is past the base model's "
                              f"{shape.num_layers} layers")
-        pairs.setdefault(m.group(1), {})[m.group(4)] = tensor.astype(np.float32)
-    return {_our_path(module): _convert(path, module, ab, cfg, shape)
-            for module, ab in pairs.items()}
+        return m.group(1), m.group(4)
+
+    cfg, pairs = read_adapter_tensors(path, split)
+    return {_our_path(module): _convert(path, module, A, B, cfg, shape)
+            for module, (A, B) in pairs.items()}
 
 
 def _our_path(module: str) -> str:
@@ -131,10 +159,7 @@ def _our_path(module: str) -> str:
     return f"layers.{layer}.{_TARGETS[proj][0]}"
 
 
-def _convert(path: str, module: str, ab: dict, cfg: dict, shape: ModelConfig):
-    if set(ab) != {"A", "B"}:
-        raise ValueError(f"LoRA adapter {path!r}: {module} lacks lora_{({'A', 'B'} - set(ab)).pop()}")
-    A, B = ab["A"], ab["B"]
+def _convert(path: str, module: str, A: np.ndarray, B: np.ndarray, cfg: dict, shape: ModelConfig):
     r, proj = A.shape[0], module.rsplit(".", 1)[1]
     if r > shape.max_lora_rank:
         raise ValueError(f"LoRA adapter {path!r}: rank {r} of {module} exceeds "
@@ -143,8 +168,7 @@ def _convert(path: str, module: str, ab: dict, cfg: dict, shape: ModelConfig):
     if A.shape != (r, fan_in) or B.shape != (fan_out, r):
         raise ValueError(f"LoRA adapter {path!r}: {module} has A {A.shape}, B {B.shape}; the base "
                          f"model needs A ({r}, {fan_in}), B ({fan_out}, {r}): another base model?")
-    alpha = _pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8))
-    scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+    scale = lora_scale(cfg, module, r)
     pad = shape.max_lora_rank - r
     A = np.pad(A, ((0, pad), (0, 0)))
     B = np.pad(B * scale, ((0, 0), (0, pad)))

@@ -7,14 +7,13 @@ Host-only (numpy + safetensors); no device is used.
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
 
 import numpy as np
 
-from jaxserve.lora import _pattern_value, read_adapter_config
+from jaxserve.lora import lora_scale, read_adapter_tensors
 
 _ADAPTER_TENSOR = re.compile(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.\w+)?\.weight")
 
@@ -22,28 +21,16 @@ _ADAPTER_TENSOR = re.compile(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.\w+
 def adapter_deltas(adapter: str) -> dict[str, np.ndarray]:
     """{base weight name: f32 delta [out, in]} of a PEFT LoRA directory (ValueError naming a
     bad directory or tensor)."""
-    import ml_dtypes  # noqa: F401  registers bfloat16 with numpy (bf16 adapters are common)
-    from safetensors.numpy import load_file
 
-    cfg = read_adapter_config(adapter)
-    weights_file = os.path.join(adapter, "adapter_model.safetensors")
-    if not os.path.isfile(weights_file):
-        raise ValueError(f"LoRA adapter {adapter!r} has no adapter_model.safetensors")
-    pairs: dict[str, dict[str, np.ndarray]] = {}
-    for name, tensor in load_file(weights_file).items():
+    def split(name: str) -> tuple[str, str]:
         m = _ADAPTER_TENSOR.fullmatch(name)
         if m is None:
             raise ValueError(f"LoRA adapter {adapter!r}: cannot merge tensor {name!r}")
-        pairs.setdefault(m.group(1), {})[m.group(2)] = tensor.astype(np.float32)
-    deltas = {}
-    for module, ab in pairs.items():
-        if set(ab) != {"A", "B"}:
-            raise ValueError(f"LoRA adapter {adapter!r}: {module} lacks lora_A or lora_B")
-        r = ab["A"].shape[0]
-        alpha = _pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8))
-        scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
-        deltas[module + ".weight"] = scale * (ab["B"] @ ab["A"])
-    return deltas
+        return m.group(1), m.group(2)
+
+    cfg, pairs = read_adapter_tensors(adapter, split)
+    return {module + ".weight": lora_scale(cfg, module, A.shape[0]) * (B @ A)
+            for module, (A, B) in pairs.items()}
 
 
 def merge_lora(base: str, adapter: str, out: str) -> list[str]:
