@@ -103,7 +103,8 @@ class RequestStream:
                 await self._wake.wait()
 
 
-def _resolve(fut: asyncio.Future, error: BaseException | None, result=None) -> None:
+def resolve_future(fut: asyncio.Future, error: BaseException | None, result=None) -> None:
+    """Event loop thread: settle `fut` with `result` or `error` (no-op if it is done)."""
     if fut.done():  # the handler was cancelled meanwhile (client gone)
         return
     if error is None:
@@ -128,7 +129,42 @@ def call_in_loop(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
         pass
 
 
-class AsyncEngine:
+class EngineFrontend:
+    """What OpenAIServing holds of an engine, shared by AsyncEngine (engine thread in this process)
+    and core_client.EngineCoreClient (engine in its own process). A subclass keeps `_gauges`
+    (refreshed after each step), `_pending_seqs` (sequences queued but not yet in the
+    scheduler), and defines `_queue_add(items, stream, fut)` (hand an add to the engine, which
+    settles `fut`) and `abort(stream)`."""
+
+    _gauges: dict[str, float]
+    _pending_seqs: int
+
+    @property
+    def gauges(self) -> dict[str, float]:
+        """num_running, num_waiting, kv_cache_usage as of the end of the last step."""
+        return self._gauges
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences waiting in the scheduler plus those queued and not yet added to it."""
+        return int(self._gauges["num_waiting"]) + self._pending_seqs
+
+    async def add(self, items: list[tuple[str, dict, SamplingParams]]) -> RequestStream:
+        """Queue engine requests (id, prompt, params) atomically; raises the engine's ValueError."""
+        loop = asyncio.get_running_loop()
+        stream = RequestStream(loop, [rid for rid, _, _ in items])
+        stream.num_seqs = sum(params.n for _, _, params in items)
+        fut = loop.create_future()
+        self._queue_add(items, stream, fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            self.abort(stream)
+            raise
+        return stream
+
+
+class AsyncEngine(EngineFrontend):
     """Runs `engine.step()` continuously in a daemon thread, sleeping while there is no work."""
 
     def __init__(self, engine, metrics: ServerMetrics):
@@ -170,29 +206,9 @@ class AsyncEngine:
         """Whether the engine thread is alive (it may be stuck in a step after stop())."""
         return self._thread.is_alive()
 
-    @property
-    def gauges(self) -> dict[str, float]:
-        """num_running, num_waiting, kv_cache_usage as of the end of the last step."""
-        return self._gauges
-
-    @property
-    def num_waiting(self) -> int:
-        """Sequences waiting in the scheduler plus those still in the inbox."""
-        return int(self._gauges["num_waiting"]) + self._pending_seqs
-
-    async def add(self, items: list[tuple[str, dict, SamplingParams]]) -> RequestStream:
-        """Queue engine requests (id, prompt, params) atomically; raises the engine's ValueError."""
-        loop = asyncio.get_running_loop()
-        stream = RequestStream(loop, [rid for rid, _, _ in items])
-        stream.num_seqs = sum(params.n for _, _, params in items)
-        fut = loop.create_future()
+    def _queue_add(self, items: list[tuple[str, dict, SamplingParams]], stream: RequestStream,
+                   fut: asyncio.Future) -> None:
         self._submit(("add", items, stream, fut), stream.num_seqs)
-        try:
-            await fut
-        except asyncio.CancelledError:
-            self.abort(stream)
-            raise
-        return stream
 
     def abort(self, stream: RequestStream) -> None:
         """Abort all of the stream's requests (no-op for finished ones); frees their pages."""
@@ -292,8 +308,8 @@ class AsyncEngine:
 
     def _apply(self, command: tuple) -> None:
         if command[0] == "reset":
-            fut = command[1]
-            call_in_loop(fut.get_loop(), _resolve, fut, None, self.engine.reset_prefix_cache())
+            fut, cleared = command[1], self.engine.reset_prefix_cache()
+            call_in_loop(fut.get_loop(), resolve_future, fut, None, cleared)
             return
         if command[0] == "abort":
             self.engine.abort_request(command[1])
@@ -321,7 +337,7 @@ class AsyncEngine:
                 self._routes[rid] = stream
                 self._tracks[rid] = _Track(stream.arrival)
                 self.metrics.on_prompt(len(prompt["prompt_token_ids"]))
-        call_in_loop(stream.loop, _resolve, fut, error)
+        call_in_loop(stream.loop, resolve_future, fut, error)
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
@@ -366,7 +382,7 @@ class AsyncEngine:
             commands, self._inbox = self._inbox, []
         for command in commands:
             if command[0] == "add":
-                call_in_loop(command[2].loop, _resolve, command[3], dead)
+                call_in_loop(command[2].loop, resolve_future, command[3], dead)
         for stream in set(self._routes.values()):
             call_in_loop(stream.loop, stream.fail, dead)
         self._routes.clear()

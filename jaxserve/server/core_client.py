@@ -2,8 +2,8 @@
 
 handler --add/abort--> sender thread --pipe--> core process --pipe--> receiver thread
 --call_soon_threadsafe (one per event loop per step)--> RequestMirror.apply + RequestStream.push.
-It has AsyncEngine's interface (add, abort, reset_prefix_cache, gauges, num_waiting, error,
-on_dead), so OpenAIServing does not know which one it holds. If the core process dies (a broken
+It has AsyncEngine's interface (add, gauges and num_waiting from their shared EngineFrontend;
+abort, reset_prefix_cache, error, on_dead), so OpenAIServing does not know which one it holds. If the core process dies (a broken
 engine, the watchdog, or a kill), every in-flight request fails with EngineDeadError and
 `on_dead` runs once (the CLI exits with EXIT_ENGINE_DEAD).
 """
@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from jaxserve.detokenizer import Detokenizer
 from jaxserve.input_processor import InputProcessor
 from jaxserve.sampling_params import SamplingParams
-from jaxserve.server.async_engine import DEAD_MESSAGE, EngineDeadError, RequestFailedError, \
-    RequestStream, call_in_loop
+from jaxserve.server.async_engine import DEAD_MESSAGE, EngineDeadError, EngineFrontend, \
+    RequestFailedError, RequestStream, call_in_loop, resolve_future
 from jaxserve.server.metrics import ServerMetrics
 from jaxserve.server.output_mirror import RequestMirror
 
@@ -52,15 +52,6 @@ def _apply(items: list[tuple[_Route, tuple]]) -> None:
         route.stream.push(rid, route.mirror)
 
 
-def _resolve(fut: asyncio.Future, error: BaseException | None, result=None) -> None:
-    if fut.done():  # the handler was cancelled meanwhile (client gone)
-        return
-    if error is None:
-        fut.set_result(result)
-    else:
-        fut.set_exception(error)
-
-
 _ENV_LOCK = threading.Lock()  # replicas launch from several threads (dp_router)
 PIPE_BYTES = 1 << 20  # Linux's default pipe-max-size: ~16 steps of 1,000 sequences' deltas
 
@@ -72,7 +63,7 @@ def _widen(connection) -> None:
         fcntl.fcntl(connection.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
 
 
-class EngineCoreClient:
+class EngineCoreClient(EngineFrontend):
     """Starts the engine core process (launch), then carries requests to it and deltas back."""
 
     def __init__(self, process, commands, outputs, facts):
@@ -183,41 +174,24 @@ class EngineCoreClient:
         return self.process.is_alive()
 
     @property
-    def gauges(self) -> dict[str, float]:
-        return self._gauges
-
-    @property
     def num_unfinished(self) -> int:
         """Engine requests sent and not finished, failed or aborted (the DP router's load)."""
         return len(self._routes)
 
-    @property
-    def num_waiting(self) -> int:
-        """Sequences waiting in the core's scheduler plus those it has not acknowledged yet."""
-        return int(self._gauges["num_waiting"]) + self._pending_seqs
-
-    async def add(self, items: list[tuple[str, dict, SamplingParams]]) -> RequestStream:
-        """Queue engine requests (id, prompt, params) atomically; raises the engine's ValueError."""
-        loop = asyncio.get_running_loop()
-        stream = RequestStream(loop, [rid for rid, _, _ in items])
-        num_seqs = sum(params.n for _, _, params in items)
-        fut = loop.create_future()
+    def _queue_add(self, items: list[tuple[str, dict, SamplingParams]], stream: RequestStream,
+                   fut: asyncio.Future) -> None:
+        """Route the requests (their mirrors detokenize here) and send them to the core, whose
+        acknowledgement settles `fut` (_on_applied); num_waiting counts them until then."""
         with self._lock:
             if self.error is not None:
                 raise EngineDeadError(DEAD_MESSAGE)
             ticket = next(self._ticket)
-            self._tickets[ticket] = (stream, fut, num_seqs)
-            self._pending_seqs += num_seqs
+            self._tickets[ticket] = (stream, fut, stream.num_seqs)
+            self._pending_seqs += stream.num_seqs
             for rid, prompt, params in items:
                 mirror = RequestMirror(rid, prompt, params, self.detokenizer, stream.arrival)
                 self._routes[rid] = _Route(stream, mirror, stream.arrival)
         self._send(("add", items, stream.arrival, ticket))
-        try:
-            await fut
-        except asyncio.CancelledError:
-            self.abort(stream)
-            raise
-        return stream
 
     def abort(self, stream: RequestStream) -> None:
         """Abort the stream's requests (no-op for finished ones) in the core."""
@@ -265,7 +239,7 @@ class EngineCoreClient:
                     self._on_applied(*message[1:])
                 elif kind == "reset":
                     fut = self._waiters.pop(message[1])
-                    call_in_loop(fut.get_loop(), _resolve, fut, None, message[2])
+                    call_in_loop(fut.get_loop(), resolve_future, fut, None, message[2])
                 else:
                     assert kind == "dead", kind
                     raise EOFError
@@ -294,7 +268,7 @@ class EngineCoreClient:
             if error is not None:
                 exc = ValueError(error)
                 exc.param = param
-            call_in_loop(stream.loop, _resolve, fut, exc if error is not None else None)
+            call_in_loop(stream.loop, resolve_future, fut, exc if error is not None else None)
         self._set_gauges(gauges)
 
     def _on_step(self, deltas: list[tuple], failed: list[str], gauges: tuple) -> None:
@@ -353,10 +327,10 @@ class EngineCoreClient:
             streams = {id(r.stream): r.stream for r in self._routes.values()}
             self._routes.clear()
         for stream, fut, _ in tickets.values():
-            call_in_loop(stream.loop, _resolve, fut, dead)
+            call_in_loop(stream.loop, resolve_future, fut, dead)
             streams.pop(id(stream), None)
         for fut in waiters.values():
-            call_in_loop(fut.get_loop(), _resolve, fut, dead)
+            call_in_loop(fut.get_loop(), resolve_future, fut, dead)
         for stream in streams.values():
             call_in_loop(stream.loop, stream.fail, dead)
         if self.on_dead is not None:
