@@ -101,9 +101,14 @@ class EngineConfig:
     max_model_len: int | None = _opt(None, "context length (default: the model's)")
     tensor_parallel_size: int = _opt(1, "devices to shard the model over", aliases=("-tp",))
     gpu_memory_utilization: float = _opt(0.9, "fraction of device memory for weights and KV cache")
-    max_num_seqs: int = _opt(256, "sequences per step")
-    max_num_batched_tokens: int = _opt(2048, "tokens per step (chunked prefill)")
+    max_num_seqs: int | None = _opt(None, "sequences per step (default: by device, as vLLM: "
+                                    "1024 offline on GPUs with >= 70 GiB, else 256)")
+    max_num_batched_tokens: int | None = _opt(None, "tokens per step, chunked prefill (default: by "
+                                              "device: 16384 offline on GPUs with >= 70 GiB, "
+                                              "else 2048)")
     page_size: int = _opt(16, "tokens per KV page", aliases=("--block-size",))
+    # Who runs the engine: the batch defaults differ (offline throughput vs serving latency).
+    usage_context: str = _opt("llm", "llm (offline LLM) or server (jaxserve serve)", cli=False)
     num_kv_pages: int | None = _opt(None, "KV pages (default: what fits in memory)")
     seed: int = _opt(0, "engine seed (requests without a seed draw from it)")
     load_format: str = _opt("auto", "weight source; dummy = random weights", choices=LOAD_FORMATS)
@@ -165,10 +170,12 @@ class EngineConfig:
             raise ValueError(f"{self.gpu_memory_utilization=} must be in (0, 1]")
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
             raise ValueError(f"{self.page_size=} must be a positive power of two")
-        if self.max_num_seqs < 1:
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ValueError(f"{self.max_num_seqs=} must be >= 1")
-        if self.max_num_batched_tokens < 1:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"{self.max_num_batched_tokens=} must be >= 1")
+        if self.usage_context not in ("llm", "server"):
+            raise ValueError(f"{self.usage_context=} must be 'llm' or 'server'")
         if self.num_kv_pages is not None and self.num_kv_pages < 2:
             raise ValueError(f"{self.num_kv_pages=} must be >= 2")
         if self.max_model_len is not None and self.max_model_len < 1:

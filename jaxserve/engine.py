@@ -48,9 +48,9 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         from jaxserve.startup import build_engine_parts  # imports jax; keeps this module light
 
-        self.config = config
         start = time.perf_counter()
         parts = build_engine_parts(config)
+        self.config = config = parts.config  # batch limits left to the device are filled in
         self.model_config = parts.model_config
         self.model_name = parts.model_name
         self.tokenizer = parts.tokenizer

@@ -4,6 +4,7 @@ The one place that turns an EngineConfig into device state; LLMEngine keeps the 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -35,11 +36,26 @@ class EngineParts:
     num_kv_pages: int
     runner: ModelRunner
     sampling_defaults: dict  # SamplingParams fields from generation_config.json (--generation-config)
+    config: EngineConfig  # the caller's, with the batch limits it left to the device filled in
 
 
 # XLA's own temporaries beyond the estimate above: on the H200 (2026-11-29) dummy Llama-3-8B with
 # max_num_seqs 64 and max_model_len 1024 failed to compile a warm-up step for want of 1018 MiB.
 _XLA_WORKSPACE_BYTES = 2 << 30
+
+
+_LARGE_DEVICE_BYTES = 70 << 30  # vLLM's threshold for its larger batch defaults (H100, H200, MI300)
+
+
+def batch_defaults(config: EngineConfig, device) -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens) where the config leaves them to the device, as vLLM
+    does: offline (`LLM`) on an accelerator with >= 70 GiB, 1024 and 16384; otherwise, and for the
+    server (which keeps a smaller step for latency: issue 14), 256 and 2048."""
+    big = (config.usage_context == "llm" and device.platform != "cpu"
+           and (device.memory_stats() or {}).get("bytes_limit", 0)
+           >= _LARGE_DEVICE_BYTES * config.gpu_memory_utilization)
+    seqs, tokens = (1024, 16384) if big else (256, 2048)
+    return (config.max_num_seqs or seqs, config.max_num_batched_tokens or tokens)
 
 
 def num_kv_pages_for(config: EngineConfig, model_config: ModelConfig, dtype, max_model_len: int,
@@ -179,6 +195,11 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
 
     tp = config.tensor_parallel_size
     mesh = make_mesh(tp)
+    seqs, tokens = batch_defaults(config, mesh.devices.flat[0])
+    if (seqs, tokens) != (config.max_num_seqs, config.max_num_batched_tokens):
+        logger.info("max_num_seqs=%d, max_num_batched_tokens=%d (the device's defaults where not "
+                    "set)", seqs, tokens)
+        config = dataclasses.replace(config, max_num_seqs=seqs, max_num_batched_tokens=tokens)
     rules = ShardingRules()
     loaded = load_model(config.model, load_format=config.load_format, dtype=config.dtype,
                         tensor_parallel_size=tp, mesh=mesh, rules=rules,
@@ -220,4 +241,5 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     return EngineParts(model_config=mc, model_name=loaded.model_name, tokenizer=loaded.tokenizer,
                        chat_template=loaded.chat_template, eos_token_ids=loaded.eos_token_ids,
                        max_model_len=max_model_len, num_kv_pages=num_pages, runner=runner,
-                       sampling_defaults=sampling_defaults(config, loaded.generation_config))
+                       sampling_defaults=sampling_defaults(config, loaded.generation_config),
+                       config=config)

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = """
 import os, jax
 from jaxserve.startup import reserve_device_memory
@@ -32,3 +34,31 @@ def test_a_user_fraction_wins():
 
 def test_too_late_once_the_backend_runs():
     assert _run(before="jax.devices()") == "None"
+
+
+class _Device:
+    def __init__(self, platform: str, bytes_limit: int | None):
+        self.platform, self._limit = platform, bytes_limit
+
+    def memory_stats(self):
+        return None if self._limit is None else {"bytes_limit": self._limit}
+
+
+def test_batch_defaults_by_device():
+    """vLLM's defaults: offline on an accelerator with >= 70 GiB (at gpu_memory_utilization of it),
+    1024 sequences and 16384 tokens a step; the server, smaller devices and CPUs 256 and 2048;
+    what the user set is kept."""
+    from jaxserve.config import EngineConfig
+    from jaxserve.startup import batch_defaults
+
+    h200 = _Device("gpu", int(0.9 * (139 << 30)))  # JAX's limit there: 0.9 of the device
+    a10 = _Device("gpu", int(0.9 * (22 << 30)))
+    assert batch_defaults(EngineConfig(), h200) == (1024, 16384)
+    assert batch_defaults(EngineConfig(usage_context="server"), h200) == (256, 2048)
+    assert batch_defaults(EngineConfig(), a10) == (256, 2048)
+    assert batch_defaults(EngineConfig(), _Device("cpu", 1 << 40)) == (256, 2048)
+    assert batch_defaults(EngineConfig(), _Device("gpu", None)) == (256, 2048)
+    assert batch_defaults(EngineConfig(max_num_seqs=64), h200) == (64, 16384)
+    assert batch_defaults(EngineConfig(max_num_batched_tokens=512), a10) == (256, 512)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        EngineConfig(max_num_seqs=0)

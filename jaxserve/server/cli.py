@@ -233,7 +233,8 @@ def serve(args: argparse.Namespace) -> int:
     from jaxserve.server.openai import build_app
 
     config, http = server_config(args), http_options(args)
-    engine_config = EngineConfig(model=args.model_flag or args.model, **engine_kwargs(args))
+    engine_config = EngineConfig(model=args.model_flag or args.model, usage_context="server",
+                                 **engine_kwargs(args))
     multihost = DistributedConfig.from_env(nnodes=args.nnodes, node_rank=args.node_rank,
                                            master_addr=args.master_addr,
                                            master_port=args.master_port)
