@@ -34,7 +34,6 @@ _LINE = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<type>\(.*?\)
                    r"(?P<op>" + "|".join(COLLECTIVES) + r")(?P<suffix>-start)?\(")
 _SHAPE = re.compile(r"(?P<dtype>[a-z]+\d*[a-z\d]*)\[(?P<dims>[\d,]*)\]")
 _OP_NAME = re.compile(r'op_name="(?P<op_name>[^"]*)"')
-_SOURCE = re.compile(r'source_file="(?P<file>[^"]*)"\s+source_line=(?P<line>\d+)')
 
 TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 512,
         "intermediate_size": 1408, "num_hidden_layers": 2, "num_attention_heads": 8,
@@ -50,7 +49,7 @@ class Collective:
     op: str  # all-reduce, all-gather, ...
     shapes: tuple[tuple[str, tuple[int, ...]], ...]  # (dtype, dims) of each result array
     op_name: str  # the JAX op path from metadata ("" when XLA made it without one)
-    source: str  # file:line of the Python that produced it ("" if unknown)
+    inside: str = ""  # "conditional" / "while" if it runs inside one's branch or body, else ""
 
     @property
     def nbytes(self) -> int:
@@ -58,27 +57,80 @@ class Collective:
                    for dt, dims in self.shapes)
 
     @property
+    def num_elements(self) -> int:
+        """Elements of the largest result array."""
+        return max((int(np.prod(dims, dtype=np.int64)) for _, dims in self.shapes), default=0)
+
+    @property
     def shape_text(self) -> str:
         return ", ".join(f"{dt}[{','.join(map(str, dims))}]" for dt, dims in self.shapes)
 
 
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%(?P<name>[\w.\-]+)\s*\(")
+_CALLEES = re.compile(r"(?P<kind>branch_computations|calls|to_apply|body|condition|"
+                      r"called_computations)=(?P<names>\{[^}]*\}|%[\w.\-]+)")
+
+
+def _computations(hlo_text: str) -> dict[str, list[str]]:
+    """Computation name -> its instruction lines ("__entry__" also names the ENTRY one)."""
+    comps: dict[str, list[str]] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        m = _COMPUTATION.match(line)
+        if m is not None and line.rstrip().endswith("{"):
+            current = comps.setdefault(m["name"], [])
+            if line.startswith("ENTRY"):
+                comps["__entry__"] = current
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            current.append(line)
+    return comps
+
+
+def _control_flow_scopes(comps: dict[str, list[str]]) -> dict[str, str]:
+    """Computation -> "conditional" / "while" for every computation that runs inside a
+    conditional's branch or a while loop's body/condition (transitively)."""
+    edges: dict[str, list[tuple[str, str]]] = {}
+    for name, lines in comps.items():
+        for line in lines:
+            for m in _CALLEES.finditer(line):
+                kind = {"branch_computations": "conditional", "body": "while",
+                        "condition": "while"}.get(m["kind"], "")
+                for callee in re.findall(r"%([\w.\-]+)", m["names"]):
+                    edges.setdefault(name, []).append((callee, kind))
+    scope: dict[str, str] = {}
+    stack = [(c, k) for lines in edges.values() for c, k in lines if k]
+    while stack:
+        name, kind = stack.pop()
+        if name in scope:
+            continue
+        scope[name] = kind
+        stack.extend((c, k or kind) for c, k in edges.get(name, []))
+    return scope
+
+
 def parse_collectives(hlo_text: str) -> list[Collective]:
     """Every collective instruction in an HLO module's text (async pairs counted once, at -start;
-    for an async start the result tuple holds the operand too, so only its last array counts)."""
+    an async start's result tuple holds its operands too, so only the second half counts)."""
+    comps = _computations(hlo_text)
+    scopes = _control_flow_scopes(comps)
     found = []
-    for line in hlo_text.splitlines():
-        m = _LINE.match(line)
-        if m is None:
+    for name, lines in comps.items():
+        if name == "__entry__":
             continue
-        shapes = tuple((s["dtype"], tuple(int(d) for d in s["dims"].split(",") if d))
-                       for s in _SHAPE.finditer(m["type"]))
-        if m["suffix"] and len(shapes) > 1:
-            shapes = shapes[len(shapes) // 2:]  # ((operands...), (results...)): keep results
-        op_name = _OP_NAME.search(line)
-        source = _SOURCE.search(line)
-        found.append(Collective(
-            op=m["op"], shapes=shapes, op_name=op_name["op_name"] if op_name else "",
-            source=f"{source['file'].rsplit('/', 1)[-1]}:{source['line']}" if source else ""))
+        for line in lines:
+            m = _LINE.match(line)
+            if m is None:
+                continue
+            shapes = tuple((s["dtype"], tuple(int(d) for d in s["dims"].split(",") if d))
+                           for s in _SHAPE.finditer(m["type"]))
+            if m["suffix"] and len(shapes) > 1:
+                shapes = shapes[len(shapes) // 2:]  # ((operands...), (results...)): results
+            op_name = _OP_NAME.search(line)
+            found.append(Collective(op=m["op"], shapes=shapes,
+                                    op_name=op_name["op_name"] if op_name else "",
+                                    inside=scopes.get(name, "")))
     return found
 
 
@@ -123,15 +175,17 @@ def summarize(collectives: list[Collective]) -> list[tuple[Collective, int]]:
     return sorted(counts.items(), key=lambda kv: (-kv[0].nbytes, kv[0].op, kv[0].op_name))
 
 
-def print_table(collectives: list[Collective], *, width: int = 110) -> None:
+def print_table(collectives: list[Collective], *, width: int = 100) -> None:
     rows = summarize(collectives)
-    print(f"{'count':>5}  {'op':<18} {'shape':<28} {'bytes':>12}  source / op_name")
+    print(f"{'count':>5}  {'op':<18} {'shape':<30} {'bytes':>12}  {'inside':<11} op_name")
     for c, n in rows:
-        where = f"{c.source} {c.op_name}".strip()
-        print(f"{n:>5}  {c.op:<18} {c.shape_text:<28} {c.nbytes:>12,}  {where[:width]}")
+        print(f"{n:>5}  {c.op:<18} {c.shape_text:<30} {c.nbytes:>12,}  {c.inside or '-':<11} "
+              f"{c.op_name[:width]}")
     total = sum(c.nbytes for c in collectives)
     by_op = Counter(c.op for c in collectives)
-    print(f"total: {len(collectives)} collectives ({dict(by_op)}), {total:,} bytes per step")
+    in_flow = sum(bool(c.inside) for c in collectives)
+    print(f"total: {len(collectives)} collectives ({dict(by_op)}), {total:,} bytes per step; "
+          f"{in_flow} inside a conditional or loop")
 
 
 def main(argv=None) -> None:
