@@ -3,6 +3,7 @@
 with linear rope scaling; no soft caps. Also the 4.x config spelling and the multimodal refusal."""
 import pytest
 import transformers
+from compare import check_sharded_matches_single
 from fixtures import check_against_hf, make_hf_model, save_hf_checkpoint
 
 from jaxserve.weights import load_model
@@ -63,8 +64,6 @@ def test_tensor_parallel_matches_single_device(gemma3):
     """4 model shards over 2 kv heads (each replicated twice): the per-layer configs keep the
     replication, and the sharded q/k norms and windows give the single-device logits."""
     import jax
-    import numpy as np
-    from fixtures import Driver
 
     from jaxserve.sharding import make_mesh
 
@@ -74,11 +73,4 @@ def test_tensor_parallel_matches_single_device(gemma3):
     sharded = load_model(loaded.model_name, dtype="float32", tensor_parallel_size=4,
                          mesh=make_mesh(4))
     assert sharded.config.layer_config(0).kv_replication == 2
-    prompts = [list(range(3, 23)), [5, 9, 200]]
-    with jax.set_mesh(sharded.mesh):
-        got = Driver(sharded, 2).greedy(prompts, 4)
-    want = Driver(loaded, 2).greedy(prompts, 4)
-    for b in range(2):
-        np.testing.assert_allclose(got[0][b], want[0][b], atol=1e-4, rtol=0)
-    np.testing.assert_allclose(np.stack(got[1]), np.stack(want[1]), atol=1e-4, rtol=0)
-    assert got[2] == want[2]
+    check_sharded_matches_single(sharded, loaded)

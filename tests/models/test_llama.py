@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import transformers
 from flax import nnx
-from fixtures import Driver, check_against_hf, make_hf_model, save_hf_checkpoint
+from compare import check_sharded_matches_single
+from fixtures import check_against_hf, make_hf_model, save_hf_checkpoint
 
 from jaxserve.sharding import make_mesh
 from jaxserve.weights import load_model
@@ -68,14 +69,7 @@ def test_tensor_parallel_matches_single_device(llama, loaded, tp):
     assert sharded.config.kv_replication == max(1, tp // 2)
     q = dict(nnx.to_flat_state(sharded.state))[("layers", 0, "attn", "q_proj")].get_value()
     assert len(q.sharding.device_set) == tp
-    prompts = [list(range(3, 23)), [5, 9, 200]]
-    with jax.set_mesh(sharded.mesh):
-        got = Driver(sharded, 2).greedy(prompts, 4)
-    want = Driver(loaded, 2).greedy(prompts, 4)
-    for b in range(2):
-        np.testing.assert_allclose(got[0][b], want[0][b], atol=1e-4, rtol=0)
-    np.testing.assert_allclose(np.stack(got[1]), np.stack(want[1]), atol=1e-4, rtol=0)
-    assert got[2] == want[2]
+    check_sharded_matches_single(sharded, loaded)
 
 
 def test_bfloat16_checkpoint_auto_dtype(llama, tmp_path):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from fixtures import Driver, check_against_hf, make_hf_model, save_hf_checkpoint
+from compare import check_sharded_matches_single
+from fixtures import check_against_hf, make_hf_model, save_hf_checkpoint
 from flax import nnx
 
 from jaxserve.sharding import make_mesh
@@ -97,14 +98,7 @@ def test_expert_parallel_matches_single_device(mixtral, tp):
     sharded = load_model(path, dtype="float32", tensor_parallel_size=tp, mesh=make_mesh(tp))
     up = dict(nnx.to_flat_state(sharded.state))[("layers", 0, "mlp", "up_proj")].get_value()
     assert up.sharding.shard_shape(up.shape)[0] == 4 // tp  # whole experts per device
-    prompts = [list(range(3, 23)), [5, 9, 200]]
-    with jax.set_mesh(sharded.mesh):
-        got = Driver(sharded, 2).greedy(prompts, 4)
-    want = Driver(loaded, 2).greedy(prompts, 4)
-    for b in range(2):
-        np.testing.assert_allclose(got[0][b], want[0][b], atol=1e-4, rtol=0)
-    np.testing.assert_allclose(np.stack(got[1]), np.stack(want[1]), atol=1e-4, rtol=0)
-    assert got[2] == want[2]
+    check_sharded_matches_single(sharded, loaded)
 
 
 def preset_param_counts(name: str) -> tuple[int, int]:
