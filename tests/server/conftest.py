@@ -98,6 +98,32 @@ def start_cli(model_dir: Path, *flags: str, env: dict[str, str] | None = None,
             time.sleep(0.2)
 
 
+@contextlib.contextmanager
+def serve_in_thread(engine, thread_name: str = "uvicorn", on_dead=None):
+    """build_app over `engine` (an LLMEngine, EngineCoreClient or DataParallelClient) served by
+    uvicorn in a daemon thread on a free 127.0.0.1 port; yields (base_url, app) once it listens,
+    and on exit asks the server to stop and joins its thread (the engine is the caller's)."""
+    from jaxserve.server.cli import make_server
+    from jaxserve.server.openai import build_app
+    from jaxserve.server.serving import ServerConfig
+
+    app = build_app(engine, ServerConfig(served_model_names=(MODEL,)), on_dead=on_dead)
+    port = free_port()
+    server = make_server(app, host="127.0.0.1", port=port, drain_timeout=5,
+                         log_level="warning", access_log=False)
+    thread = threading.Thread(target=server.run, name=thread_name, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_server_llama"))
@@ -106,27 +132,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def served(tiny_model_dir):
     from jaxserve import LLM, SamplingParams
-    from jaxserve.server.cli import make_server
-    from jaxserve.server.openai import build_app
-    from jaxserve.server.serving import ServerConfig
 
     llm = LLM(str(tiny_model_dir), **ENGINE_KW)
     params = SamplingParams(temperature=0.0, max_tokens=LOAD_MAX_TOKENS)
     outs = llm.generate(LOAD_PROMPTS, params, use_tqdm=False)  # also compiles the batch buckets
     reference = {p: o.outputs[0].text for p, o in zip(LOAD_PROMPTS, outs)}
-    app = build_app(llm.llm_engine, ServerConfig(served_model_names=(MODEL,)))
-    port = free_port()
-    server = make_server(app, host="127.0.0.1", port=port, drain_timeout=5,
-                         log_level="warning", access_log=False)
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    yield Served(f"http://127.0.0.1:{port}", app, tiny_model_dir, reference)
-    server.should_exit = True
-    thread.join(10)
+    with serve_in_thread(llm.llm_engine) as (base_url, app):
+        yield Served(base_url, app, tiny_model_dir, reference)
 
 
 @pytest.fixture

@@ -19,34 +19,19 @@ import httpx
 import pytest
 
 from jaxserve.server.dp_router import DataParallelClient, replica_env
-from tests.server.conftest import ENGINE_KW, LOAD_MAX_TOKENS, LOAD_PROMPTS, MODEL, free_port
+from tests.server.conftest import ENGINE_KW, LOAD_MAX_TOKENS, LOAD_PROMPTS, MODEL, serve_in_thread
 
 
 @pytest.fixture(scope="module")
 def dp_served(served):
     """A server over DataParallelClient with 2 replicas; yields (base_url, client, dead list)."""
     from jaxserve.config import EngineConfig
-    from jaxserve.server.cli import make_server
-    from jaxserve.server.openai import build_app
-    from jaxserve.server.serving import ServerConfig
 
     client = DataParallelClient.launch(EngineConfig(model=str(served.model_dir),
                                                     data_parallel_size=2, **ENGINE_KW))
     dead: list = []
-    app = build_app(client, ServerConfig(served_model_names=(MODEL,)),
-                    on_dead=lambda: dead.append(True))
-    port = free_port()
-    server = make_server(app, host="127.0.0.1", port=port, drain_timeout=5,
-                         log_level="warning", access_log=False)
-    thread = threading.Thread(target=server.run, name="uvicorn-dp", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", client, dead
-    server.should_exit = True
-    thread.join(10)
+    with serve_in_thread(client, "uvicorn-dp", on_dead=lambda: dead.append(True)) as (base, _):
+        yield base, client, dead
     client.stop()
 
 

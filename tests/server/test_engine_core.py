@@ -26,7 +26,7 @@ from jaxserve.server import faults
 from jaxserve.server.async_engine import RequestStream
 from jaxserve.server.cli import EXIT_ENGINE_DEAD
 from tests.server.conftest import (ENGINE_KW, LOAD_MAX_TOKENS, LOAD_PROMPTS, MODEL, Served,
-                                   free_port, override, start_cli)
+                                   override, serve_in_thread, start_cli)
 
 NUM_STREAMS = 200
 
@@ -35,10 +35,7 @@ NUM_STREAMS = 200
 def core_served(served):
     """A server whose engine runs in a core process (served.reference: the offline texts)."""
     from jaxserve.config import EngineConfig
-    from jaxserve.server.cli import make_server
     from jaxserve.server.core_client import EngineCoreClient
-    from jaxserve.server.openai import build_app
-    from jaxserve.server.serving import ServerConfig
 
     os.environ[faults.ENV] = "raise:POISON"  # the core process inherits it
     try:
@@ -46,20 +43,8 @@ def core_served(served):
     finally:
         del os.environ[faults.ENV]
     dead = []
-    app = build_app(client, ServerConfig(served_model_names=(MODEL,)),
-                    on_dead=lambda: dead.append(True))
-    port = free_port()
-    server = make_server(app, host="127.0.0.1", port=port, drain_timeout=5,
-                         log_level="warning", access_log=False)
-    thread = threading.Thread(target=server.run, name="uvicorn-core", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
-    yield Served(f"http://127.0.0.1:{port}", app, served.model_dir, served.reference)
-    server.should_exit = True
-    thread.join(10)
+    with serve_in_thread(client, "uvicorn-core", on_dead=lambda: dead.append(True)) as (base, app):
+        yield Served(base, app, served.model_dir, served.reference)
     client.stop()
     assert not dead and not client.running
 
