@@ -98,6 +98,22 @@ def start_cli(model_dir: Path, *flags: str, env: dict[str, str] | None = None,
             time.sleep(0.2)
 
 
+def core_pids(server_pid: int) -> list[int]:
+    """The server's spawned engine cores (its children running multiprocessing's spawn_main)."""
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if ppid == server_pid and b"spawn_main" in cmdline:
+            pids.append(int(entry))
+    return pids
+
+
 @contextlib.contextmanager
 def serve_in_thread(engine, thread_name: str = "uvicorn", on_dead=None):
     """build_app over `engine` (an LLMEngine, EngineCoreClient or DataParallelClient) served by

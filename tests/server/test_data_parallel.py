@@ -19,7 +19,8 @@ import httpx
 import pytest
 
 from jaxserve.server.dp_router import DataParallelClient, replica_env
-from tests.server.conftest import ENGINE_KW, LOAD_MAX_TOKENS, LOAD_PROMPTS, MODEL, serve_in_thread
+from tests.server.conftest import (ENGINE_KW, LOAD_MAX_TOKENS, LOAD_PROMPTS, MODEL, core_pids,
+                                   serve_in_thread)
 
 
 @pytest.fixture(scope="module")
@@ -206,22 +207,6 @@ def test_data_parallel_size_is_refused_by_one_engine():
         build_engine_parts(EngineConfig(model=None, data_parallel_size=2))
 
 
-def _core_pids(server_pid: int) -> list[int]:
-    """The server's spawned engine cores (children running multiprocessing's spawn_main)."""
-    pids = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if ppid == server_pid and b"spawn_main" in cmdline:
-            pids.append(int(entry))
-    return pids
-
-
 def test_cli_serves_on_a_survivor_and_exits_3_without_replicas(tiny_model_dir):
     """`jaxserve serve --data-parallel-size 2`: two cores; one killed, it still answers; both
     killed, it exits EXIT_ENGINE_DEAD."""
@@ -230,7 +215,7 @@ def test_cli_serves_on_a_survivor_and_exits_3_without_replicas(tiny_model_dir):
 
     proc, base = start_cli(tiny_model_dir, "--data-parallel-size", "2")
     try:
-        pids = _core_pids(proc.pid)
+        pids = core_pids(proc.pid)
         assert len(pids) == 2, pids
         os.kill(pids[0], signal.SIGKILL)
         time.sleep(1.0)

@@ -26,7 +26,7 @@ from jaxserve.server import faults
 from jaxserve.server.async_engine import RequestStream
 from jaxserve.server.cli import EXIT_ENGINE_DEAD
 from tests.server.conftest import (ENGINE_KW, LOAD_MAX_TOKENS, LOAD_PROMPTS, MODEL, Served,
-                                   override, serve_in_thread, start_cli)
+                                   core_pids, override, serve_in_thread, start_cli)
 
 NUM_STREAMS = 200
 
@@ -183,23 +183,6 @@ def test_full_waiting_queue_answers_503(core_served):
     print(f"waiting bound 4: {len(done)} served, {len(refused)} refused")
 
 
-def _core_pid(server_pid: int) -> int:
-    """The spawned engine core: the server's child running multiprocessing's spawn_main."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if ppid == server_pid and b"spawn_main" in cmdline:
-            return int(entry)
-    raise AssertionError("no engine core process")
-
-
 def _read_stream(base: str, started: threading.Event, results: list) -> None:
     body = {"prompt": "Once upon a time", "max_tokens": 120, "n": 2, "stream": True,
             "ignore_eos": True}
@@ -223,7 +206,9 @@ def test_killed_core_fails_open_streams_and_the_server_exits(tiny_model_dir):
             t.start()
         for ev in events:
             assert ev.wait(60)
-        os.kill(_core_pid(proc.pid), signal.SIGKILL)
+        pids = core_pids(proc.pid)
+        assert pids, "no engine core process"
+        os.kill(pids[0], signal.SIGKILL)
         for t in threads:
             t.join(30)
         code = proc.wait(30)
