@@ -11,7 +11,10 @@ with fake devices in seconds:
     python -m benchmarks.tp_collectives --model llama-3-8b --tensor-parallel-size 2
   python -m benchmarks.tp_collectives --model tiny --tensor-parallel-size 2 --num-tokens 8
 
-On a GPU host (no flags) it compiles for the GPUs themselves; --dump-hlo FILE keeps the text.
+On a GPU host (no flags) it compiles for the GPUs themselves; --dump-hlo FILE keeps the text;
+--time STEPS runs the step on zero weights and prints the launch time and the time per step
+(a launch as long as the step = the host waited for the device); --vocab-split-sampler
+restores the sampler over vocab-split logits for an A/B.
 Expected per decoder layer: 2 all-reduces of [T, D] (after o_proj and down_proj), plus for the
 logits / sampler at most [B, V]-sized ones.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import time
 from collections import Counter
 
 import jax
@@ -134,11 +138,43 @@ def parse_collectives(hlo_text: str) -> list[Collective]:
     return found
 
 
+def unexpected(collectives: list[Collective], *, tokens: int, hidden: int, rows: int,
+               vocab: int, num_layers: int, max_logprobs: int = 20) -> list[str]:
+    """What the step should not hold at tensor parallelism, one line each (empty = as intended):
+    all-reduces only of [tokens, hidden] activations, 2 per layer + 1 for the vocab-split
+    embedding lookup; at most one all-to-all, moving the [rows, vocab] logits to whole rows per
+    shard for the sampler; all-gathers only of the sampler's per-row outputs (<= rows x
+    max_logprobs elements); nothing else, and no collective inside a conditional or loop (XLA:GPU
+    reads such a conditional's predicate on the host: the launch waits for the device). A
+    gathered weight, KV page array or lm_head breaks the size rules."""
+    bad = []
+    reduces = [c for c in collectives if c.op == "all-reduce"]
+    if len(reduces) != 2 * num_layers + 1:
+        bad.append(f"{len(reduces)} all-reduces, expected 2 x {num_layers} layers + 1 (embed)")
+    for c in collectives:
+        sizes = [int(np.prod(dims, dtype=np.int64)) for _, dims in c.shapes]
+        if c.inside:
+            bad.append(f"{c.op} {c.shape_text} inside a {c.inside}: {c.op_name}")
+        if c.op == "all-reduce" and any(dims != (tokens, hidden) for _, dims in c.shapes):
+            bad.append(f"all-reduce {c.shape_text} is not [{tokens}, {hidden}]: {c.op_name}")
+        elif c.op == "all-gather" and c.num_elements > rows * max_logprobs:
+            bad.append(f"all-gather {c.shape_text} > {rows} x {max_logprobs}: {c.op_name}")
+        elif c.op == "all-to-all" and sum(sizes) > rows * vocab:
+            bad.append(f"all-to-all {c.shape_text} > [{rows}, {vocab}]: {c.op_name}")
+        elif c.op not in ("all-reduce", "all-gather", "all-to-all"):
+            bad.append(f"{c.op} {c.shape_text}: {c.op_name}")
+    if sum(c.op == "all-to-all" for c in collectives) > 1:
+        bad.append("more than one all-to-all")
+    return bad
+
+
 def abstract_runner(hf_config: dict, *, tensor_parallel_size: int, dtype: str = "bfloat16",
                     num_pages: int = 256, page_size: int = 16, max_model_len: int = 1024,
-                    max_num_seqs: int = 8, attention_backend: str = "auto"):
+                    max_num_seqs: int = 8, attention_backend: str = "auto",
+                    materialize: bool = False):
     """A ModelRunner whose state and KV cache are ShapeDtypeStructs placed as the engine places
-    them (weights.abstract_model, kv_cache_sharding): it lowers and compiles, never runs."""
+    them (weights.abstract_model, kv_cache_sharding): it lowers and compiles, never runs.
+    materialize: zero arrays on those shardings instead, so the steps can run (--time)."""
     from jaxserve.kv_cache import KVCache
     from jaxserve.runner import ModelRunner
     from jaxserve.sharding import ShardingRules, kv_cache_sharding, make_mesh
@@ -155,6 +191,10 @@ def abstract_runner(hf_config: dict, *, tensor_parallel_size: int, dtype: str = 
     page = jax.ShapeDtypeStruct((num_pages, page_size, config.num_kv_heads, config.head_dim),
                                 jnp.dtype(dtype), sharding=kv_cache_sharding(mesh, rules))
     kv = KVCache(k=[page] * config.num_layers, v=[page] * config.num_layers)
+    if materialize:
+        zeros = jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (state, kv)),
+                        out_shardings=jax.tree.map(lambda a: a.sharding, (state, kv)))
+        state, kv = zeros()
     impl = attention_impl_for(attention_backend, jnp.dtype(dtype))
     runner = ModelRunner(graphdef, state, kv, vocab_size=config.vocab_size,
                          max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_seqs,
@@ -167,6 +207,24 @@ def step_hlo(runner, num_tokens: int, full_sampler: bool = False) -> str:
     t_pad = runner.bucket_for(num_tokens)
     args, prompt_k = runner._inputs(runner._padding_batch(t_pad), full_sampler=full_sampler)
     return runner._lower(args, prompt_k).compile().as_text()
+
+
+def time_steps(runner, num_tokens: int, steps: int) -> tuple[float, float]:
+    """(median ms until runner.dispatch returns, ms per step over `steps` back-to-back
+    dispatches) of a padding step: a launch that takes as long as the step means the launching
+    thread waited for the device (nothing overlaps the host's work then)."""
+    batch = runner._padding_batch(runner.bucket_for(num_tokens))
+    for _ in range(3):  # compile and warm
+        runner.fetch(runner.dispatch(batch))
+    launches, handles = [], []
+    start = time.perf_counter()
+    for _ in range(steps):
+        t = time.perf_counter()
+        handles.append(runner.dispatch(batch))
+        launches.append(time.perf_counter() - t)
+    jax.block_until_ready([h.out for h in handles])
+    total = time.perf_counter() - start
+    return 1e3 * float(np.median(launches)), 1e3 * total / steps
 
 
 def summarize(collectives: list[Collective]) -> list[tuple[Collective, int]]:
@@ -199,7 +257,15 @@ def main(argv=None) -> None:
     p.add_argument("--full-sampler", action="store_true", help="the full sampler variant")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--dump-hlo", default=None, help="write the optimized HLO text here")
+    p.add_argument("--time", type=int, default=0, metavar="STEPS",
+                   help="also run STEPS steps on zero weights: launch ms and ms per step")
+    p.add_argument("--vocab-split-sampler", action="store_true",
+                   help="A/B: sample over the vocab-split logits as before (no rows_parallel)")
     a = p.parse_args(argv)
+    if a.vocab_split_sampler:
+        import jaxserve.runner
+
+        jaxserve.runner.rows_parallel = lambda fn: fn
     if a.model == "tiny":
         hf = dict(TINY)
     else:
@@ -213,7 +279,8 @@ def main(argv=None) -> None:
         hf["num_hidden_layers"] = a.num_layers
     runner, cfg = abstract_runner(hf, tensor_parallel_size=a.tensor_parallel_size, dtype=a.dtype,
                                   max_num_seqs=max(8, a.num_tokens),
-                                  attention_backend=a.attention_backend)
+                                  attention_backend=a.attention_backend,
+                                  materialize=a.time > 0)
     text = step_hlo(runner, a.num_tokens, a.full_sampler)
     if a.dump_hlo:
         with open(a.dump_hlo, "w") as f:
@@ -222,7 +289,17 @@ def main(argv=None) -> None:
           f"F={cfg.intermediate_size} V={cfg.vocab_size} L={cfg.num_layers}, "
           f"TP={a.tensor_parallel_size}, bucket {runner.bucket_for(a.num_tokens)} tokens, "
           f"attention={runner.attention_impl}, backend={jax.default_backend()}")
-    print_table(parse_collectives(text))
+    found = parse_collectives(text)
+    print_table(found)
+    rows = runner._rows_for(runner.bucket_for(a.num_tokens))
+    bad = unexpected(found, tokens=runner.bucket_for(a.num_tokens), hidden=cfg.hidden_size,
+                     rows=rows, vocab=cfg.vocab_size, num_layers=cfg.num_layers,
+                     max_logprobs=runner.max_logprobs) if a.tensor_parallel_size > 1 else [
+        f"{c.op} {c.shape_text} at TP=1" for c in found]
+    print("as intended" if not bad else "UNEXPECTED:\n  " + "\n  ".join(bad))
+    if a.time:
+        launch, step = time_steps(runner, a.num_tokens, a.time)
+        print(f"launch {launch:.2f} ms (median), {step:.2f} ms per step over {a.time} steps")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from jaxserve.kv_cache import AttentionMetadata, KVCache
 from jaxserve.logits_processors import read_history
 from jaxserve.lora import NO_LORA_SLOT
 from jaxserve.sampler import SamplerOutput, SamplingMetadata, sample
+from jaxserve.sharding import replicated, rows_parallel, shard
 from jaxserve.sampling_inputs import PenaltyInputs, SamplingInputs, pad_to, pow2_at_least
 from jaxserve.token_controls import TokenInputs
 
@@ -83,11 +84,14 @@ def _forward(graphdef, state, kv_cache: KVCache, history, prev_tokens, token_ids
     model = nnx.merge(graphdef, state)
     token_ids = jnp.where(token_src >= 0, prev_tokens[jnp.maximum(token_src, 0)], token_ids)
     hidden, kv_cache = model(token_ids, md, kv_cache)
-    logits = model.compute_logits(hidden[logits_idx])
+    # Pinned shardings: a deferred step's sample executable (one per row count) takes these from
+    # forward executables of several token buckets, which left alone could differ at TP > 1.
+    logits = shard(model.compute_logits(hidden[logits_idx]), "batch", "vocab")
     ids = None
     if pen is not None:
         history, ids = read_history(history, pen.token_slot, pen.row_slot, token_ids, md,
                                     logits.shape[-1])
+        ids = replicated(ids)
     prompt = None
     if prompt_logprobs_k >= 0:
         with jax.named_scope("prompt_logprobs"):
@@ -102,8 +106,11 @@ def _sample(logits, smd: SamplingMetadata, history_ids, prev_tokens):
     """The sampling part: (SamplerOutput, tokens padded to prev_tokens' size)."""
     if history_ids is not None:
         smd = dataclasses.replace(smd, history_ids=history_ids)
-    out = sample(logits, smd)
-    return out, jnp.zeros_like(prev_tokens).at[:out.token_ids.shape[0]].set(out.token_ids)
+    # Vocab-split logits (_forward: never the lm_head gathered) sampled by whole rows per model
+    # shard: no collective inside the sampler's lax.conds (benchmarks/tp_collectives.py).
+    out = jax.tree.map(replicated, rows_parallel(sample)(logits, smd))
+    return out, replicated(jnp.zeros_like(prev_tokens).at[:out.token_ids.shape[0]].set(
+        out.token_ids))
 
 
 def _step(graphdef, state, kv_cache: KVCache, history, prev_tokens, token_ids, token_src,
@@ -163,7 +170,10 @@ class ModelRunner:
         self._jit_forward = jax.jit(_forward, static_argnames=("graphdef", "prompt_logprobs_k"),
                                     donate_argnames=("kv_cache", "history"))
         self._jit_sample = jax.jit(_sample)
-        self._prev_tokens = jnp.zeros(self.max_rows, jnp.int32)  # last step's sampled tokens
+        # Last step's sampled tokens, replicated on the mesh as each step returns them (an array
+        # on one device would not lower for the background compile of deferred steps at TP > 1).
+        with self._mesh_context():
+            self._prev_tokens = jax.jit(lambda: replicated(jnp.zeros(self.max_rows, jnp.int32)))()
         self.sampling = SamplingInputs(vocab_size=vocab_size, max_num_seqs=max_num_seqs,
                                        max_model_len=max_model_len,
                                        max_logprobs=self.max_logprobs,
@@ -311,14 +321,20 @@ class ModelRunner:
         try:
             for t_pad in self.buckets:
                 args, prompt_k = self._inputs(self._padding_batch(t_pad), full_sampler=True)
+                if history is None:  # _inputs allocated it (the first penalty inputs)
+                    h = self.sampling.history
+                    history = jax.ShapeDtypeStruct(h.shape, h.dtype, sharding=h.sharding)
                 fwd_args = args[:5] + args[6:]
                 with self._mesh_context():
                     lowered = self._jit_forward.lower(self.graphdef, state, kv_cache, history,
                                                       prev_tokens, *fwd_args, prompt_k)
                 key = self._key(fwd_args, prompt_k, "forward")
-                if key not in self._executables:
-                    self._compile(key, lowered)
-                logits, ids = lowered.out_info[:2]
+                forward = self._executables.get(key) or self._compile(key, lowered)
+                # out_info carries no shardings; the sample step must take the forward's
+                # (left to the compiler, they differed at TP > 1: a sharding mismatch at call).
+                logits, ids = jax.tree.map(
+                    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                    lowered.out_info[:2], forward.output_shardings[:2])
                 sample_args = (logits, args[5], ids, prev_tokens)
                 key = self._key(sample_args, -1, "sample")
                 if key not in self._executables:
