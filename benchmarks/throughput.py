@@ -4,6 +4,9 @@ python -m benchmarks.throughput --model llama-3-8b --load-format dummy --num-pro
     --input-len 512 --output-len 256 [--baseline hf]
 Prints requests/s, output and total tokens/s, the workload's roofline, and (with --baseline hf) the
 ratio to transformers `generate` on the same prompts and dummy weights, at batch 1 and a large batch.
+The engine's batch limits are a newcomer's (the device's defaults) unless --max-num-seqs /
+--max-num-batched-tokens are given. Mixed lengths (issue 14's workload):
+    --length-dist lognormal --input-len 280 --output-len 190 --temperature 0.8 --top-p 0.95
 """
 from __future__ import annotations
 
@@ -16,6 +19,9 @@ import time
 import numpy as np
 
 from benchmarks import common
+
+
+LOGNORMAL_MAX_FACTOR = 8  # lognormal lengths are clipped to [4, 8 x their mean]
 
 
 def make_dataset(args, vocab_size: int, tokenizer=None) -> list[tuple[list[int], int]]:
@@ -37,6 +43,10 @@ def make_dataset(args, vocab_size: int, tokenizer=None) -> list[tuple[list[int],
         return pairs
 
     def length(base):
+        if args.length_dist == "lognormal":  # mean `base`: exp(mu + sigma^2 / 2) = base
+            sigma = args.lognormal_sigma
+            mu = np.log(base) - sigma**2 / 2
+            return int(np.clip(round(rng.lognormal(mu, sigma)), 4, LOGNORMAL_MAX_FACTOR * base))
         lo, hi = int(base * (1 - args.range_ratio)), int(base * (1 + args.range_ratio))
         return int(rng.integers(max(1, lo), hi + 1))
 
@@ -56,10 +66,11 @@ def run_jaxserve(args) -> dict:
     load_s = time.perf_counter() - t0
     engine = llm.llm_engine
     data = make_dataset(args, engine.model_config.vocab_size, engine.tokenizer)
-    params = [SamplingParams(temperature=args.temperature, max_tokens=o, ignore_eos=True)
-              for _, o in data]
+    params = [SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=o,
+                             ignore_eos=True) for _, o in data]
     prompts = [p for p, _ in data]
-    warm = min(len(prompts), args.max_num_seqs)  # compiles the buckets the timed run will use
+    max_num_seqs = engine.config.max_num_seqs  # the device's default when not given
+    warm = min(len(prompts), max_num_seqs)  # compiles the buckets the timed run will use
     t0 = time.perf_counter()
     llm.generate(prompts[:warm], [SamplingParams(temperature=args.temperature, max_tokens=4,
                                                  ignore_eos=True)] * warm, use_tqdm=False)
@@ -79,7 +90,10 @@ def run_jaxserve(args) -> dict:
             "compiles_during_timed_run": engine.runner.num_compiles - compiles_before,
             "compile_s": engine.runner.compile_seconds, "num_kv_pages": engine.num_kv_pages,
             "attention_impl": engine.runner.attention_impl,
-            "model_config": engine.model_config}
+            "max_num_seqs": max_num_seqs,
+            "max_num_batched_tokens": engine.config.max_num_batched_tokens,
+            "mean_input_len": in_tokens / len(prompts),
+            "mean_output_len": out_tokens / len(prompts), "model_config": engine.model_config}
 
 
 def run_hf_baseline(args, batch: int, num_prompts: int) -> dict:
@@ -104,12 +118,16 @@ def parse_args(argv=None):
     p.add_argument("--input-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--range-ratio", type=float, default=0.0)
+    p.add_argument("--length-dist", choices=["uniform", "lognormal"], default="uniform",
+                   help="uniform: len x (1 +- range-ratio); lognormal: mean len, --lognormal-sigma")
+    p.add_argument("--lognormal-sigma", type=float, default=0.8)
     p.add_argument("--dataset", default=None, help="ShareGPT-format JSON file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-num-seqs", type=int, default=None, help="default: the device's")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the device's")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--quantization", default=None, help="fp8, awq or gptq (vLLM's)")
@@ -126,8 +144,9 @@ def main(argv=None):
     args = parse_args(argv)
     common.log_engine_progress()
     if args.max_model_len is None:
-        args.max_model_len = int(args.input_len * (1 + args.range_ratio)
-                                 + args.output_len * (1 + args.range_ratio)) + 16
+        spread = (LOGNORMAL_MAX_FACTOR if args.length_dist == "lognormal"
+                  else 1 + args.range_ratio)
+        args.max_model_len = int((args.input_len + args.output_len) * spread) + 16
     baseline = {}
     if args.baseline == "hf":
         for b in [int(x) for x in args.hf_batches.split(",")]:
@@ -136,11 +155,18 @@ def main(argv=None):
             print(f"transformers batch {b}: {baseline[f'hf_batch{b}']}")
     res = run_jaxserve(args)
     mc = res.pop("model_config")
-    bw, rate = common.measure_copy_bandwidth(), common.measure_matmul_rate()
+    import jax
+
+    if jax.devices()[0].platform == "cpu":  # a CPU check of the script: small probes
+        bw, rate = common.measure_copy_bandwidth(64 << 20), common.measure_matmul_rate(512)
+    else:
+        bw, rate = common.measure_copy_bandwidth(), common.measure_matmul_rate()
+    # Mixed lengths: the floor of the same number of requests at the mean lengths measured.
     floor = common.workload_floor(mc, 2 if args.dtype == "bfloat16" else 4,
-                                  num_prompts=args.num_prompts, input_len=args.input_len,
-                                  output_len=args.output_len, batch=args.max_num_seqs,
-                                  bandwidth=bw, flops=rate)
+                                  num_prompts=args.num_prompts,
+                                  input_len=round(res["mean_input_len"]),
+                                  output_len=round(res["mean_output_len"]),
+                                  batch=res["max_num_seqs"], bandwidth=bw, flops=rate)
     result = {"args": vars(args), "env": common.environment(), "jaxserve": res, "floor": floor,
               "copy_bandwidth_Bps": bw, "matmul_flops": rate, "baseline": baseline}
     frac = res["output_tokens_per_s"] / floor["output_tokens_per_s"]
