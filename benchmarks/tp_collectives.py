@@ -138,6 +138,30 @@ def parse_collectives(hlo_text: str) -> list[Collective]:
     return found
 
 
+_COPY = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<type>\S+)\s+"
+                   r"(?P<op>copy|transpose|fusion)\(")
+
+
+def large_copies(hlo_text: str, min_bytes: int = 1 << 20) -> list[tuple[str, str, int]]:
+    """(instruction, op_name, bytes) of top-level copies, transposes and copy/transpose fusions
+    of >= min_bytes in the ENTRY computation: data moved every step besides the math (e.g. a
+    weight re-laid out each step; on CPU jnp.einsum's "TNH,NHD->TD" contracts (H, N) and XLA
+    transposes o_proj every step)."""
+    found = []
+    entry = _computations(hlo_text).get("__entry__", [])
+    for line in entry:
+        m = _COPY.match(line)
+        if m is None or (m["op"] == "fusion" and not re.search(r"copy|transpose", m["name"])):
+            continue
+        nbytes = sum(_DTYPE_BYTES.get(x["dtype"], 4) * int(np.prod(
+            [int(d) for d in x["dims"].split(",") if d], dtype=np.int64))
+            for x in _SHAPE.finditer(m["type"]))
+        if nbytes >= min_bytes:
+            op_name = _OP_NAME.search(line)
+            found.append((m["name"], op_name["op_name"] if op_name else "", nbytes))
+    return found
+
+
 def unexpected(collectives: list[Collective], *, tokens: int, hidden: int, rows: int,
                vocab: int, num_layers: int, max_logprobs: int = 20) -> list[str]:
     """What the step should not hold at tensor parallelism, one line each (empty = as intended):
@@ -297,6 +321,10 @@ def main(argv=None) -> None:
                      max_logprobs=runner.max_logprobs) if a.tensor_parallel_size > 1 else [
         f"{c.op} {c.shape_text} at TP=1" for c in found]
     print("as intended" if not bad else "UNEXPECTED:\n  " + "\n  ".join(bad))
+    copies = large_copies(text)
+    print(f"copies/transposes >= 1 MiB per step: {len(copies)}, "
+          f"{sum(b for *_, b in copies) / 2**20:.1f} MiB"
+          + "".join(f"\n  {n} {b / 2**20:.1f} MiB {o}" for n, o, b in copies[:8]))
     if a.time:
         launch, step = time_steps(runner, a.num_tokens, a.time)
         print(f"launch {launch:.2f} ms (median), {step:.2f} ms per step over {a.time} steps")

@@ -91,10 +91,12 @@ def rows_parallel(fn):
     """Run fn(*args) once per model shard on B / tp whole rows of every argument (each leaf's
     leading axis is the batch B), outputs concatenated by rows. For the sampler: over vocab-split
     logits each of its vocabulary reductions was a collective, most inside its lax.conds (181 of
-    190 in the full variant at TP=2), and XLA:GPU runs a conditional holding collectives by
-    reading its predicate on the host, so the launch waits for the device. Here the rows move
-    once (one all-to-all of the logits) and the sampler runs collective-free. Identity outside a
-    mesh, with one model shard, or when B does not divide (then fn runs on the whole batch)."""
+    190 in the full variant at TP=2, 2 in the greedy one); a conditional that XLA:GPU does not
+    capture into a command buffer runs by reading its predicate on the host, so the launch waits
+    for the device (issue 13 measured such conds; whether collectives keep it out is to be
+    measured: benchmarks/tp_collectives.py --time). Here the rows move once (one all-to-all of
+    the logits) and the sampler runs collective-free. Identity outside a mesh, with one model
+    shard, or when B does not divide (then fn runs on the whole batch)."""
     mesh = jax.sharding.get_abstract_mesh()
     shards = 1 if mesh is None or mesh.empty else dict(mesh.shape).get("model", 1)
     if shards == 1:
