@@ -1,0 +1,78 @@
+"""A step's host inputs in two transfers: every numpy array of the step's arguments packed into one
+int32 and one float32 buffer on the host, and unpacked inside the jitted step by static offsets.
+
+Why: a step has ~25 small numpy inputs (token ids, positions, slot mapping, page table, sampling
+settings, ...), and each becomes its own host-to-device copy at the call. On the lent H200 every
+driver call is expensive (with XLA's command buffers off, a step's launch took 23.5 ms for ~600
+kernels), and `dispatch` took 9-15 ms per step of which building the arrays was ~1.2 ms
+(benchmarks/RESULTS.md, sessions 5 and 6). Packing leaves two copies per step whatever the inputs.
+
+int32, uint32 (bit-cast) and bool (0/1) arrays go to the int32 buffer, float32 arrays to the float32
+one; device arrays (and abstract ShapeDtypeStructs when lowering) pass through unchanged. The layout
+(`PackSpec`) depends only on the inputs' pytree structure, shapes and dtypes, so it is static: one
+compiled step per layout, as before.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_INT_DTYPES = (np.dtype(np.int32), np.dtype(np.uint32), np.dtype(np.bool_))
+_F32 = np.dtype(np.float32)
+
+
+@dataclass(frozen=True)
+class PackSpec:
+    """Where each leaf of the inputs lives: ("i32" | "f32", offset, shape, dtype name) for a packed
+    numpy array, ("device", index, shape, dtype name) for an array passed through."""
+
+    treedef: Any
+    leaves: tuple[tuple[str, int, tuple[int, ...], str], ...]
+    i32_size: int
+    f32_size: int
+
+
+def pack(args) -> tuple[PackSpec, np.ndarray, np.ndarray, tuple]:
+    """args (a pytree) -> (spec, i32[n], f32[m], device leaves)."""
+    leaves, treedef = jax.tree.flatten(args)
+    specs, ints, floats, device = [], [], [], []
+    i32_size = f32_size = 0
+    for x in leaves:
+        if isinstance(x, np.ndarray) and (x.dtype in _INT_DTYPES or x.dtype == _F32):
+            if x.dtype == _F32:
+                specs.append(("f32", f32_size, x.shape, "float32"))
+                floats.append(x.ravel())
+                f32_size += x.size
+            else:
+                specs.append(("i32", i32_size, x.shape, x.dtype.name))
+                ints.append(x.ravel().view(np.int32) if x.dtype == np.uint32
+                            else x.ravel().astype(np.int32, copy=False))
+                i32_size += x.size
+        else:  # a device array, an abstract one, or a numpy dtype the buffers do not carry
+            specs.append(("device", len(device), tuple(x.shape), str(x.dtype)))
+            device.append(x)
+    i32 = np.concatenate(ints) if ints else np.zeros(0, np.int32)
+    f32 = np.concatenate(floats) if floats else np.zeros(0, np.float32)
+    return PackSpec(treedef, tuple(specs), i32_size, f32_size), i32, f32, tuple(device)
+
+
+def unpack(spec: PackSpec, i32: jax.Array, f32: jax.Array, device: tuple):
+    """Inside the jitted step: the pytree `pack` was given (as jax arrays)."""
+    leaves = []
+    for where, offset, shape, dtype in spec.leaves:
+        if where == "device":
+            leaves.append(device[offset])
+            continue
+        flat = (i32 if where == "i32" else f32)[offset:offset + math.prod(shape)]
+        x = flat.reshape(shape)
+        if dtype == "uint32":
+            x = jax.lax.bitcast_convert_type(x, jnp.uint32)
+        elif dtype == "bool":
+            x = x != 0
+        leaves.append(x)
+    return jax.tree.unflatten(spec.treedef, leaves)
