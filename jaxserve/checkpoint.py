@@ -21,7 +21,8 @@ import numpy as np
 from jaxserve.hub import is_hub_spec, resolve_model
 from models import architecture_of, get_model_class
 from models.presets import get_preset, preset_names
-from models.quant import FP8, method_from_hf, wrap_quantized_tensors
+from models.quant import (FP8, GGUF_INT4_TYPES, gguf_int4_host, method_from_hf,
+                          wrap_quantized_tensors)
 
 logger = logging.getLogger("jaxserve")
 
@@ -92,6 +93,11 @@ class Checkpoint:
     chat_template: str | None = None  # when the source carries one outside the tokenizer
     native_dtype: str | None = None  # "bfloat16"/"float16"/"float32"; None = quantized GGUF
     generation_config: dict = field(default_factory=dict)  # generation_config.json, if any
+    # GGUF only: HF tensor name -> GGUF type name ("Q4_1", "Q6_K", "F32", ...), and for the
+    # Q4_0/Q4_1/Q4_K 2-D tensors a second lazy reader giving a models.quant.QuantizedHost
+    # (quantization="gguf" keeps those projections int4; `tensors` still dequantizes).
+    gguf_types: dict[str, str] = field(default_factory=dict)
+    int4_tensors: dict[str, Callable] = field(default_factory=dict)
 
 
 def embedded_gguf_path() -> str:
@@ -249,14 +255,17 @@ def read_gguf(path: str, *, dummy: bool = False) -> Checkpoint:
     if meta["general.architecture"] == "phi3":
         hf.update(_phi3_gguf_rope(reader, meta))
     permute = meta["general.architecture"] in ("llama", "mistral")
-    tensors = {} if dummy else _gguf_tensors(reader, hf, permute)
+    tensors, int4_tensors, types = _gguf_tensors(reader, hf, permute)
+    if dummy:
+        tensors, int4_tensors = {}, {}
     eos = {v for k, v in meta.items()
            if k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")}
     quantized = {t.tensor_type.name for t in reader.tensors} - {"F32", "F16", "BF16"}
     return Checkpoint(name=meta.get("general.name") or os.path.basename(path), hf_config=hf,
                       tensors=tensors, tokenizer_path=path, eos_token_ids=eos,
                       chat_template=meta.get("tokenizer.chat_template"),
-                      native_dtype=None if quantized else "float32")
+                      native_dtype=None if quantized else "float32", gguf_types=types,
+                      int4_tensors=int4_tensors)
 
 
 def _field_value(f):
@@ -347,16 +356,18 @@ def _gemma_gguf_config(meta: dict, hf: dict) -> dict:
     return out
 
 
-def _gguf_tensors(reader, hf: dict, permute: bool) -> dict[str, LazyTensor]:
-    """HF name -> lazy f32 array; q/k weights un-permuted when llama.cpp permuted them; Gemma's
-    norms stored as 1 + w by llama.cpp, shifted back to HF's w."""
+def _gguf_tensors(reader, hf: dict, permute: bool):
+    """(HF name -> lazy f32 array, HF name -> lazy int4 QuantizedHost for the 2-D Q4_0/Q4_1/Q4_K
+    tensors, HF name -> GGUF type name); q/k weights un-permuted when llama.cpp permuted them
+    (scales and zeros with their rows); Gemma's norms stored as 1 + w by llama.cpp, shifted back
+    to HF's w."""
     from gguf.quants import dequantize
 
     gemma = hf["architectures"][0] in ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
     names = ((_GGUF_GEMMA_NAMES if gemma else []) + _GGUF_ARCH_NAMES.get(hf["architectures"][0], [])
              + _GGUF_NAMES)
     compiled = [(re.compile(p), target) for p, target in names]
-    out = {}
+    out, int4, types = {}, {}, {}
     for t in reader.tensors:
         for pattern, target in compiled:
             if (m := pattern.fullmatch(t.name)) is not None:
@@ -378,7 +389,19 @@ def _gguf_tensors(reader, hf: dict, permute: bool) -> dict[str, LazyTensor]:
             return w - shift if shift else w
 
         out[name] = load
-    return out
+        types[name] = t.tensor_type.name
+        if types[name] in GGUF_INT4_TYPES and len(t.shape) == 2:
+            int4[name] = functools.partial(_load_int4, t, num_heads)
+    return out, int4, types
+
+
+def _load_int4(t, num_heads: int | None):
+    """One Q4 GGUF tensor -> QuantizedHost [O, I] (models.quant.gguf_int4_host), un-permuted."""
+    host = gguf_int4_host(t.data, t.tensor_type.name, int(t.shape[0]))
+    if num_heads:
+        host = dataclasses.replace(host, **{k: _unpermute_rope(getattr(host, k), num_heads)
+                                            for k in ("values", "scales", "zeros")})
+    return host
 
 
 def _unpermute_rope(w: np.ndarray, num_heads: int) -> np.ndarray:

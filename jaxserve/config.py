@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 ATTENTION_BACKENDS = ("auto", "reference", "pallas")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZATIONS = (None, "fp8", "awq", "gptq")  # models/quant.py METHODS
+QUANTIZATIONS = (None, "fp8", "awq", "gptq", "gguf")  # models/quant.py METHODS
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # fp8 = e4m3 pages, scale 1.0 (vLLM's default)
 
 

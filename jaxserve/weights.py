@@ -25,8 +25,9 @@ from jaxserve.sharding import ShardingRules, make_mesh
 from models import architecture_of, config_from_hf, get_model_class, get_weight_map
 from models.hf import map_weight_names
 from models.layers import longrope_for_context
-from models.quant import (QUANT_LEAVES, QuantizedHost, QuantMethod, check_fp8_devices,
-                          linear_arrays, method_from_hf)
+from models.linear import expand_projections
+from models.quant import (GGUF_GROUP, GGUF_INT4_TYPES, QUANT_LEAVES, QuantizedHost, QuantMethod,
+                          check_fp8_devices, linear_arrays, method_from_hf)
 
 logger = logging.getLogger("jaxserve")
 
@@ -66,7 +67,8 @@ def load_model(model: str | None, *, load_format: str = "auto", dtype: str = "au
     tokenizer: a directory, .gguf file or hub repo id to take the tokenizer from instead.
     revision, download_dir: the hub revision of `model` and the cache directory for downloads.
     quantization: None (the checkpoint's quantization_config, if any), "fp8" (an FP8 checkpoint,
-      or a float one quantized at load), "awq" / "gptq" (int4 checkpoints; random with dummy).
+      or a float one quantized at load), "awq" / "gptq" (int4 checkpoints; random with dummy),
+      "gguf" (a .gguf file's Q4_0/Q4_1/Q4_K projections kept int4, the rest expanded).
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"{load_format=} must be one of {LOAD_FORMATS}")
@@ -78,7 +80,7 @@ def load_model(model: str | None, *, load_format: str = "auto", dtype: str = "au
     max_model_len = check_max_model_len(max_model_len, base.max_position_embeddings)
     base = longrope_for_context(base, max_model_len)  # Phi-3's LongRoPE factors follow it
     config = base.with_kv_replication(tensor_parallel_size)
-    method = _quant_method(ckpt.hf_config, quantization, load_format)
+    method = _quant_method(ckpt, quantization, load_format)
     if method is not None:
         config = dataclasses.replace(config, quantization=method.weight_format,
                                      quant_group_size=method.group_size)
@@ -86,7 +88,9 @@ def load_model(model: str | None, *, load_format: str = "auto", dtype: str = "au
     mesh = mesh if mesh is not None else make_mesh(tensor_parallel_size)
     if method is not None and method.weight_format == "fp8":
         check_fp8_devices(mesh.devices.flat)
-    graphdef, abstract, shardings = abstract_model(config, param_dtype, mesh, rules)
+    int4_paths = _gguf_int4_paths(ckpt, config) if method and method.name == "gguf" else None
+    graphdef, abstract, shardings = abstract_model(config, param_dtype, mesh, rules,
+                                                   int4_paths=int4_paths)
     if load_format == "dummy":
         state = _random_state(abstract, shardings, seed)
     else:
@@ -103,12 +107,38 @@ def load_model(model: str | None, *, load_format: str = "auto", dtype: str = "au
         generation_config=ckpt.generation_config)
 
 
-def _quant_method(hf: dict, requested: str | None, load_format: str) -> QuantMethod | None:
+def _quant_method(ckpt: Checkpoint, requested: str | None, load_format: str
+                  ) -> QuantMethod | None:
     """models.quant.method_from_hf; dummy weights take awq/gptq's layout without a checkpoint
-    (group size 128), so the int4 path can be benchmarked on presets."""
+    (group size 128), so the int4 path can be benchmarked on presets. "gguf" needs a GGUF file
+    holding at least one Q4_0/Q4_1/Q4_K tensor (group size 32, f32 scales and zeros)."""
     if load_format == "dummy" and requested in ("awq", "gptq"):
         return QuantMethod(requested)
-    return method_from_hf(hf, requested)
+    if requested == "gguf" and ckpt.gguf_types:
+        if not any(t in GGUF_INT4_TYPES for t in ckpt.gguf_types.values()):
+            raise ValueError(f"quantization='gguf': {ckpt.name!r} has no Q4_0/Q4_1/Q4_K tensors "
+                             f"(types {sorted(set(ckpt.gguf_types.values()))}); leave "
+                             f"quantization unset to load it expanded")
+        return QuantMethod("gguf", group_size=GGUF_GROUP)
+    return method_from_hf(ckpt.hf_config, requested)
+
+
+def _gguf_int4_paths(ckpt: Checkpoint, config: ModelConfig) -> frozenset[str]:
+    """Param paths of the projections kept int4 (their GGUF tensor is Q4_0/Q4_1/Q4_K); the
+    other projections (Q6_K, Q8_0, F16, ...) are built as plain params and expanded. Logged."""
+    weight_map = get_weight_map(architecture_of({"architectures": [config.architecture]}))
+    mapped, _ = map_weight_names(ckpt.gguf_types, weight_map)
+    kept, expanded = {}, {}
+    for path, (hf_name, _) in mapped.items():
+        if isinstance(hf_name, str) and hf_name.endswith("_proj.weight"):
+            t = ckpt.gguf_types[hf_name]
+            side = kept if t in GGUF_INT4_TYPES else expanded
+            side.setdefault(t, []).append(path)
+    count = lambda d: ", ".join(f"{t} {len(p)}" for t, p in sorted(d.items())) or "none"
+    logger.info("quantization=gguf: %d projections kept int4 (%s), %d expanded to the param "
+                "dtype (%s)", sum(map(len, kept.values())), count(kept),
+                sum(map(len, expanded.values())), count(expanded))
+    return frozenset(p for paths in kept.values() for p in paths)
 
 
 def check_max_model_len(max_model_len: int | None, limit: int) -> int:
@@ -138,11 +168,20 @@ def resolve_dtype(dtype: str, ckpt: Checkpoint) -> jnp.dtype:
     return jnp.dtype(ckpt.native_dtype)
 
 
-def abstract_model(config: ModelConfig, dtype, mesh: Mesh, rules: ShardingRules):
-    """(graphdef, abstract state of ShapeDtypeStructs, matching state of NamedShardings)."""
+def abstract_model(config: ModelConfig, dtype, mesh: Mesh, rules: ShardingRules, *,
+                   int4_paths: frozenset[str] | None = None):
+    """(graphdef, abstract state of ShapeDtypeStructs, matching state of NamedShardings).
+    int4_paths (GGUF): only these projections stay quantized, the others become plain params."""
     cls = get_model_class(config.architecture)
+
+    def build():
+        model = cls(config, dtype=dtype, rngs=nnx.Rngs(0))
+        if int4_paths is not None:
+            expand_projections(model, int4_paths, dtype, nnx.Rngs(0))
+        return model
+
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules.as_pairs()):
-        model = nnx.eval_shape(lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
+        model = nnx.eval_shape(build)
         graphdef, abstract = nnx.split(model)
         shardings = nnx.get_named_sharding(abstract, mesh)
     return graphdef, abstract, shardings
@@ -182,7 +221,8 @@ def _checkpoint_state(ckpt: Checkpoint, config: ModelConfig, abstract: nnx.State
     for path, leaves in tqdm(quantized.items(), desc="quantized weights", unit="tensor",
                              disable=not quantized):
         hf_name, transform = mapped[path]
-        arrays = linear_arrays(ckpt.tensors[hf_name](), transform, config, method,
+        read = ckpt.int4_tensors.get(hf_name) or ckpt.tensors[hf_name]
+        arrays = linear_arrays(read(), transform, config, method,
                                leaves["qweight"].get_value().shape)
         for leaf, var in leaves.items():
             if arrays[leaf].shape != var.get_value().shape:

@@ -3,8 +3,10 @@
 
 Unquantized (cfg.quantization None): an nnx.Param in the einsum layout and `jnp.einsum(spec, ...)`,
 exactly the plain path. Quantized: a QuantLinear holding the format's leaves (models/quant.py):
-fp8 W8A8 through `lax.dot_general` on e4m3 inputs (XLA's FP8 GEMM on Hopper), int4 (AWQ/GPTQ)
-kept packed and dequantized inside kernels_pallas/quant_matmul.
+fp8 W8A8 through `lax.dot_general` on e4m3 inputs (XLA's FP8 GEMM on Hopper), int4 (AWQ/GPTQ;
+GGUF's Q4 blocks as int4_f32) kept packed and dequantized inside kernels_pallas/quant_matmul.
+A GGUF model mixes both: expand_projections turns the projections whose tensor is not Q4 into
+plain params after the model is built.
 """
 from __future__ import annotations
 
@@ -45,14 +47,16 @@ class QuantLinear(nnx.Module):
 
     fp8:  qweight e4m3 [O, I] (contracting dim minor: the "TN" layout cuBLASLt FP8 wants),
           qscale f32[O] per output channel.
-    int4: qweight i32[I/8, O] (packing: models.quant.pack_int4), qscale/qzero f16[I/g, O].
+    int4: qweight i32[I/8, O] (packing: models.quant.pack_int4), qscale/qzero f16[I/g, O]
+          (int4_f32: f32, GGUF).
     """
 
     def __init__(self, weight_format: str, shape: tuple[int, ...], names: tuple[str, ...], *,
                  num_in: int, group_size: int, rngs: nnx.Rngs):
-        if weight_format not in ("fp8", "int4"):
-            raise ValueError(f"{weight_format=} must be 'fp8' or 'int4'")
+        if weight_format not in ("fp8", "int4", "int4_f32"):
+            raise ValueError(f"{weight_format=} must be 'fp8', 'int4' or 'int4_f32'")
         self.weight_format, self.group_size = weight_format, group_size
+        self.shape, self.names = tuple(shape), tuple(names)  # the plain param's (expand_projections)
         self.in_features = math.prod(shape[:num_in])
         self.out_shape = tuple(shape[num_in:])
         in_name, out_name = names[0], names[num_in]
@@ -106,3 +110,20 @@ def fp8_matmul_reference(x: jax.Array, w: jax.Array, w_scale: jax.Array) -> jax.
     w_dq = w.astype(jnp.float32) * w_scale[:, None]
     y = jnp.matmul(x_dq * s_x, w_dq.T, precision=jax.lax.Precision.HIGHEST)
     return y.astype(x.dtype)
+
+
+def expand_projections(model: nnx.Module, keep: frozenset[str], dtype, rngs: nnx.Rngs) -> int:
+    """Replace every QuantLinear whose path ("layers.0.mlp.down_proj") is not in `keep` by the
+    plain einsum-layout param `projection` builds unquantized (same shape and logical names), so
+    a GGUF file's Q6_K/Q8_0/F16 projections load expanded next to its Q4 ones. Returns how many
+    were replaced."""
+    from models.layers import param  # layers imports this module
+
+    found = [(path, node) for path, node in nnx.iter_graph(model)
+             if isinstance(node, QuantLinear) and ".".join(map(str, path)) not in keep]
+    for path, node in found:
+        parent = model
+        for key in path[:-1]:
+            parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+        setattr(parent, path[-1], param(rngs, node.shape, node.names, dtype))
+    return len(found)
