@@ -129,7 +129,8 @@ class EngineConfig:
                                    aliases=("-dp",))
     quantization: str | None = _opt(
         None, "fp8 (W8A8: an FP8 checkpoint, or a float one quantized at load), awq or gptq "
-              "(int4 checkpoints); unset: the checkpoint's quantization_config, if any",
+              "(int4 checkpoints), gguf (a .gguf file's Q4_0/Q4_1/Q4_K projections kept int4); "
+              "unset: the checkpoint's quantization_config, if any",
         aliases=("-q",))
     kv_cache_dtype: str = _opt("auto", "auto (the model's dtype) or fp8 / fp8_e4m3 (e4m3 pages)")
     cpu_offload_gb: float = _opt(0.0, "must be 0: weights are not offloaded to the CPU")

@@ -47,7 +47,8 @@ def method_from_hf(hf: dict, requested: str | None) -> QuantMethod | None:
         raise ValueError(f"quantization={requested!r} is not supported; supported: {METHODS}")
     if requested == "gguf":  # GGUF files are read by weights.py before this (no config.json)
         raise ValueError("quantization='gguf' needs a .gguf checkpoint (Q4_0/Q4_1/Q4_K tensors "
-                         "kept int4); this model is a config.json + safetensors directory")
+                         "kept int4); this model is not a GGUF file (a config.json + "
+                         "safetensors directory, or a dummy preset)")
     quant = hf.get("quantization_config") or hf.get("compression_config")
     found = _parse_quantization_config(quant) if quant else None
     if found is None:

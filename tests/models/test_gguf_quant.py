@@ -68,7 +68,6 @@ def test_conversion_matches_gguf_dequantize(type_name):
         s, z = (np.repeat(a, 32, axis=1) for a in (host.scales, host.zeros))
         magnitude = 15 * np.abs(s) + np.abs(s * z)
         assert np.all(np.abs(got - want) <= 2.0**-22 * magnitude)
-        assert np.abs(got - want).max() > 0 or type_name == "Q4_0"  # the bound is not vacuous
     device = dequantize_int4(pack_int4(host.values.T, 32), host.scales.T, host.zeros.T,
                              group_size=32)
     np.testing.assert_array_equal(np.asarray(device), got.T)
