@@ -18,8 +18,7 @@ from flax import nnx
 
 from jaxserve.checkpoint import embedded_gguf_path
 from kernels_pallas.quant_matmul.reference import dequantize_int4
-from models.linear import QuantLinear
-from models.quant import GGUF_INT4_TYPES, QuantizedHost, gguf_int4_host, pack_int4
+from models.quant import GGUF_INT4_TYPES, gguf_int4_host, pack_int4
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
@@ -175,8 +174,8 @@ def test_mixed_file_logits_match_expanded(mixed):
 
 
 def test_gguf_on_safetensors_is_an_error(tmp_path):
-    from fixtures import make_hf_model, save_hf_checkpoint
     import transformers
+    from fixtures import make_hf_model, save_hf_checkpoint
 
     from jaxserve.weights import load_model
 
