@@ -217,3 +217,22 @@ def test_smollm2_q4_1_served_int4_matches_expanded():
         assert got.token_ids == want.token_ids
         for lp_got, lp_want, t in zip(got.logprobs, want.logprobs, got.token_ids):
             assert abs(lp_got[t].logprob - lp_want[t].logprob) < 1e-4
+
+
+@needs_smollm2
+def test_mixed_file_tensor_parallel_matches_single(mixed, tmp_path):
+    """The int4_f32 and expanded projections of the mixed file sharded over 2 devices (the int4
+    leaves split along their out or grouped-in axis) give the single-device logits."""
+    from compare import check_sharded_matches_single
+
+    from jaxserve.sharding import make_mesh
+    from jaxserve.weights import load_model
+
+    if len(jax.devices()) < 2:
+        pytest.skip("needs 2 devices")
+    path = write_mixed_gguf(str(tmp_path / "mixed.gguf"))
+    sharded = load_model(path, tokenizer=embedded_gguf_path(), dtype="float32",
+                         quantization="gguf", tensor_parallel_size=2, mesh=make_mesh(2))
+    qweight = sharded.state["layers"][0]["attn"]["q_proj"]["qweight"].get_value()  # Q4_K
+    assert not qweight.sharding.is_fully_replicated
+    check_sharded_matches_single(sharded, mixed[1], prompts=[list(range(3, 23)), [5, 9, 60]])
