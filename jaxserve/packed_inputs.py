@@ -76,3 +76,22 @@ def unpack(spec: PackSpec, i32: jax.Array, f32: jax.Array, device: tuple):
             x = x != 0
         leaves.append(x)
     return jax.tree.unflatten(spec.treedef, leaves)
+
+
+def packed(fn, num_leading: int, place=None):
+    """fn(*leading, *args, *trailing) -> a function of (*leading, spec, i32, f32, device, *trailing)
+    that unpacks `args` inside (jit it with spec static); place(array), e.g. replicated on the
+    mesh, pins the two buffers and every array cut from them, so that the compiler never splits a
+    buffer and then moves slices between devices (at TP=2 it did: collective-permutes of the
+    sampler's [B] rows, tests/test_tp_collectives.py)."""
+    def call(*a):
+        spec, i32, f32, device = a[num_leading:num_leading + 4]
+        if place is not None:
+            i32, f32 = place(i32), place(f32)
+        args = unpack(spec, i32, f32, device)
+        if place is not None:
+            cut = [where != "device" for where, *_ in spec.leaves]
+            leaves, treedef = jax.tree.flatten(args)
+            args = jax.tree.unflatten(treedef, [place(x) if c else x for x, c in zip(leaves, cut)])
+        return fn(*a[:num_leading], *args, *a[num_leading + 4:])
+    return call

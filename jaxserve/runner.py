@@ -31,6 +31,7 @@ from jaxserve.batch import Batch
 from jaxserve.kv_cache import AttentionMetadata, KVCache
 from jaxserve.logits_processors import read_history
 from jaxserve.lora import NO_LORA_SLOT
+from jaxserve.packed_inputs import pack, packed
 from jaxserve.sampler import SamplerOutput, SamplingMetadata, sample
 from jaxserve.sharding import replicated, rows_parallel, shard
 from jaxserve.sampling_inputs import PenaltyInputs, SamplingInputs, pad_to, pow2_at_least
@@ -72,7 +73,7 @@ class StepKey:
     page_table_width: int
     prompt_logprobs_k: int
     treedef: Any  # pytree structure of the inputs (carries the static metadata fields)
-    leaves: tuple  # (shape, dtype) of each input array
+    leaves: tuple  # (shape, dtype, on the host) of each input array
 
 
 def _forward(graphdef, state, kv_cache: KVCache, history, prev_tokens, token_ids, token_src,
@@ -164,12 +165,15 @@ class ModelRunner:
         self._lock = threading.Lock()
         self._deferred_thread: threading.Thread | None = None
         self.deferred_ready = threading.Event()  # the deferred kind of step is compiled
-        self._jit = jax.jit(_step, static_argnames=("graphdef", "prompt_logprobs_k"),
-                            donate_argnames=("kv_cache", "history"))
+        # Arguments: graphdef, state, kv_cache, history, prev_tokens, then the step's host inputs
+        # packed (jaxserve/packed_inputs.py: spec, i32, f32, device arrays), prompt_logprobs_k.
+        static, donate = (0, 5, 9), (2, 3)
+        self._jit = jax.jit(packed(_step, 5, replicated), static_argnums=static,
+                            donate_argnums=donate)
         # A deferred step (its masks follow the token in flight) runs as forward + sample.
-        self._jit_forward = jax.jit(_forward, static_argnames=("graphdef", "prompt_logprobs_k"),
-                                    donate_argnames=("kv_cache", "history"))
-        self._jit_sample = jax.jit(_sample)
+        self._jit_forward = jax.jit(packed(_forward, 5, replicated), static_argnums=static,
+                                    donate_argnums=donate)
+        self._jit_sample = jax.jit(packed(_sample, 0, replicated), static_argnums=0)
         # Last step's sampled tokens, replicated on the mesh as each step returns them (an array
         # on one device would not lower for the background compile of deferred steps at TP > 1).
         with self._mesh_context():
@@ -245,18 +249,19 @@ class ModelRunner:
             width = args[4].page_table.shape[1]
         return StepKey(kind=kind, num_tokens=num_tokens, page_table_width=width,
                        prompt_logprobs_k=prompt_k, treedef=treedef,
-                       leaves=tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
+                       leaves=tuple((tuple(x.shape), str(x.dtype), isinstance(x, np.ndarray))
+                                    for x in leaves))  # host arrays are packed, device ones not
 
     def _lower(self, args: tuple, prompt_k: int, kind: str = "step"):
         """args: _inputs()'s for "step"; without smd for "forward"; (logits, smd, history ids,
         prev tokens) for "sample" (arrays or ShapeDtypeStructs)."""
         with self._mesh_context():
             if kind == "sample":
-                return self._jit_sample.lower(*args)
+                return self._jit_sample.lower(*pack(args))
             history = self.sampling.history if args[-1] is not None else None
             jit = self._jit if kind == "step" else self._jit_forward
             return jit.lower(self.graphdef, self.state, self.kv_cache, history,
-                             self._prev_tokens, *args, prompt_k)
+                             self._prev_tokens, *pack(args), prompt_k)
 
     def _executable(self, args: tuple, prompt_k: int, kind: str = "step"):
         key = self._key(args, prompt_k, kind)
@@ -327,7 +332,7 @@ class ModelRunner:
                 fwd_args = args[:5] + args[6:]
                 with self._mesh_context():
                     lowered = self._jit_forward.lower(self.graphdef, state, kv_cache, history,
-                                                      prev_tokens, *fwd_args, prompt_k)
+                                                      prev_tokens, *pack(fwd_args), prompt_k)
                 key = self._key(fwd_args, prompt_k, "forward")
                 forward = self._executables.get(key) or self._compile(key, lowered)
                 # out_info carries no shardings; the sample step must take the forward's
@@ -365,14 +370,14 @@ class ModelRunner:
         if not defer:
             exe = self._executable(args, prompt_k)
             out, self._prev_tokens, prompt, self.kv_cache, history = exe(
-                self.state, self.kv_cache, history, self._prev_tokens, *args)
+                self.state, self.kv_cache, history, self._prev_tokens, *pack(args)[1:])
             if history is not None:
                 self.sampling.history = history
             return StepHandle(batch, out, prompt)
         fwd_args = args[:5] + args[6:]
         exe = self._executable(fwd_args, prompt_k, "forward")
         logits, ids, prompt, self.kv_cache, history = exe(
-            self.state, self.kv_cache, history, self._prev_tokens, *fwd_args)
+            self.state, self.kv_cache, history, self._prev_tokens, *pack(fwd_args)[1:])
         if history is not None:
             self.sampling.history = history
         return StepHandle(batch, None, prompt, logits=(logits, ids))
@@ -382,7 +387,7 @@ class ModelRunner:
         logits, ids = handle.logits
         smd = self.sampling.metadata(handle.batch, logits.shape[0], True, tokens or TokenInputs())
         args = (logits, smd, ids, self._prev_tokens)
-        handle.out, self._prev_tokens = self._executable(args, -1, "sample")(*args)
+        handle.out, self._prev_tokens = self._executable(args, -1, "sample")(*pack(args)[1:])
         handle.logits = None
         return handle
 
