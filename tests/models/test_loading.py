@@ -13,7 +13,8 @@ import pytest
 from fixtures import save_numpy_llama
 from safetensors.numpy import save_file
 
-from jaxserve.checkpoint import gguf_to_hf_config, open_checkpoint, read_safetensors
+from jaxserve.checkpoint import open_checkpoint, read_safetensors
+from jaxserve.gguf_checkpoint import gguf_to_hf_config
 from jaxserve.weights import load_model
 from models import config_from_hf
 
