@@ -3,8 +3,10 @@
 Owns the compiled steps, the shape buckets and the KV cache. Token counts are bucketed to powers of two
 (the sequence rows follow the token bucket); the page table is max_model_len wide for the Pallas
 kernels, which read only live pages, and bucketed to powers of two for the reference, whose cost
-follows its width. warmup() compiles every bucket of both sampler variants (then, in the
-background, the deferred kind), so a steady state never recompiles. dispatch() returns at once and
+follows its width. warmup() compiles every bucket of both sampler variants (the deferred kind
+compiles in the background once a request needs it), so a steady state never recompiles. The step
+bodies are jaxserve/step.py's; their host inputs travel packed in two buffers
+(jaxserve/packed_inputs.py). dispatch() returns at once and
 fetch() waits, so the engine prepares step n+1 while step n runs; tokens sampled by step n feed
 step n+1 on device (Batch.token_src). A deferred step (its token masks follow step n's tokens) is
 dispatched as its forward pass, and sample() adds the sampling once the host has the masks.
@@ -13,7 +15,6 @@ Penalties read a device token history (jaxserve/sampling_inputs.py), written by 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import threading
@@ -25,16 +26,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxserve.batch import Batch
 from jaxserve.kv_cache import AttentionMetadata, KVCache
-from jaxserve.logits_processors import read_history
 from jaxserve.lora import NO_LORA_SLOT
 from jaxserve.packed_inputs import pack, packed
-from jaxserve.sampler import SamplerOutput, SamplingMetadata, sample
-from jaxserve.sharding import replicated, rows_parallel, shard
-from jaxserve.sampling_inputs import PenaltyInputs, SamplingInputs, pad_to, pow2_at_least
+from jaxserve.sampler import SamplerOutput
+from jaxserve.sharding import replicated
+from jaxserve.sampling_inputs import SamplingInputs, pad_to, pow2_at_least
+from jaxserve.step import forward as _forward, sample_step as _sample, step as _step
 from jaxserve.token_controls import TokenInputs
 
 logger = logging.getLogger(__name__)
@@ -74,56 +74,6 @@ class StepKey:
     prompt_logprobs_k: int
     treedef: Any  # pytree structure of the inputs (carries the static metadata fields)
     leaves: tuple  # (shape, dtype, on the host) of each input array
-
-
-def _forward(graphdef, state, kv_cache: KVCache, history, prev_tokens, token_ids, token_src,
-             logits_idx, next_ids, md: AttentionMetadata, pen: PenaltyInputs | None,
-             prompt_logprobs_k: int):
-    """The model part of a step: (logits [B, V], the penalty rows' token history i32[B, L] or None,
-    prompt logprob triple or None, new KVCache, new history). prev_tokens: the previous step's
-    padded sampled tokens; history: i32[R, max_model_len] or None (no penalties this step)."""
-    model = nnx.merge(graphdef, state)
-    token_ids = jnp.where(token_src >= 0, prev_tokens[jnp.maximum(token_src, 0)], token_ids)
-    hidden, kv_cache = model(token_ids, md, kv_cache)
-    # Pinned shardings: a deferred step's sample executable (one per row count) takes these from
-    # forward executables of several token buckets, which left alone could differ at TP > 1.
-    logits = shard(model.compute_logits(hidden[logits_idx]), "batch", "vocab")
-    ids = None
-    if pen is not None:
-        history, ids = read_history(history, pen.token_slot, pen.row_slot, token_ids, md,
-                                    logits.shape[-1])
-        ids = replicated(ids)
-    prompt = None
-    if prompt_logprobs_k >= 0:
-        with jax.named_scope("prompt_logprobs"):
-            all_logprobs = jax.nn.log_softmax(model.compute_logits(hidden).astype(jnp.float32), -1)
-            nxt = jnp.take_along_axis(all_logprobs, next_ids[:, None], axis=-1)[:, 0]
-            top_lp, top_ids = jax.lax.top_k(all_logprobs, prompt_logprobs_k)
-            prompt = (nxt, top_ids.astype(jnp.int32), top_lp)
-    return logits, ids, prompt, kv_cache, history
-
-
-def _sample(logits, smd: SamplingMetadata, history_ids, prev_tokens):
-    """The sampling part: (SamplerOutput, tokens padded to prev_tokens' size)."""
-    if history_ids is not None:
-        smd = dataclasses.replace(smd, history_ids=history_ids)
-    # Vocab-split logits (_forward: never the lm_head gathered) sampled by whole rows per model
-    # shard: no collective inside the sampler's lax.conds (benchmarks/tp_collectives.py).
-    out = jax.tree.map(replicated, rows_parallel(sample)(logits, smd))
-    return out, replicated(jnp.zeros_like(prev_tokens).at[:out.token_ids.shape[0]].set(
-        out.token_ids))
-
-
-def _step(graphdef, state, kv_cache: KVCache, history, prev_tokens, token_ids, token_src,
-          logits_idx, next_ids, md: AttentionMetadata, smd: SamplingMetadata,
-          pen: PenaltyInputs | None, prompt_logprobs_k: int):
-    """The compiled step, forward and sample fused: (SamplerOutput, padded tokens, prompt logprob
-    triple or None, new KVCache, new history)."""
-    logits, ids, prompt, kv_cache, history = _forward(
-        graphdef, state, kv_cache, history, prev_tokens, token_ids, token_src, logits_idx,
-        next_ids, md, pen, prompt_logprobs_k)
-    out, padded = _sample(logits, smd, ids, prev_tokens)
-    return out, padded, prompt, kv_cache, history
 
 
 @dataclass

@@ -42,7 +42,7 @@ class MoEConfig(ModelConfig):
 
 
 # llama.cpp's GGUFs store each layer's experts as one [E, out, in] tensor (ffn_{gate,up,down}_exps,
-# named so by jaxserve/checkpoint.py) rather than one HF tensor per expert.
+# named so by jaxserve/gguf_checkpoint.py) rather than one HF tensor per expert.
 STACKED_EXPERTS_WEIGHT_MAP = {
     r"model\.layers\.(\d+)\.mlp\.experts\.(gate|up|down)_proj\.weight":
         ("layers.{0}.mlp.{1}_proj", lambda w, cfg: w.transpose(0, 2, 1)),
