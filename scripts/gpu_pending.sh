@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# On an nvidia-h200-x2 machine: the GPU bars still unmeasured at the end of 2026-11-29's sessions,
+# batched as two lanes (one per GPU) or one two-GPU job per call, each call under ~9 minutes.
+#   PART=sampling  issue 13: the four sampling tables (packed host inputs: dispatch ms before/after)
+#   PART=tp        issue 19: TP=1 vs TP=2 launch/step A/B, TP=2 tokens + batch-1 TPOT; then issue 15's
+#                  structured cost (GPU 0) and issue 16's quantized batch-1 rows (GPU 1)
+#   PART=moe       issue 18: Mixtral-8x7B (GPU 0) and Qwen3-30B-A3B (GPU 1), 256 x (512 / 256)
+#   PART=scale     issue 14: workload B at the device defaults and at 256 seqs (GPU 0), the mixed
+#                  lognormal workload (GPU 1)
+# Carry .gpu_assets (smollm2_tokenizer) and .whl (bash scripts/build_server_wheels.sh); results and
+# logs land in $OUT. Record them in benchmarks/RESULTS.md with the commit and these commands.
+set -uo pipefail
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  .whl/*.whl || exit 1
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+tok=$PWD/.gpu_assets/smollm2_tokenizer
+quiet='it/s\]\|cuda_timer'
+job() {  # job GPUS NAME LIMIT ARGS...: one job on the given GPUs, its log in $out/NAME.log
+  local gpus=$1 name=$2 limit=$3; shift 3
+  CUDA_VISIBLE_DEVICES=$gpus timeout "$limit" python3 "$@" 2>&1 | grep -v "$quiet" > "$out/$name.log"
+  echo "=== $name (exit ${PIPESTATUS[0]})"; tail -16 "$out/$name.log"
+}
+sampling() {  # GPU MODEL
+  job "$1" "sampling_$2_512" 285 -m benchmarks.sampling --model "$2" --load-format dummy \
+    --num-seqs 512 --profile --tokenizer "$tok" --out "$out"
+  job "$1" "sampling_$2_1024" 285 -m benchmarks.sampling --model "$2" --load-format dummy \
+    --num-seqs 1024 --num-prompts 1024 --tokenizer "$tok" --out "$out"
+}
+case "${PART:-sampling}" in
+  sampling)
+    sampling 0 qwen2-7b & sampling 1 llama-3-8b & wait ;;
+  tp)
+    for args in "1" "2" "2 --vocab-split-sampler"; do
+      set -- $args
+      job 0,1 "tp_collectives_tp$1${2:+_old}" 60 -m benchmarks.tp_collectives --model llama-3-8b \
+        --tensor-parallel-size "$@" --time 200
+    done
+    export JAXSERVE_TEST_GPU=1 JAXSERVE_TEST_TOKENIZER=$tok
+    job 0,1 tp_tokens_tpot 240 -m pytest \
+      tests/test_distributed.py -k gpu -s -q -p no:cacheprovider
+    job 0 structured 230 -m benchmarks.structured --model llama-3-8b --load-format dummy \
+      --num-prompts 256 --tokenizer "$tok" --out "$out" &
+    job 1 latency_fp8 230 -m benchmarks.latency --model llama-3-8b --load-format dummy \
+      --tokenizer "$tok" --batch-sizes 1 --input-len 128 --output-len 128 --quantization fp8 \
+      --out "$out" &
+    wait ;;
+  moe)
+    job 0 moe_mixtral 540 -m benchmarks.throughput --model mixtral-8x7b --tokenizer "$tok" \
+      --num-prompts 256 --input-len 512 --output-len 256 --max-num-seqs 256 --out "$out" &
+    job 1 moe_qwen3_30b 540 -m benchmarks.throughput --model qwen3-30b-a3b --tokenizer "$tok" \
+      --num-prompts 256 --input-len 512 --output-len 256 --max-num-seqs 256 --out "$out" &
+    wait ;;
+  scale)
+    { job 0 workload_b_defaults 280 -m benchmarks.throughput --model llama-3-8b --tokenizer "$tok" \
+        --num-prompts 1000 --input-len 512 --output-len 256 --out "$out" --name workload_b_defaults
+      job 0 workload_b_256 250 -m benchmarks.throughput --model llama-3-8b --tokenizer "$tok" \
+        --num-prompts 1000 --input-len 512 --output-len 256 --max-num-seqs 256 \
+        --max-num-batched-tokens 2048 --out "$out" --name workload_b_256; } &
+    job 1 mixed_lognormal 400 -m benchmarks.throughput --model qwen2-7b --tokenizer "$tok" \
+      --num-prompts 1000 --length-dist lognormal --input-len 280 --output-len 190 \
+      --temperature 0.8 --top-p 0.95 --out "$out" --name mixed_lognormal_qwen2_7b &
+    wait ;;
+  *) echo "PART=sampling|tp|moe|scale" >&2; exit 2 ;;
+esac
