@@ -221,7 +221,10 @@ def _checkpoint_state(ckpt: Checkpoint, config: ModelConfig, abstract: nnx.State
     for path, leaves in tqdm(quantized.items(), desc="quantized weights", unit="tensor",
                              disable=not quantized):
         hf_name, transform = mapped[path]
-        read = ckpt.int4_tensors.get(hf_name) or ckpt.tensors[hf_name]
+        # A GGUF's Q4 projections stay int4 only for quantization="gguf"; fp8 (or anything else)
+        # quantizes their float dequantization.
+        kept = ckpt.int4_tensors.get(hf_name) if method.name == "gguf" else None
+        read = kept or ckpt.tensors[hf_name]
         arrays = linear_arrays(read(), transform, config, method,
                                leaves["qweight"].get_value().shape)
         for leaf, var in leaves.items():
