@@ -21,7 +21,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +29,7 @@ import numpy as np
 from jaxserve.batch import Batch
 from jaxserve.kv_cache import AttentionMetadata, KVCache
 from jaxserve.lora import NO_LORA_SLOT
-from jaxserve.packed_inputs import pack, packed
+from jaxserve.packed_inputs import PackSpec, pack, packed
 from jaxserve.sampler import SamplerOutput
 from jaxserve.sharding import replicated
 from jaxserve.sampling_inputs import SamplingInputs, pad_to, pow2_at_least
@@ -72,8 +71,9 @@ class StepKey:
     num_tokens: int
     page_table_width: int
     prompt_logprobs_k: int
-    treedef: Any  # pytree structure of the inputs (carries the static metadata fields)
-    leaves: tuple  # (shape, dtype, on the host) of each input array
+    # The inputs' pytree structure (with the static metadata fields) and each array's shape,
+    # dtype and place in the packed buffers (or on the device): packed_inputs.pack's layout.
+    inputs: PackSpec
 
 
 @dataclass
@@ -192,15 +192,14 @@ class ModelRunner:
 
     # ---- compilation ---------------------------------------------------------------------------
     @staticmethod
-    def _key(args: tuple, prompt_k: int, kind: str = "step") -> StepKey:
-        leaves, treedef = jax.tree.flatten(args)
+    def _key(args: tuple, prompt_k: int, kind: str = "step",
+             spec: PackSpec | None = None) -> StepKey:
+        """spec: pack(args)'s layout when the caller has packed them already."""
         num_tokens, width = int(args[0].shape[0]), 0
         if kind != "sample":
             width = args[4].page_table.shape[1]
         return StepKey(kind=kind, num_tokens=num_tokens, page_table_width=width,
-                       prompt_logprobs_k=prompt_k, treedef=treedef,
-                       leaves=tuple((tuple(x.shape), str(x.dtype), isinstance(x, np.ndarray))
-                                    for x in leaves))  # host arrays are packed, device ones not
+                       prompt_logprobs_k=prompt_k, inputs=spec or pack(args)[0])
 
     def _lower(self, args: tuple, prompt_k: int, kind: str = "step"):
         """args: _inputs()'s for "step"; without smd for "forward"; (logits, smd, history ids,
@@ -213,8 +212,9 @@ class ModelRunner:
             return jit.lower(self.graphdef, self.state, self.kv_cache, history,
                              self._prev_tokens, *pack(args), prompt_k)
 
-    def _executable(self, args: tuple, prompt_k: int, kind: str = "step"):
-        key = self._key(args, prompt_k, kind)
+    def _executable(self, args: tuple, prompt_k: int, kind: str = "step",
+                    spec: PackSpec | None = None):
+        key = self._key(args, prompt_k, kind, spec)
         return self._executables.get(key) or self._compile(key, self._lower(args, prompt_k, kind))
 
     def _compile(self, key: StepKey, lowered) -> object:
@@ -318,16 +318,18 @@ class ModelRunner:
         args, prompt_k = self._inputs(batch, full_sampler=defer, tokens=None if defer else tokens)
         history = self.sampling.history if args[-1] is not None else None
         if not defer:
-            exe = self._executable(args, prompt_k)
+            spec, *buffers = pack(args)
+            exe = self._executable(args, prompt_k, spec=spec)
             out, self._prev_tokens, prompt, self.kv_cache, history = exe(
-                self.state, self.kv_cache, history, self._prev_tokens, *pack(args)[1:])
+                self.state, self.kv_cache, history, self._prev_tokens, *buffers)
             if history is not None:
                 self.sampling.history = history
             return StepHandle(batch, out, prompt)
         fwd_args = args[:5] + args[6:]
-        exe = self._executable(fwd_args, prompt_k, "forward")
+        spec, *buffers = pack(fwd_args)
+        exe = self._executable(fwd_args, prompt_k, "forward", spec)
         logits, ids, prompt, self.kv_cache, history = exe(
-            self.state, self.kv_cache, history, self._prev_tokens, *pack(fwd_args)[1:])
+            self.state, self.kv_cache, history, self._prev_tokens, *buffers)
         if history is not None:
             self.sampling.history = history
         return StepHandle(batch, None, prompt, logits=(logits, ids))
@@ -337,7 +339,8 @@ class ModelRunner:
         logits, ids = handle.logits
         smd = self.sampling.metadata(handle.batch, logits.shape[0], True, tokens or TokenInputs())
         args = (logits, smd, ids, self._prev_tokens)
-        handle.out, self._prev_tokens = self._executable(args, -1, "sample")(*pack(args)[1:])
+        spec, *buffers = pack(args)
+        handle.out, self._prev_tokens = self._executable(args, -1, "sample", spec)(*buffers)
         handle.logits = None
         return handle
 
