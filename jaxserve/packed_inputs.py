@@ -33,8 +33,6 @@ class PackSpec:
 
     treedef: Any
     leaves: tuple[tuple[str, int, tuple[int, ...], str], ...]
-    i32_size: int
-    f32_size: int
 
 
 def pack(args) -> tuple[PackSpec, np.ndarray, np.ndarray, tuple]:
@@ -58,7 +56,7 @@ def pack(args) -> tuple[PackSpec, np.ndarray, np.ndarray, tuple]:
             device.append(x)
     i32 = np.concatenate(ints) if ints else np.zeros(0, np.int32)
     f32 = np.concatenate(floats) if floats else np.zeros(0, np.float32)
-    return PackSpec(treedef, tuple(specs), i32_size, f32_size), i32, f32, tuple(device)
+    return PackSpec(treedef, tuple(specs)), i32, f32, tuple(device)
 
 
 def unpack(spec: PackSpec, i32: jax.Array, f32: jax.Array, device: tuple):
