@@ -24,6 +24,11 @@ import numpy as np
 
 _INT_DTYPES = (np.dtype(np.int32), np.dtype(np.uint32), np.dtype(np.bool_))
 _F32 = np.dtype(np.float32)
+# Every leaf starts at a multiple of 64 elements (256 bytes): XLA passes a slice of a parameter to
+# a custom call as a pointer into the buffer, and the Mosaic GPU attention kernel refuses a buffer
+# that is not 256-byte aligned ("Input buffer 1 is not 256-byte aligned" on the H200 at a page
+# table of 64 columns: the engine failed its first step).
+ALIGN = 64
 
 
 @dataclass(frozen=True)
@@ -44,13 +49,14 @@ def pack(args) -> tuple[PackSpec, np.ndarray, np.ndarray, tuple]:
         if isinstance(x, np.ndarray) and (x.dtype in _INT_DTYPES or x.dtype == _F32):
             if x.dtype == _F32:
                 specs.append(("f32", f32_size, x.shape, "float32"))
-                floats.append(x.ravel())
-                f32_size += x.size
+                floats += [x.ravel(), np.zeros(-x.size % ALIGN, np.float32)]
+                f32_size += x.size + (-x.size % ALIGN)
             else:
                 specs.append(("i32", i32_size, x.shape, x.dtype.name))
-                ints.append(x.ravel().view(np.int32) if x.dtype == np.uint32
-                            else x.ravel().astype(np.int32, copy=False))
-                i32_size += x.size
+                ints += [x.ravel().view(np.int32) if x.dtype == np.uint32
+                         else x.ravel().astype(np.int32, copy=False),
+                         np.zeros(-x.size % ALIGN, np.int32)]
+                i32_size += x.size + (-x.size % ALIGN)
         else:  # a device array, an abstract one, or a numpy dtype the buffers do not carry
             specs.append(("device", len(device), tuple(x.shape), str(x.dtype)))
             device.append(x)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.packed_inputs import pack, unpack
+from jaxserve.packed_inputs import ALIGN, pack, unpack
 
 
 @jax.tree_util.register_dataclass
@@ -35,7 +35,11 @@ def test_round_trip_inside_jit():
     args = _args(np.random.default_rng(0))
     spec, i32, f32, device = pack(args)
     assert i32.dtype == np.int32 and f32.dtype == np.float32
-    assert i32.size == 7 + 4 + 4 + 6 and f32.size == 15 + 3  # everything numpy is packed
+    packed = [(where, offset, shape) for where, offset, shape, _ in spec.leaves if where != "device"]
+    assert len(packed) == 7  # everything numpy is packed: 5 int-like leaves, 2 float32 ones
+    # Each leaf starts 256-byte aligned (the Mosaic GPU kernels refuse unaligned input buffers).
+    assert ALIGN * 4 == 256 and all(offset % ALIGN == 0 for _, offset, _ in packed)
+    assert i32.size == 4 * ALIGN and f32.size == 2 * ALIGN  # the empty leaf takes no room
     assert len(device) == 2  # the two jax arrays
     out = jax.jit(unpack, static_argnums=0)(spec, i32, f32, device)
     flat_in, tree_in = jax.tree.flatten(args)
