@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import threading
 import time
@@ -155,15 +156,33 @@ class EngineCore:
         self.engine = engine
         self.commands = commands  # multiprocessing Connection (read end)
         self.outputs = outputs  # multiprocessing Connection (write end)
-        self._send_lock = threading.Lock()  # the watchdog thread sends too
+        # Messages leave through one sender thread: pickling a step's deltas and writing them
+        # into the pipe (which blocks while the API process is behind in reading) stay off the
+        # step loop, so a busy API process never stalls the device. One queue keeps the order.
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="jaxserve-core-sender",
+                                        daemon=True)
+        self._sender.start()
         self._failed_steps = 0
         self._step_started: float | None = None
         self._sent_gauges: tuple | None = None  # those of the last "step" message
         self.fanout = None  # multi-host: followers replay each command and step (distributed.py)
 
     def send(self, message: tuple) -> None:
-        with self._send_lock:
-            self.outputs.send(message)
+        """Queue a message for the API server; returns at once."""
+        self._outbox.put(message)
+
+    def _send_loop(self) -> None:
+        while (message := self._outbox.get()) is not None:
+            try:
+                self.outputs.send(message)
+            except (OSError, ValueError):  # the API server is gone: nobody to tell
+                return
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Send what is queued, then stop the sender thread."""
+        self._outbox.put(None)
+        self._sender.join(timeout)
 
     def run(self) -> None:
         """Until "stop" or the API server goes away (EOF); raises when the engine is broken."""
@@ -268,10 +287,8 @@ class EngineCore:
     def die(self) -> None:
         """Tell the API server (best effort) and leave at once: a thread may be stuck in a
         device call, and interpreter shutdown under it aborts the process."""
-        try:
-            self.send(("dead",))
-        except (OSError, ValueError):
-            pass
+        self.send(("dead",))
+        self.flush(timeout=5.0)  # the sender may be blocked on a reader that is gone
         logging.shutdown()
         os._exit(EXIT_ENGINE_DEAD)
 
@@ -315,5 +332,6 @@ def run_engine_core(config: EngineConfig, commands, outputs, log_level: int) -> 
     except BaseException:  # noqa: BLE001 - a broken engine: the server fails every request
         logger.exception("the engine is broken; the engine core exits")
         core.die()
+    core.flush(timeout=5.0)
     if multihost is not None:  # the followers see EOF; leave jax.distributed together
         distributed.shutdown(core.fanout)

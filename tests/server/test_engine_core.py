@@ -259,3 +259,22 @@ def test_stream_coalesces_news_of_a_slow_reader():
         return seen
 
     assert asyncio.run(failing()) == [2]
+
+
+def test_core_sends_without_waiting_for_the_reader():
+    """The step loop hands messages to a sender thread: three ~1 MB step messages (far beyond a
+    pipe's buffer) queue at once while nobody reads; then they arrive whole and in order."""
+    from multiprocessing import Pipe
+
+    from jaxserve.engine_core import EngineCore
+
+    reader, writer = Pipe(duplex=False)
+    core = EngineCore(engine=None, commands=None, outputs=writer)
+    big = [f"{i:08d}" * 100 for i in range(1000)]  # distinct strings: pickle cannot share them
+    sender = threading.Thread(target=lambda: [core.send(("step", big, [], i)) for i in range(3)])
+    sender.start()
+    sender.join(timeout=2.0)
+    assert not sender.is_alive(), "send() blocked on the pipe"
+    assert [reader.recv()[3] for _ in range(3)] == [0, 1, 2]
+    core.flush(timeout=5.0)
+    assert not core._sender.is_alive()  # noqa: SLF001
