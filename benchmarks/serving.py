@@ -30,6 +30,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from benchmarks import server_times
+
 METRICS = ("ttft", "tpot", "itl", "e2el")  # each reported as mean/median/std/p99, in ms
 # Named scenarios: defaults a flag given on the command line still overrides.
 PRESETS = {
@@ -327,12 +329,17 @@ async def amain(args) -> dict:
             print(f"rate {rate:g} req/s, max concurrency {args.max_concurrency or 'none'}: "
                   f"{len(requests)} requests")
             reset = await reset_prefix_cache(client)
+            before = await server_times.scrape(client)
             records, duration = await run_load(args, client, model, requests, rate)
+            server = server_times.mean_times_ms(before, await server_times.scrape(client))
             summary = {"request_rate": rate, "max_concurrency": args.max_concurrency,
-                       "prefix_cache_reset": reset, **summarize(records, duration)}
+                       "prefix_cache_reset": reset, **summarize(records, duration),
+                       "server_mean_ms": server}
             if args.save_detailed:
                 summary["requests"] = [vars(r) for r in records]
             print_table(summary)
+            if server:
+                print("server means (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in server.items()))
             runs.append(summary)
     tag = model.rstrip("/").split("/")[-1]
     name = args.name or f"serving_{tag}_{args.random_input_len}_{args.random_output_len}"

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import serving
+from benchmarks import server_times, serving
 from benchmarks.serving import RequestRecord
 from tests.engine.tiny import build_tiny_llama
 
@@ -68,6 +68,22 @@ def test_summarize_all_failed():
     assert s["completed"] == 0 and s["output_throughput"] == 0 and s["mean_ttft_ms"] == 0
 
 
+def test_server_time_means_from_two_scrapes():
+    before = server_times.parse_sums(
+        '# TYPE vllm:request_queue_time_seconds histogram\n'
+        'vllm:request_queue_time_seconds_bucket{le="0.1"} 1\n'
+        'vllm:request_queue_time_seconds_sum{model_name="m"} 0.5\n'
+        'vllm:request_queue_time_seconds_count{model_name="m"} 2\n')
+    after = server_times.parse_sums(
+        'vllm:request_queue_time_seconds_sum{model_name="m"} 1.5\n'
+        'vllm:request_queue_time_seconds_count{model_name="m"} 6\n'
+        'vllm:request_queue_time_seconds_sum{model_name="m",replica="1"} 0.5\n'
+        'vllm:request_queue_time_seconds_count{model_name="m",replica="1"} 1\n'
+        'vllm:time_to_first_token_seconds_sum{model_name="m"} 0\n')
+    # (1.5 + 0.5 - 0.5) s over (6 + 1 - 2) requests; a histogram without new requests is left out
+    assert server_times.mean_times_ms(before, after) == {"queue": 300.0}
+
+
 def test_workload_helpers():
     args = serving.parse_args(["--num-prompts", "50", "--random-input-len", "20",
                                "--random-output-len", "10", "--random-range-ratio", "0.5"])
@@ -112,6 +128,13 @@ def test_benchmark_against_server(base_url, tmp_path, flags):
     saved = json.loads(Path(result["json_path"]).read_text())
     assert saved["runs"][0]["completed"] == NUM_PROMPTS and saved["env"]["python"]
     assert Path(result["png_path"]).stat().st_size > 1000
+    # The server's own split of the time (from /metrics, this run only): queueing in the engine
+    # core + prefill end where the server's TTFT ends, which the client's TTFT contains.
+    times = run["server_mean_ms"]
+    assert set(times) == {"queue", "prefill", "ttft", "decode"}
+    assert 0 <= times["queue"] and 0 < times["prefill"] and 0 < times["decode"]
+    assert times["queue"] + times["prefill"] <= times["ttft"] + 1.0
+    assert times["ttft"] <= run["mean_ttft_ms"] + 1.0
 
 
 def test_main_sweep_and_failures(base_url, tmp_path):
