@@ -33,13 +33,19 @@ def busy_fraction(trace_path: str) -> dict:
     names = {e["pid"]: e["args"]["name"] for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
     device_pids = {pid for pid, name in names.items() if "/device:" in name and "CPU" not in name}
-    spans, per_name = [], defaultdict(float)
+    spans, per_name, per_host = [], defaultdict(float), defaultdict(float)
     for e in events:
-        if e.get("ph") == "X" and e.get("pid") in device_pids and e.get("dur", 0) > 0:
+        if e.get("ph") != "X" or e.get("dur", 0) <= 0:
+            continue
+        if e.get("pid") in device_pids:
             spans.append((e["ts"], e["ts"] + e["dur"]))
             per_name[e.get("name", "?")] += e["dur"]
+        else:  # host threads: XLA's runtime events when the host tracer is on (nested: inclusive)
+            per_host[e.get("name", "?")] += e["dur"]
+    top_host = sorted(per_host.items(), key=lambda kv: -kv[1])[:25]
     if not spans:
-        return {"busy_fraction": None, "device_processes": sorted(names.values())}
+        return {"busy_fraction": None, "device_processes": sorted(names.values()),
+                "top_host_ms": [(n, d / 1e3) for n, d in top_host]}
     spans.sort()
     busy, (cur_start, cur_end) = 0.0, spans[0]
     for start, end in spans[1:]:
@@ -52,15 +58,17 @@ def busy_fraction(trace_path: str) -> dict:
     span = spans[-1][1] - spans[0][0]
     top = sorted(per_name.items(), key=lambda kv: -kv[1])[:25]
     return {"busy_fraction": busy / span, "span_ms": span / 1e3, "busy_ms": busy / 1e3,
-            "num_device_events": len(spans), "top_ops_ms": [(n, d / 1e3) for n, d in top]}
+            "num_device_events": len(spans), "top_ops_ms": [(n, d / 1e3) for n, d in top],
+            "top_host_ms": [(n, d / 1e3) for n, d in top_host]}
 
 
-def trace_device(run, trace_dir: str | None = None) -> tuple[dict, float]:
-    """(busy_fraction summary, wall seconds) of run() under jax.profiler with device activity only
-    (host tracing would slow the host). The trace is kept in trace_dir if given, else deleted."""
+def trace_device(run, trace_dir: str | None = None, host_level: int = 0) -> tuple[dict, float]:
+    """(busy_fraction summary, wall seconds) of run() under jax.profiler with device activity
+    only, or also XLA's host-side events at host_level 1-3 (slows the host: for finding where a
+    launch spends its time, not for timing). The trace is kept in trace_dir if given."""
     out_dir = trace_dir or tempfile.mkdtemp()
     options = jax.profiler.ProfileOptions()
-    options.host_tracer_level = 0
+    options.host_tracer_level = host_level
     options.python_tracer_level = 0
     with jax.profiler.trace(out_dir, profiler_options=options):
         start = time.perf_counter()

@@ -73,8 +73,10 @@ def run_engine(args) -> dict:
             result["outs"] = llm.generate(batch, params, use_tqdm=False)
             result["elapsed"] = time.perf_counter() - start
 
-        trace = common.trace_device(timed)[0] if args.profile else None
-        if not args.profile:
+        profile = args.profile or args.profile_host
+        trace = (common.trace_device(timed, host_level=2 if args.profile_host else 0)[0]
+                 if profile else None)
+        if not profile:
             timed()
         outs, elapsed = result["outs"], result["elapsed"]
         llm.reset_prefix_cache()
@@ -96,6 +98,10 @@ def run_engine(args) -> dict:
                   "; top ops (ms/step): " + ", ".join(
                       f"{op[:60]} {ms / steps:.2f}" for op, ms in trace.get("top_ops_ms", [])[:12]),
                   flush=True)
+            if args.profile_host:
+                print("    host events (ms/step, inclusive): " + ", ".join(
+                    f"{op[:60]} {ms / steps:.2f}" for op, ms in trace.get("top_host_ms", [])[:20]),
+                    flush=True)
     return rows
 
 
@@ -194,6 +200,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names (see ROWS)")
     p.add_argument("--micro", action="store_true", help="time sample() alone")
+    p.add_argument("--profile-host", action="store_true",
+                   help="--profile plus XLA's host events (where a launch spends its time; the "
+                        "host tracer slows the host, so not for timing)")
     p.add_argument("--profile", action="store_true",
                    help="engine rows under the JAX profiler: device busy time and top ops per step")
     p.add_argument("--micro-engine-variant", action="store_true",
