@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# On an nvidia-h200-x2 machine: the GPU bars still unmeasured at the end of 2026-11-29's sessions,
-# batched as two lanes (one per GPU) or one two-GPU job per call, each call under ~9 minutes.
-#   PART=sampling  issue 13: the four sampling tables (packed host inputs: dispatch ms before/after)
-#   PART=tp        issue 19: TP=1 vs TP=2 launch/step A/B, TP=2 tokens + batch-1 TPOT; then issue 15's
-#                  structured cost (GPU 0) and issue 16's quantized batch-1 rows (GPU 1)
+# On an nvidia-h200-x2 machine: the GPU bars still unmeasured after 2026-11-29's sessions, batched
+# as two lanes (one per GPU) or one two-GPU job per call, each call under ~9 minutes.
+#   PART=launch    the ~9 ms launch of each step (issues 13/15/20): XLA's host events per step
+#                  (--profile-host) on GPU 0; Mosaic GPU custom calls kept out of XLA's command
+#                  buffers on GPU 1 (A/B of dispatch ms); then issue 15's structured cost (GPU 1)
+#   PART=sampling  issue 13's four sampling tables (met at 9b86482 / 531d3ba: re-run after sampler work)
+#   PART=tp        issue 19: TP=1 vs TP=2 launch/step A/B, TP=2 tokens + batch-1 TPOT; then issue 16's
+#                  fp8 batch-1 latency (GPU 1)
 #   PART=moe       issue 18: Mixtral-8x7B (GPU 0) and Qwen3-30B-A3B (GPU 1), 256 x (512 / 256)
-#   PART=scale     issue 14: workload B at the device defaults and at 256 seqs (GPU 0), the mixed
-#                  lognormal workload (GPU 1)
-# Carry .gpu_assets (smollm2_tokenizer) and .whl (bash scripts/build_server_wheels.sh); results and
-# logs land in $OUT. Record them in benchmarks/RESULTS.md with the commit and these commands.
+#   PART=scale     issue 14: workload A at the device defaults (GPU 0), the mixed lognormal workload
+#                  (GPU 1)
+# Carry .gpu_assets (smollm2_tokenizer) and .whl (bash scripts/build_server_wheels.sh). Results and
+# logs are packed into $OUT/results.tgz (a call brings back only a few files). Record them in
+# benchmarks/RESULTS.md with the commit (JAXSERVE_COMMIT) and these commands.
 set -uo pipefail
-out=${OUT:-/tmp/out}
-mkdir -p "$out"
+final=${OUT:-/tmp/out}
+out=/tmp/results
+mkdir -p "$out" "$final"
+trap 'tar czf "$final/results.tgz" -C "$out" .' EXIT
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
   .whl/*.whl || exit 1
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -28,7 +34,18 @@ sampling() {  # GPU MODEL
   job "$1" "sampling_$2_1024" 285 -m benchmarks.sampling --model "$2" --load-format dummy \
     --num-seqs 1024 --num-prompts 1024 --tokenizer "$tok" --out "$out"
 }
-case "${PART:-sampling}" in
+case "${PART:-launch}" in
+  launch)
+    rows="greedy,T0.7 top_p 0.9"
+    job 0 launch_host_events 280 -m benchmarks.sampling --model llama-3-8b --num-seqs 512 \
+      --rows "$rows" --profile-host --tokenizer "$tok" --out "$out" --name launch_host_events &
+    { XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CONDITIONAL \
+        job 1 launch_no_custom_call_graphs 250 -m benchmarks.sampling --model llama-3-8b \
+        --num-seqs 512 --rows "$rows" --profile --tokenizer "$tok" --out "$out" \
+        --name launch_no_custom_call_graphs
+      job 1 structured 280 -m benchmarks.structured --model llama-3-8b --load-format dummy \
+        --num-prompts 256 --tokenizer "$tok" --out "$out"; } &
+    wait ;;
   sampling)
     sampling 0 qwen2-7b & sampling 1 llama-3-8b & wait ;;
   tp)
@@ -40,12 +57,9 @@ case "${PART:-sampling}" in
     export JAXSERVE_TEST_GPU=1 JAXSERVE_TEST_TOKENIZER=$tok
     job 0,1 tp_tokens_tpot 240 -m pytest \
       tests/test_distributed.py -k gpu -s -q -p no:cacheprovider
-    job 0 structured 230 -m benchmarks.structured --model llama-3-8b --load-format dummy \
-      --num-prompts 256 --tokenizer "$tok" --out "$out" &
     job 1 latency_fp8 230 -m benchmarks.latency --model llama-3-8b --load-format dummy \
       --tokenizer "$tok" --batch-sizes 1 --input-len 128 --output-len 128 --quantization fp8 \
-      --out "$out" &
-    wait ;;
+      --out "$out" ;;
   moe)
     job 0 moe_mixtral 540 -m benchmarks.throughput --model mixtral-8x7b --tokenizer "$tok" \
       --num-prompts 256 --input-len 512 --output-len 256 --max-num-seqs 256 --out "$out" &
@@ -53,14 +67,11 @@ case "${PART:-sampling}" in
       --num-prompts 256 --input-len 512 --output-len 256 --max-num-seqs 256 --out "$out" &
     wait ;;
   scale)
-    { job 0 workload_b_defaults 280 -m benchmarks.throughput --model llama-3-8b --tokenizer "$tok" \
-        --num-prompts 1000 --input-len 512 --output-len 256 --out "$out" --name workload_b_defaults
-      job 0 workload_b_256 250 -m benchmarks.throughput --model llama-3-8b --tokenizer "$tok" \
-        --num-prompts 1000 --input-len 512 --output-len 256 --max-num-seqs 256 \
-        --max-num-batched-tokens 2048 --out "$out" --name workload_b_256; } &
+    job 0 workload_a_defaults 400 -m benchmarks.throughput --model qwen2-7b --tokenizer "$tok" \
+      --num-prompts 1000 --input-len 100 --output-len 200 --out "$out" --name workload_a_defaults &
     job 1 mixed_lognormal 400 -m benchmarks.throughput --model qwen2-7b --tokenizer "$tok" \
       --num-prompts 1000 --length-dist lognormal --input-len 280 --output-len 190 \
       --temperature 0.8 --top-p 0.95 --out "$out" --name mixed_lognormal_qwen2_7b &
     wait ;;
-  *) echo "PART=sampling|tp|moe|scale" >&2; exit 2 ;;
+  *) echo "PART=launch|sampling|tp|moe|scale" >&2; exit 2 ;;
 esac
