@@ -111,6 +111,7 @@ class ModelRunner:
         self.max_logprobs = min(max_logprobs, vocab_size)  # logprobs=-1: the whole vocabulary
         self.num_compiles = 0
         self.compile_seconds = 0.0
+        self.peak_temp_bytes = 0  # the most temporary memory any compiled step needs
         self._executables: dict[tuple, object] = {}
         self._lock = threading.Lock()
         self._deferred_thread: threading.Thread | None = None
@@ -221,8 +222,10 @@ class ModelRunner:
         start = time.perf_counter()
         exe = lowered.compile()
         seconds = time.perf_counter() - start
+        temp = _temp_bytes(exe)
         with self._lock:
             self._executables[key] = exe
+            self.peak_temp_bytes = max(self.peak_temp_bytes, temp)
             self.num_compiles += 1
             self.compile_seconds += seconds
             logger.info("compiled %s #%d (%d tokens, page table %s, %s) in %.1fs", key.kind,
@@ -249,8 +252,9 @@ class ModelRunner:
             lowered_at = time.perf_counter()
             for f in futures:
                 f.result()  # re-raise a failed compile here
-        logger.info("warm-up: %d step shapes in %.1fs (the last lowered after %.1fs)",
-                    len(futures), time.perf_counter() - start, lowered_at - start)
+        logger.info("warm-up: %d step shapes in %.1fs (the last lowered after %.1fs); the "
+                    "largest step's temporaries: %.2f GiB (XLA's memory analysis)", len(futures),
+                    time.perf_counter() - start, lowered_at - start, self.peak_temp_bytes / 2**30)
 
     def start_deferred_warmup(self) -> None:
         """Compile the deferred kind of step in a background thread, once: called when the first
@@ -367,3 +371,11 @@ class ModelRunner:
     def jit_cache_size(self) -> int:
         return len(self._executables)
 
+
+def _temp_bytes(exe) -> int:
+    """Bytes of temporaries a compiled executable allocates per call (0 where not reported)."""
+    try:
+        analysis = exe.memory_analysis()
+    except (NotImplementedError, AttributeError, RuntimeError):
+        return 0
+    return int(getattr(analysis, "temp_size_in_bytes", 0) or 0)

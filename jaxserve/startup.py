@@ -79,6 +79,9 @@ def num_kv_pages_for(config: EngineConfig, model_config: ModelConfig, dtype, max
         # bytes_limit is gpu_memory_utilization of the device (reserve_device_memory), unless the
         # backend started earlier or XLA_PYTHON_CLIENT_MEM_FRACTION was set: then that share.
         budget = stats["bytes_limit"] - stats["bytes_in_use"] - act
+        logger.info("KV pool sizing: %.2f GiB of %.2f GiB left after the weights are kept for "
+                    "one step's temporaries (estimate; warm-up logs XLA's measured peak)",
+                    act / 2**30, (stats["bytes_limit"] - stats["bytes_in_use"]) / 2**30)
     else:
         budget = _CPU_KV_BUDGET_BYTES * config.gpu_memory_utilization
     return int(budget // per_page)

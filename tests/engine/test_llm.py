@@ -255,6 +255,9 @@ def test_warmup_compiles_every_step_shape_of_both_sampler_variants(model_dir):
     runner.warmup()
     compiled = runner.num_compiles
     assert compiled == 2 * len(runner.buckets)  # plain and full sampler
+    # XLA's measured temporaries of the largest step (logged next to the pool's reserve): at
+    # least one step's f32 [8, V] logits
+    assert runner.peak_temp_bytes >= 8 * llm.llm_engine.model_config.vocab_size * 4
     settings = [dict(temperature=0.7), dict(temperature=0), dict(temperature=0.7, top_p=0.9),
                 dict(temperature=0.7, top_k=5, min_p=0.1, repetition_penalty=1.1),
                 dict(temperature=0, logprobs=3), dict(temperature=0, presence_penalty=0.5)]
