@@ -47,8 +47,8 @@ class Checkpoint:
     native_dtype: str | None = None  # "bfloat16"/"float16"/"float32"; None = quantized GGUF
     generation_config: dict = field(default_factory=dict)  # generation_config.json, if any
     # GGUF only: HF tensor name -> GGUF type name ("Q4_1", "Q6_K", "F32", ...), and for the
-    # Q4_0/Q4_1/Q4_K 2-D tensors a second lazy reader giving a models.quant.QuantizedHost
-    # (quantization="gguf" keeps those projections int4; `tensors` still dequantizes).
+    # Q4_0/Q4_1/Q4_K/Q8_0 2-D tensors a second lazy reader giving a models.quant.QuantizedHost
+    # (quantization="gguf" keeps those projections int4 / int8; `tensors` still dequantizes).
     gguf_types: dict[str, str] = field(default_factory=dict)
     int4_tensors: dict[str, Callable] = field(default_factory=dict)
 

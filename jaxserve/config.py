@@ -39,7 +39,8 @@ class ModelConfig:
     attn_logits_soft_cap: float | None = None
     kv_replication: int = 1  # each HF kv head is stored this many times (tensor parallel > K)
     # Projection weight format (models/linear.py, models/quant.py): None (the param dtype),
-    # "fp8" (e4m3 W8A8) or "int4" (AWQ/GPTQ packed, quant_group_size input rows per scale).
+    # "fp8" (e4m3 W8A8), "int4" (AWQ/GPTQ packed, quant_group_size input rows per scale) or
+    # "gguf" (per projection: int4_f32 or int8_g32, models/linear.py set_projection_formats).
     quantization: str | None = None
     quant_group_size: int = 128
     # LoRA adapter slots on device (models/lora.py): S and the padded rank R; 0 = no LoRA params.
@@ -129,7 +130,7 @@ class EngineConfig:
                                    aliases=("-dp",))
     quantization: str | None = _opt(
         None, "fp8 (W8A8: an FP8 checkpoint, or a float one quantized at load), awq or gptq "
-              "(int4 checkpoints), gguf (a .gguf file's Q4_0/Q4_1/Q4_K projections kept int4); "
+              "(int4 checkpoints), gguf (a .gguf file's Q4 projections kept int4, Q8_0 int8); "
               "unset: the checkpoint's quantization_config, if any",
         aliases=("-q",))
     kv_cache_dtype: str = _opt("auto", "auto (the model's dtype) or fp8 / fp8_e4m3 (e4m3 pages)")

@@ -1,6 +1,7 @@
 """GGUF files for checkpoint.read_gguf: llama.cpp metadata -> an HF-style config dict, llama.cpp
-tensor names -> HF names, and lazy readers (dequantized f32, or int4 QuantizedHost for Q4_0/Q4_1/
-Q4_K) that undo llama.cpp's q/k row permutation. The Checkpoint itself is built in checkpoint.py.
+tensor names -> HF names, and lazy readers (dequantized f32, or a QuantizedHost for Q4_0/Q4_1/
+Q4_K/Q8_0: models/gguf_quant.py) that undo llama.cpp's q/k row permutation. The Checkpoint
+itself is built in checkpoint.py.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import re
 
 import numpy as np
 
-from models.quant import GGUF_INT4_TYPES, gguf_int4_host
+from models.gguf_quant import GGUF_KEPT_TYPES, gguf_kept_host
 
 logger = logging.getLogger("jaxserve")
 
@@ -170,17 +171,17 @@ def _gemma_gguf_config(meta: dict, hf: dict) -> dict:
 
 
 def gguf_tensors(reader, hf: dict, permute: bool):
-    """(HF name -> lazy f32 array, HF name -> lazy int4 QuantizedHost for the 2-D Q4_0/Q4_1/Q4_K
-    tensors, HF name -> GGUF type name); q/k weights un-permuted when llama.cpp permuted them
-    (scales and zeros with their rows); Gemma's norms stored as 1 + w by llama.cpp, shifted back
-    to HF's w."""
+    """(HF name -> lazy f32 array, HF name -> lazy QuantizedHost for the 2-D tensors of a
+    GGUF_KEPT_TYPES type (Q4_0/Q4_1/Q4_K int4, Q8_0 int8), HF name -> GGUF type name); q/k weights
+    un-permuted when llama.cpp permuted them (scales and zeros with their rows); Gemma's norms
+    stored as 1 + w by llama.cpp, shifted back to HF's w."""
     from gguf.quants import dequantize
 
     gemma = hf["architectures"][0] in ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
     names = ((_GGUF_GEMMA_NAMES if gemma else []) + _GGUF_ARCH_NAMES.get(hf["architectures"][0], [])
              + _GGUF_NAMES)
     compiled = [(re.compile(p), target) for p, target in names]
-    out, int4, types = {}, {}, {}
+    out, kept, types = {}, {}, {}
     for t in reader.tensors:
         for pattern, target in compiled:
             if (m := pattern.fullmatch(t.name)) is not None:
@@ -203,17 +204,19 @@ def gguf_tensors(reader, hf: dict, permute: bool):
 
         out[name] = load
         types[name] = t.tensor_type.name
-        if types[name] in GGUF_INT4_TYPES and len(t.shape) == 2:
-            int4[name] = functools.partial(_load_int4, t, num_heads)
-    return out, int4, types
+        if types[name] in GGUF_KEPT_TYPES and len(t.shape) == 2:
+            kept[name] = functools.partial(_load_kept, t, num_heads)
+    return out, kept, types
 
 
-def _load_int4(t, num_heads: int | None):
-    """One Q4 GGUF tensor -> QuantizedHost [O, I] (models.quant.gguf_int4_host), un-permuted."""
-    host = gguf_int4_host(t.data, t.tensor_type.name, int(t.shape[0]))
+def _load_kept(t, num_heads: int | None):
+    """One Q4/Q8_0 GGUF tensor -> QuantizedHost [O, I] (models.gguf_quant.gguf_kept_host),
+    un-permuted."""
+    host = gguf_kept_host(t.data, t.tensor_type.name, int(t.shape[0]))
     if num_heads:
         host = dataclasses.replace(host, **{k: _unpermute_rope(getattr(host, k), num_heads)
-                                            for k in ("values", "scales", "zeros")})
+                                            for k in ("values", "scales", "zeros")
+                                            if getattr(host, k) is not None})
     return host
 
 

@@ -25,9 +25,10 @@ from jaxserve.sharding import ShardingRules, make_mesh
 from models import architecture_of, config_from_hf, get_model_class, get_weight_map
 from models.hf import map_weight_names
 from models.layers import longrope_for_context
-from models.linear import expand_projections
-from models.quant import (GGUF_GROUP, GGUF_INT4_TYPES, QUANT_LEAVES, QuantizedHost, QuantMethod,
-                          check_fp8_devices, linear_arrays, method_from_hf)
+from models.gguf_quant import GGUF_GROUP, GGUF_KEPT_TYPES
+from models.linear import set_projection_formats
+from models.quant import (QUANT_LEAVES, QuantizedHost, QuantMethod, check_fp8_devices,
+                          linear_arrays, method_from_hf)
 
 logger = logging.getLogger("jaxserve")
 
@@ -68,7 +69,7 @@ def load_model(model: str | None, *, load_format: str = "auto", dtype: str = "au
     revision, download_dir: the hub revision of `model` and the cache directory for downloads.
     quantization: None (the checkpoint's quantization_config, if any), "fp8" (an FP8 checkpoint,
       or a float one quantized at load), "awq" / "gptq" (int4 checkpoints; random with dummy),
-      "gguf" (a .gguf file's Q4_0/Q4_1/Q4_K projections kept int4, the rest expanded).
+      "gguf" (a .gguf file's Q4_0/Q4_1/Q4_K projections kept int4, Q8_0 int8, the rest expanded).
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"{load_format=} must be one of {LOAD_FORMATS}")
@@ -88,9 +89,9 @@ def load_model(model: str | None, *, load_format: str = "auto", dtype: str = "au
     mesh = mesh if mesh is not None else make_mesh(tensor_parallel_size)
     if method is not None and method.weight_format == "fp8":
         check_fp8_devices(mesh.devices.flat)
-    int4_paths = _gguf_int4_paths(ckpt, config) if method and method.name == "gguf" else None
+    formats = _gguf_formats(ckpt, config) if method and method.name == "gguf" else None
     graphdef, abstract, shardings = abstract_model(config, param_dtype, mesh, rules,
-                                                   int4_paths=int4_paths)
+                                                   formats=formats)
     if load_format == "dummy":
         state = _random_state(abstract, shardings, seed)
     else:
@@ -111,34 +112,35 @@ def _quant_method(ckpt: Checkpoint, requested: str | None, load_format: str
                   ) -> QuantMethod | None:
     """models.quant.method_from_hf; dummy weights take awq/gptq's layout without a checkpoint
     (group size 128), so the int4 path can be benchmarked on presets. "gguf" needs a GGUF file
-    holding at least one Q4_0/Q4_1/Q4_K tensor (group size 32, f32 scales and zeros)."""
+    holding at least one Q4_0/Q4_1/Q4_K/Q8_0 tensor (group size 32)."""
     if load_format == "dummy" and requested in ("awq", "gptq"):
         return QuantMethod(requested)
     if requested == "gguf" and ckpt.gguf_types:
-        if not any(t in GGUF_INT4_TYPES for t in ckpt.gguf_types.values()):
-            raise ValueError(f"quantization='gguf': {ckpt.name!r} has no Q4_0/Q4_1/Q4_K tensors "
-                             f"(types {sorted(set(ckpt.gguf_types.values()))}); leave "
+        if not any(t in GGUF_KEPT_TYPES for t in ckpt.gguf_types.values()):
+            raise ValueError(f"quantization='gguf': {ckpt.name!r} has no Q4_0/Q4_1/Q4_K/Q8_0 "
+                             f"tensors (types {sorted(set(ckpt.gguf_types.values()))}); leave "
                              f"quantization unset to load it expanded")
         return QuantMethod("gguf", group_size=GGUF_GROUP)
     return method_from_hf(ckpt.hf_config, requested)
 
 
-def _gguf_int4_paths(ckpt: Checkpoint, config: ModelConfig) -> frozenset[str]:
-    """Param paths of the projections kept int4 (their GGUF tensor is Q4_0/Q4_1/Q4_K); the
-    other projections (Q6_K, Q8_0, F16, ...) are built as plain params and expanded. Logged."""
+def _gguf_formats(ckpt: Checkpoint, config: ModelConfig) -> dict[str, str]:
+    """Param path -> device format of the projections kept quantized (GGUF_KEPT_TYPES: Q4_0/Q4_1/
+    Q4_K int4_f32, Q8_0 int8_g32); the other projections (Q6_K, F16, ...) are built as plain
+    params and expanded. Logged."""
     weight_map = get_weight_map(architecture_of({"architectures": [config.architecture]}))
     mapped, _ = map_weight_names(ckpt.gguf_types, weight_map)
     kept, expanded = {}, {}
     for path, (hf_name, _) in mapped.items():
         if isinstance(hf_name, str) and hf_name.endswith("_proj.weight"):
             t = ckpt.gguf_types[hf_name]
-            side = kept if t in GGUF_INT4_TYPES else expanded
+            side = kept if t in GGUF_KEPT_TYPES else expanded
             side.setdefault(t, []).append(path)
     count = lambda d: ", ".join(f"{t} {len(p)}" for t, p in sorted(d.items())) or "none"
-    logger.info("quantization=gguf: %d projections kept int4 (%s), %d expanded to the param "
-                "dtype (%s)", sum(map(len, kept.values())), count(kept),
-                sum(map(len, expanded.values())), count(expanded))
-    return frozenset(p for paths in kept.values() for p in paths)
+    logger.info("quantization=gguf: %d projections kept quantized (%s: Q4 as int4, Q8_0 as "
+                "int8), %d expanded to the param dtype (%s)", sum(map(len, kept.values())),
+                count(kept), sum(map(len, expanded.values())), count(expanded))
+    return {p: GGUF_KEPT_TYPES[t] for t, paths in kept.items() for p in paths}
 
 
 def check_max_model_len(max_model_len: int | None, limit: int) -> int:
@@ -169,15 +171,16 @@ def resolve_dtype(dtype: str, ckpt: Checkpoint) -> jnp.dtype:
 
 
 def abstract_model(config: ModelConfig, dtype, mesh: Mesh, rules: ShardingRules, *,
-                   int4_paths: frozenset[str] | None = None):
+                   formats: dict[str, str] | None = None):
     """(graphdef, abstract state of ShapeDtypeStructs, matching state of NamedShardings).
-    int4_paths (GGUF): only these projections stay quantized, the others become plain params."""
+    formats (GGUF): path -> format of the projections kept quantized; the others become plain
+    params (models.linear.set_projection_formats)."""
     cls = get_model_class(config.architecture)
 
     def build():
         model = cls(config, dtype=dtype, rngs=nnx.Rngs(0))
-        if int4_paths is not None:
-            expand_projections(model, int4_paths, dtype, nnx.Rngs(0))
+        if formats is not None:
+            set_projection_formats(model, formats, dtype, nnx.Rngs(0))
         return model
 
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules.as_pairs()):
@@ -221,8 +224,8 @@ def _checkpoint_state(ckpt: Checkpoint, config: ModelConfig, abstract: nnx.State
     for path, leaves in tqdm(quantized.items(), desc="quantized weights", unit="tensor",
                              disable=not quantized):
         hf_name, transform = mapped[path]
-        # A GGUF's Q4 projections stay int4 only for quantization="gguf"; fp8 (or anything else)
-        # quantizes their float dequantization.
+        # A GGUF's Q4/Q8_0 projections stay quantized only for quantization="gguf"; fp8 (or
+        # anything else) quantizes their float dequantization.
         kept = ckpt.int4_tensors.get(hf_name) if method.name == "gguf" else None
         read = kept or ckpt.tensors[hf_name]
         arrays = linear_arrays(read(), transform, config, method,

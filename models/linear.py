@@ -4,9 +4,10 @@
 Unquantized (cfg.quantization None): an nnx.Param in the einsum layout and `jnp.einsum(spec, ...)`,
 exactly the plain path. Quantized: a QuantLinear holding the format's leaves (models/quant.py):
 fp8 W8A8 through `lax.dot_general` on e4m3 inputs (XLA's FP8 GEMM on Hopper), int4 (AWQ/GPTQ;
-GGUF's Q4 blocks as int4_f32) kept packed and dequantized inside kernels_pallas/quant_matmul.
-A GGUF model mixes both: expand_projections turns the projections whose tensor is not Q4 into
-plain params after the model is built.
+GGUF's Q4 blocks as int4_f32) kept packed and dequantized inside kernels_pallas/quant_matmul,
+int8_g32 (GGUF's Q8_0) dequantized to the activation dtype before one XLA matmul.
+The format is per projection: a GGUF model (cfg.quantization "gguf") is built int4_f32, then
+set_projection_formats gives each projection its tensor's format, or a plain param (Q6_K, F16).
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from jaxserve.sharding import num_shards
 from kernels_pallas.quant_matmul import int4_matmul
 from models.quant import FP8_MAX, leaf_shapes
 
+FORMATS = ("fp8", "int4", "int4_f32", "int8_g32")  # QuantLinear.weight_format (models/quant.py)
+
 
 def projection(cfg: ModelConfig, rngs: nnx.Rngs, shape: tuple[int, ...],
                names: tuple[str, ...], dtype, *, num_in: int = 1):
@@ -30,8 +33,10 @@ def projection(cfg: ModelConfig, rngs: nnx.Rngs, shape: tuple[int, ...],
         from models.layers import param  # layers imports this module
 
         return param(rngs, shape, names, dtype)
-    return QuantLinear(cfg.quantization, shape, names, num_in=num_in,
-                       group_size=cfg.quant_group_size, rngs=rngs)
+    # "gguf": per projection, set after the build (set_projection_formats); int4_f32 until then.
+    fmt = "int4_f32" if cfg.quantization == "gguf" else cfg.quantization
+    return QuantLinear(fmt, shape, names, num_in=num_in, group_size=cfg.quant_group_size,
+                       rngs=rngs)
 
 
 def project(spec: str, x: jax.Array, w) -> jax.Array:
@@ -49,14 +54,15 @@ class QuantLinear(nnx.Module):
           qscale f32[O] per output channel.
     int4: qweight i32[I/8, O] (packing: models.quant.pack_int4), qscale/qzero f16[I/g, O]
           (int4_f32: f32, GGUF).
+    int8_g32: qweight i8[I, O], qscale f16[I/g, O] (GGUF Q8_0, g = 32): w = q * scale.
     """
 
     def __init__(self, weight_format: str, shape: tuple[int, ...], names: tuple[str, ...], *,
                  num_in: int, group_size: int, rngs: nnx.Rngs):
-        if weight_format not in ("fp8", "int4", "int4_f32"):
-            raise ValueError(f"{weight_format=} must be 'fp8', 'int4' or 'int4_f32'")
-        self.weight_format, self.group_size = weight_format, group_size
-        self.shape, self.names = tuple(shape), tuple(names)  # the plain param's (expand_projections)
+        if weight_format not in FORMATS:
+            raise ValueError(f"{weight_format=} must be one of {FORMATS}")
+        self.weight_format, self.group_size, self.num_in = weight_format, group_size, num_in
+        self.shape, self.names = tuple(shape), tuple(names)  # the plain param's
         self.in_features = math.prod(shape[:num_in])
         self.out_shape = tuple(shape[num_in:])
         in_name, out_name = names[0], names[num_in]
@@ -75,6 +81,8 @@ class QuantLinear(nnx.Module):
         x2 = x.reshape(x.shape[0], self.in_features)
         if self.weight_format == "fp8":
             y = fp8_matmul(x2, self.qweight[...], self.qscale[...])
+        elif self.weight_format == "int8_g32":
+            y = int8_matmul(x2, self.qweight[...], self.qscale[...], group_size=self.group_size)
         else:
             # Pallas kernels are not partitioned by XLA: under tensor parallelism the dequantize +
             # matmul path runs (XLA shards it like any matmul).
@@ -112,18 +120,41 @@ def fp8_matmul_reference(x: jax.Array, w: jax.Array, w_scale: jax.Array) -> jax.
     return y.astype(x.dtype)
 
 
-def expand_projections(model: nnx.Module, keep: frozenset[str], dtype, rngs: nnx.Rngs) -> int:
-    """Replace every QuantLinear whose path ("layers.0.mlp.down_proj") is not in `keep` by the
-    plain einsum-layout param `projection` builds unquantized (same shape and logical names), so
-    a GGUF file's Q6_K/Q8_0/F16 projections load expanded next to its Q4 ones. Returns how many
-    were replaced."""
+def dequantize_int8(qweight: jax.Array, scales: jax.Array, *, group_size: int,
+                    dtype=jnp.float32) -> jax.Array:
+    """qweight i8[I, O], scales [I/g, O] -> w [I, O] = q * scale in `dtype`, computed in f32
+    (exact there for GGUF's f16 scales: 8 x 11 significant bits)."""
+    I, O = qweight.shape
+    q = qweight.reshape(I // group_size, group_size, O).astype(jnp.float32)
+    return (q * scales.astype(jnp.float32)[:, None, :]).reshape(I, O).astype(dtype)
+
+
+def int8_matmul(x: jax.Array, qweight: jax.Array, scales: jax.Array, *, group_size: int
+                ) -> jax.Array:
+    """x [T, I] @ int8 weight (qweight i8[I, O], scales [I/g, O]) -> [T, O] in x's dtype: the
+    weight dequantized to x's dtype (XLA fuses it into the matmul's operand; the same path as
+    int4's prefill), one matmul with f32 accumulation. Sharded by XLA like any matmul."""
+    w = dequantize_int8(qweight, scales, group_size=group_size, dtype=x.dtype)
+    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def set_projection_formats(model: nnx.Module, formats: dict[str, str], dtype,
+                           rngs: nnx.Rngs) -> int:
+    """Give every QuantLinear its own format: the one `formats` names for its path
+    ("layers.0.mlp.down_proj" -> "int8_g32"), or, for a path not in `formats`, the plain
+    einsum-layout param `projection` builds unquantized (same shape and logical names). This is
+    how a GGUF file's Q4 projections load int4_f32, its Q8_0 ones int8_g32 and its Q6_K/F16 ones
+    expanded, in one model. Returns how many were replaced."""
     from models.layers import param  # layers imports this module
 
-    found = [(path, node) for path, node in nnx.iter_graph(model)
-             if isinstance(node, QuantLinear) and ".".join(map(str, path)) not in keep]
+    found = [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, QuantLinear)
+             and formats.get(".".join(map(str, path))) != node.weight_format]
     for path, node in found:
         parent = model
         for key in path[:-1]:
             parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-        setattr(parent, path[-1], param(rngs, node.shape, node.names, dtype))
+        fmt = formats.get(".".join(map(str, path)))
+        setattr(parent, path[-1], param(rngs, node.shape, node.names, dtype) if fmt is None
+                else QuantLinear(fmt, node.shape, node.names, num_in=node.num_in,
+                                 group_size=node.group_size, rngs=rngs))
     return len(found)

@@ -3,7 +3,8 @@
 orientation [out, in]), quantize-at-load (fp8), and the device layouts models/linear.py holds.
 
 Data path: checkpoint.py wraps a quantized checkpoint's tensors (wrap_quantized_tensors), weights.py
-turns each QuantizedHost or float tensor into a QuantLinear's leaves (linear_arrays).
+turns each QuantizedHost or float tensor into a QuantLinear's leaves (linear_arrays). GGUF's
+blocks become QuantizedHosts in models/gguf_quant.py.
 """
 from __future__ import annotations
 
@@ -25,8 +26,10 @@ INT4_PACK = 8  # nibbles per int32
 @dataclass(frozen=True)
 class QuantMethod:
     """How a model's projections are stored: `name` is the --quantization value; `weight_format`
-    the device layout ("fp8": e4m3 [O, I] + f32[O]; "int4": packed + f16 group scales/zeros;
-    "int4_f32": the same packing with f32 scales/zeros, GGUF's Q4 blocks converted exactly)."""
+    the device layout ("fp8": e4m3 [O, I] + f32[O]; "int4": packed + f16 group scales/zeros),
+    or "gguf": one format per projection, its tensor's (models/gguf_quant.py GGUF_KEPT_TYPES:
+    "int4_f32", the int4 packing with f32 scales/zeros, for Q4 blocks; "int8_g32", i8 [I, O]
+    + f16 scales per 32 inputs, for Q8_0), chosen at load (weights.py)."""
 
     name: str  # "fp8" | "awq" | "gptq" | "gguf"
     group_size: int = 128  # int4: input rows per scale/zero
@@ -34,7 +37,7 @@ class QuantMethod:
 
     @property
     def weight_format(self) -> str:
-        return {"fp8": "fp8", "gguf": "int4_f32"}.get(self.name, "int4")
+        return {"fp8": "fp8", "gguf": "gguf"}.get(self.name, "int4")
 
 
 def method_from_hf(hf: dict, requested: str | None) -> QuantMethod | None:
@@ -122,7 +125,7 @@ class QuantizedHost:
 
     fp8: values e4m3 [O, I], scales f32[O, 1]; int4: values u8[O, I] in 0..15, scales f32[O, G],
     zeros [O, G]: int in 0..16 for AWQ/GPTQ (GPTQ v1 can read 16), f32 for GGUF (gguf_int4_host),
-    G = I / group_size.
+    G = I / group_size; int8 (GGUF Q8_0, gguf_q8_host): values i8[O, I], scales f16[O, G], no zeros.
     w = (values - zeros) * scales, per group of inputs.
     """
 
@@ -242,16 +245,15 @@ def _our_layout(transform, w: np.ndarray, cfg, in_features: int) -> np.ndarray:
 
 def linear_arrays(raw, transform, cfg, method: QuantMethod, qweight_shape: tuple[int, ...]
                   ) -> dict[str, np.ndarray]:
-    """One projection's checkpoint tensor (float [O, I] or QuantizedHost) -> QuantLinear leaves:
-    fp8 {qweight e4m3 [O', I], qscale f32[O']}; int4 {qweight i32[I/8, O'] (pack_int4),
-    qscale f16[G, O'], qzero f16[G, O']} (int4_f32: f32 scales and zeros). O' is O after the transform (e.g. replicated kv heads);
-    qweight_shape (the param's) gives I."""
-    fp8 = method.weight_format == "fp8"
-    in_features = qweight_shape[1] if fp8 else qweight_shape[0] * INT4_PACK
-    if not isinstance(raw, QuantizedHost):
-        if not fp8:
-            raise ValueError(f"{method.name}: a float weight found where int4 tensors belong; "
-                             f"only fp8 quantizes at load")
+    """One projection's checkpoint tensor (float [O, I] or QuantizedHost) -> QuantLinear leaves
+    in its device_format: fp8 {qweight e4m3 [O', I], qscale f32[O']}; int4 {qweight i32[I/8, O']
+    (pack_int4), qscale f16[G, O'], qzero f16[G, O']} (int4_f32: f32 scales and zeros);
+    int8_g32 {qweight i8[I, O'], qscale f16[G, O']}. O' is O after the transform (e.g. replicated
+    kv heads); qweight_shape (the param's) gives I."""
+    fmt = device_format(raw, method)
+    in_features = {"fp8": qweight_shape[-1], "int8_g32": qweight_shape[0]}.get(
+        fmt, qweight_shape[0] * INT4_PACK)
+    if not isinstance(raw, QuantizedHost):  # fp8 (device_format refused the others)
         w2 = _our_layout(transform, np.asarray(raw, np.float32), cfg, in_features)  # [I, O']
         host = quantize_fp8(w2.T)
         return {"qweight": host.values, "qscale": host.scales[:, 0]}
@@ -259,19 +261,35 @@ def linear_arrays(raw, transform, cfg, method: QuantMethod, qweight_shape: tuple
     g = raw.group_size
     wide = lambda a: _our_layout(transform, np.repeat(a.astype(np.float32), g, axis=1), cfg,
                                  in_features)[::g]  # [G, O'] (one row per group)
-    if fp8:
+    if fmt == "fp8":
         if raw.zeros is not None:
             raise ValueError("int4 tensors found in an fp8 checkpoint")
         return {"qweight": values.T.astype(FP8), "qscale": wide(raw.scales)[0]}
-    if raw.zeros is None:
+    if fmt != "int8_g32" and raw.zeros is None:
         raise ValueError(f"{method.name}: fp8 tensors found where int4 tensors belong")
     if g != method.group_size:
         raise ValueError(f"{method.name}: tensors have group size {g}, config says "
                          f"{method.group_size}")
-    scale_dtype = leaf_shapes(method.weight_format, in_features, 1, g)["qscale"][1]
+    scale_dtype = leaf_shapes(fmt, in_features, 1, g)["qscale"][1]
+    if fmt == "int8_g32":  # every value exact: i8 and f16 went through f32 and back
+        return {"qweight": values.astype(np.int8), "qscale": wide(raw.scales).astype(scale_dtype)}
     return {"qweight": pack_int4(values.astype(np.uint8), g),
             "qscale": wide(raw.scales).astype(scale_dtype),
             "qzero": wide(raw.zeros).astype(scale_dtype)}
+
+
+def device_format(raw, method: QuantMethod) -> str:
+    """The device format a projection's checkpoint tensor loads into: the method's, except for
+    GGUF, whose format is per tensor: int8 values (Q8_0) -> "int8_g32", int4 ones -> "int4_f32".
+    Only fp8 quantizes a float tensor at load."""
+    if not isinstance(raw, QuantizedHost):
+        if method.weight_format != "fp8":
+            raise ValueError(f"{method.name}: a float weight found where quantized tensors "
+                             f"belong; only fp8 quantizes at load")
+        return "fp8"
+    if method.name == "gguf":
+        return "int8_g32" if raw.values.dtype == np.int8 else "int4_f32"
+    return method.weight_format
 
 
 def pack_int4(q: np.ndarray, group_size: int) -> np.ndarray:
@@ -293,64 +311,12 @@ def leaf_shapes(weight_format: str, in_features: int, out_features: int, group_s
     I, O = in_features, out_features
     if weight_format == "fp8":
         return {"qweight": ((O, I), FP8), "qscale": ((O,), np.dtype(np.float32))}
+    if weight_format == "int8_g32":  # GGUF Q8_0: f16 holds its f16 block scales d exactly
+        return {"qweight": ((I, O), np.dtype(np.int8)),
+                "qscale": ((I // group_size, O), np.dtype(np.float16))}
     G = I // group_size
     # int4_f32 (GGUF): f32 keeps Q4_K's d * sub-scale (17 significant bits) and the zeros
     # -min/scale exact to f32 rounding; f16 would round them (1 bit per weight more than f16).
     f = np.dtype(np.float32 if weight_format == "int4_f32" else np.float16)
     return {"qweight": ((I // INT4_PACK, O), np.dtype(np.int32)),
             "qscale": ((G, O), f), "qzero": ((G, O), f)}
-
-
-# ---------------------------------------------------------------- GGUF Q4 blocks -> int4 hosts
-# ggml block layouts (ggml-common.h), 32 (Q4_0, Q4_1) or 256 (Q4_K) inputs per block, little
-# endian: Q4_0 {f16 d; u8 qs[16]}: w = d * (q - 8); Q4_1 {f16 d, m; u8 qs[16]}: w = d * q + m;
-# in both, q of input i < 16 is qs[i] & 0xF and of input 16 + i is qs[i] >> 4.
-# Q4_K {f16 d, dmin; u8 scales[12]; u8 qs[128]}: 8 sub-blocks of 32 with 6-bit sc[j], mn[j]
-# (get_scale_min_k4); w = d * sc[j] * q - dmin * mn[j]; sub-block 2c holds the low nibbles of
-# qs[32c : 32c + 32], sub-block 2c + 1 their high nibbles.
-GGUF_INT4_TYPES = {"Q4_0": 18, "Q4_1": 20, "Q4_K": 144}  # type -> bytes per block
-GGUF_GROUP = 32  # inputs per scale/zero in all three
-
-
-def gguf_int4_host(data: np.ndarray, type_name: str, in_features: int) -> QuantizedHost:
-    """A GGUF tensor's raw blocks (u8, O rows of in_features inputs, HF orientation) ->
-    QuantizedHost with values u8[O, I], f32 scales and zeros [O, I/32]: w = s * q + c per group
-    of 32 becomes (q - z) * s with z = -c / s (z = 8 exactly for Q4_0). A group with s == 0
-    (w = c everywhere) is stored as q = 0, scale c, zero -1, so it stays exact too."""
-    if type_name not in GGUF_INT4_TYPES:
-        raise ValueError(f"{type_name=} is not an int4 GGUF type; int4: {list(GGUF_INT4_TYPES)}")
-    blocks = np.ascontiguousarray(data, np.uint8).reshape(-1, GGUF_INT4_TYPES[type_name])
-    rows = blocks.shape[0] * (256 if type_name == "Q4_K" else 32) // in_features
-    d = blocks[:, 0:2].view(np.float16).astype(np.float32)  # [n, 1]
-    if type_name == "Q4_K":
-        q = _nibbles(blocks[:, 16:].reshape(-1, 4, 1, 32)).reshape(-1, 8, 32)
-        sc, mn = _q4k_scale_min(blocks[:, 4:16])  # [n, 8] each
-        s = d * sc.astype(np.float32)  # exact: 11 x 6 significant bits
-        c = -(blocks[:, 2:4].view(np.float16).astype(np.float32) * mn.astype(np.float32))
-    else:
-        q = _nibbles(blocks[:, -16:].reshape(-1, 1, 16)).reshape(-1, 1, 32)
-        s = d
-        c = (blocks[:, 2:4].view(np.float16).astype(np.float32) if type_name == "Q4_1"
-             else -8.0 * d)
-    flat = s == 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.where(flat, -1.0, -c / np.where(flat, 1.0, s)).astype(np.float32)
-    q = np.where(flat[..., None], 0, q).astype(np.uint8)
-    return QuantizedHost(values=q.reshape(rows, in_features),
-                         scales=np.where(flat, c, s).astype(np.float32).reshape(rows, -1),
-                         zeros=z.reshape(rows, -1))
-
-
-def _nibbles(qs: np.ndarray) -> np.ndarray:
-    """u8[..., 1, k] -> u8[..., 2, k]: low nibbles (the first k inputs), then high nibbles."""
-    return (qs >> np.array([0, 4], np.uint8).reshape(2, 1)) & np.uint8(0xF)
-
-
-def _q4k_scale_min(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """u8[n, 12] -> (sc, mn) u8[n, 8]: ggml's get_scale_min_k4. Sub-blocks 0..3 are the low 6
-    bits of bytes 0..3 (sc) and 4..7 (mn); 4..7 take their low 4 bits from bytes 8..11 (sc: low
-    nibble, mn: high nibble) and their top 2 bits from the top of bytes 0..3 (sc) and 4..7 (mn)."""
-    a, b, c = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
-    sc = np.concatenate([a & 0x3F, (c & 0x0F) | ((a >> 6) << 4)], axis=1)
-    mn = np.concatenate([b & 0x3F, (c >> 4) | ((b >> 6) << 4)], axis=1)
-    return sc, mn

@@ -1,9 +1,10 @@
-"""quantization="gguf": a GGUF file's Q4_0/Q4_1/Q4_K projections kept int4 on device (models/quant.py
-gguf_int4_host, group 32, f32 scales and zeros), the other types expanded as without it.
+"""quantization="gguf": a GGUF file's Q4_0/Q4_1/Q4_K projections kept int4 on device
+(models/gguf_quant.py gguf_int4_host, group 32, f32 scales and zeros), its Q8_0 ones int8
+(int8_g32, tests/models/test_gguf_q8.py), the other types expanded as without it.
 
 (1) the block conversion against gguf's own numpy dequantizer on random blocks; (2) a tiny
-Q4_K_M-like Llama GGUF (Q4/Q6_K/Q8_0/F16 projections mixed): which projections stay int4, each
-int4 one dequantizes to the expanded load's param, and the prefill logits agree; (3) the real
+Q4_K_M-like Llama GGUF (Q4/Q6_K/Q8_0/F16 projections mixed): which projections stay int4 or int8,
+each one dequantizes to the expanded load's param, and the prefill logits agree; (3) the real
 SmolLM2-135M Q4_1 served through the engine, against the expanded engine; (4) errors.
 """
 from __future__ import annotations
@@ -18,7 +19,9 @@ from flax import nnx
 
 from jaxserve.checkpoint import embedded_gguf_path
 from kernels_pallas.quant_matmul.reference import dequantize_int4
-from models.quant import GGUF_INT4_TYPES, gguf_int4_host, pack_int4
+from models.gguf_quant import GGUF_INT4_TYPES, gguf_int4_host
+from models.linear import dequantize_int8
+from models.quant import pack_int4
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
@@ -84,11 +87,12 @@ def test_flat_groups_stay_exact():
 
 
 # A tiny Llama in GGUF: hidden 256 (Q4_K and Q6_K blocks are 256 inputs), types mixed the way a
-# Q4_K_M export mixes them, plus the other int4 types and unquantized ones.
+# Q4_K_M export mixes them, plus the other int4 types and unquantized ones. Q8_0 on up_proj (split
+# along its out axis under tensor parallelism) and down_proj (along its in axis, groups too).
 D, F, N, K, H, V = 256, 512, 4, 2, 64, 96
 LAYER_TYPES = [
     {"attn_q": "Q4_K", "attn_k": "Q4_0", "attn_v": "Q6_K", "attn_output": "Q4_1",
-     "ffn_gate": "Q4_K", "ffn_up": "Q8_0", "ffn_down": "Q6_K"},
+     "ffn_gate": "Q4_K", "ffn_up": "Q8_0", "ffn_down": "Q8_0"},
     {"attn_q": "Q4_1", "attn_k": "Q4_K", "attn_v": "Q4_K", "attn_output": "F16",
      "ffn_gate": "Q4_0", "ffn_up": "Q4_K", "ffn_down": "Q4_K"},
 ]
@@ -99,16 +103,16 @@ HF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 
 
-def write_mixed_gguf(path: str) -> str:
+def write_mixed_gguf(path: str, layer_types: list[dict[str, str]] = LAYER_TYPES) -> str:
     rng = np.random.default_rng(0)
     writer = gguf.GGUFWriter(path, "llama")
-    for key, value in [("block_count", 2), ("context_length", 128), ("embedding_length", D),
+    for key, value in [("block_count", len(layer_types)), ("context_length", 128), ("embedding_length", D),
                        ("feed_forward_length", F), ("head_count", N), ("head_count_kv", K),
                        ("layer_norm_rms_eps", 1e-5), ("vocab_size", V)]:
         getattr(writer, f"add_{key}")(value)
     writer.add_tensor("token_embd.weight", rng.standard_normal((V, D)).astype(np.float32))
     writer.add_tensor("output_norm.weight", np.ones(D, np.float32))
-    for layer, types in enumerate(LAYER_TYPES):
+    for layer, types in enumerate(layer_types):
         for norm in ("attn_norm", "ffn_norm"):
             writer.add_tensor(f"blk.{layer}.{norm}.weight", np.ones(D, np.float32))
         for name, type_name in types.items():
@@ -141,9 +145,10 @@ def mixed(tmp_path_factory):
 def test_mixed_file_keeps_q4_projections_int4(mixed):
     """Q4_0/Q4_1/Q4_K projections become QuantLinear int4_f32 leaves that dequantize to the
     expanded load's weights (within the conversion's f32 rounding, including llama.cpp's q/k row
-    permutation undone on scales and zeros); Q6_K/Q8_0/F16 ones are the same plain params."""
+    permutation undone on scales and zeros); Q8_0 ones int8_g32 leaves that dequantize to them
+    exactly; Q6_K/F16 ones are the same plain params."""
     expanded, quantized = mixed
-    assert quantized.config.quantization == "int4_f32"
+    assert quantized.config.quantization == "gguf"
     plain = dict(nnx.to_flat_state(expanded.state))
     for layer, types in enumerate(LAYER_TYPES):
         for name, type_name in types.items():
@@ -152,6 +157,12 @@ def test_mixed_file_keeps_q4_projections_int4(mixed):
                                      "attn" if attn == "self_attn" else "mlp"), proj)
             want = np.asarray(plain[("layers", layer, "attn" if attn == "self_attn" else "mlp",
                                      proj)].get_value())
+            if type_name == "Q8_0":
+                assert module["qweight"].get_value().dtype == np.int8, (layer, name)
+                got = dequantize_int8(module["qweight"].get_value(),
+                                      module["qscale"].get_value(), group_size=32)
+                np.testing.assert_array_equal(np.asarray(got), want.reshape(got.shape))
+                continue
             if type_name not in GGUF_INT4_TYPES:
                 assert not hasattr(module, "qweight"), (layer, name)
                 np.testing.assert_array_equal(np.asarray(module.get_value()), want)
@@ -221,8 +232,9 @@ def test_smollm2_q4_1_served_int4_matches_expanded():
 
 @needs_smollm2
 def test_mixed_file_tensor_parallel_matches_single(mixed, tmp_path):
-    """The int4_f32 and expanded projections of the mixed file sharded over 2 devices (the int4
-    leaves split along their out or grouped-in axis) give the single-device logits."""
+    """The int4_f32, int8_g32 and expanded projections of the mixed file sharded over 2 devices
+    (the quantized leaves split along their out or grouped-in axis) give the single-device
+    logits."""
     from compare import check_sharded_matches_single
 
     from jaxserve.sharding import make_mesh
@@ -235,4 +247,9 @@ def test_mixed_file_tensor_parallel_matches_single(mixed, tmp_path):
                          quantization="gguf", tensor_parallel_size=2, mesh=make_mesh(2))
     qweight = sharded.state["layers"][0]["attn"]["q_proj"]["qweight"].get_value()  # Q4_K
     assert not qweight.sharding.is_fully_replicated
+    for proj in ("up_proj", "down_proj"):  # Q8_0: out-axis and in-axis (with its groups) splits
+        leaves = sharded.state["layers"][0]["mlp"][proj]
+        assert leaves["qweight"].get_value().dtype == np.int8
+        assert not leaves["qweight"].get_value().sharding.is_fully_replicated
+        assert not leaves["qscale"].get_value().sharding.is_fully_replicated
     check_sharded_matches_single(sharded, mixed[1], prompts=[list(range(3, 23)), [5, 9, 60]])
