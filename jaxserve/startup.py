@@ -232,8 +232,10 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     gib = num_pages * kv_cache_bytes_per_page(mc.num_layers, config.page_size, mc.num_kv_heads,
                                               mc.head_dim, kv_dtype) / 2**30
     logger.info("KV cache: %d pages of %d tokens (%d tokens, %.2f GiB, %s), attention=%s, "
-                "max_model_len=%d", num_pages, config.page_size, num_pages * config.page_size, gib,
-                kv_dtype.name, impl, max_model_len)
+                "max_model_len=%d: holds %d sequences of max_model_len at once (max_num_seqs=%d)",
+                num_pages, config.page_size, num_pages * config.page_size, gib, kv_dtype.name, impl,
+                max_model_len, num_pages // -(-max_model_len // config.page_size),
+                config.max_num_seqs)
     runner = ModelRunner(graphdef, state, kv_cache, vocab_size=mc.vocab_size,
                          max_num_seqs=config.max_num_seqs,
                          max_num_batched_tokens=config.max_num_batched_tokens,

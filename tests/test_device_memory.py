@@ -62,3 +62,19 @@ def test_batch_defaults_by_device():
     assert batch_defaults(EngineConfig(max_num_batched_tokens=512), a10) == (256, 512)
     with pytest.raises(ValueError, match="max_num_seqs"):
         EngineConfig(max_num_seqs=0)
+
+
+def test_start_up_logs_the_pool_in_sequences_of_max_model_len(tmp_path, caplog):
+    """The KV pool line says how many sequences of max_model_len fit at once (issue 14)."""
+    import logging
+
+    from jaxserve import LLM
+    from tests.engine.tiny import build_tiny_llama
+
+    model = build_tiny_llama(tmp_path / "tiny")
+    with caplog.at_level(logging.INFO, logger="jaxserve"):
+        LLM(str(model), dtype="float32", page_size=4, num_kv_pages=70, max_model_len=64,
+            max_num_seqs=8)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("KV cache:")]
+    assert "70 pages of 4 tokens (280 tokens" in line
+    assert "holds 4 sequences of max_model_len" in line  # 70 // (64 / 4)
