@@ -216,7 +216,8 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         from models.lora import add_lora_slots
 
         mc = lora_model_config(mc, max_loras=config.max_loras, max_lora_rank=config.max_lora_rank)
-        graphdef, state = add_lora_slots(state, mc, loaded.dtype, mesh, rules)
+        graphdef, state = add_lora_slots(state, mc, loaded.dtype, mesh, rules,
+                                         formats=loaded.formats)
     max_model_len = loaded.max_model_len
     kv_dtype = kv_cache_dtype(config.kv_cache_dtype, loaded.dtype)
     impl = attention_impl_for(config.attention_backend, kv_dtype)

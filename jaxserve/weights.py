@@ -46,6 +46,7 @@ class LoadedModel:
     model_name: str
     mesh: Mesh
     generation_config: dict  # the checkpoint's generation_config.json ({} if none)
+    formats: dict[str, str] | None = None  # GGUF: projection path -> its device format
 
 
 def load_model(model: str | None, *, load_format: str = "auto", dtype: str = "auto",
@@ -105,7 +106,7 @@ def load_model(model: str | None, *, load_format: str = "auto", dtype: str = "au
         config=config, graphdef=graphdef, state=state, tokenizer=tok,
         eos_token_ids=frozenset(eos), chat_template=ckpt.chat_template or tok.chat_template,
         dtype=param_dtype, max_model_len=max_model_len, model_name=ckpt.name, mesh=mesh,
-        generation_config=ckpt.generation_config)
+        generation_config=ckpt.generation_config, formats=formats)
 
 
 def _quant_method(ckpt: Checkpoint, requested: str | None, load_format: str

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxserve.config import ModelConfig
+from models.linear import set_projection_formats
 
 LORA_IMPLS = ("auto", "dense", "ragged", "reference")
 # "auto" picks "dense" while every token's pass over all S*R stacked columns stays cheap next to
@@ -132,14 +133,23 @@ def mlp_loras(cfg: ModelConfig, intermediate_size: int, *, dtype,
             make((F,), ("ffw",), (D,), ("embed",)))
 
 
-def add_lora_slots(state: nnx.State, cfg: ModelConfig, dtype, mesh, rules):
+def add_lora_slots(state: nnx.State, cfg: ModelConfig, dtype, mesh, rules,
+                   formats: dict[str, str] | None = None):
     """Rebuild the model of `cfg` (max_loras > 0) with LoRA slots: -> (graphdef, state) holding
-    `state`'s base params as they are and every LoRA A/B zeroed on its own sharding."""
+    `state`'s base params as they are and every LoRA A/B zeroed on its own sharding. formats: a
+    GGUF base's per-projection formats (weights.LoadedModel.formats), rebuilt the same way."""
     from models import get_model_class
 
     cls = get_model_class(cfg.architecture)
+
+    def build():
+        model = cls(cfg, dtype=dtype, rngs=nnx.Rngs(0))
+        if formats is not None:
+            set_projection_formats(model, formats, dtype, nnx.Rngs(0))
+        return model
+
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules.as_pairs()):
-        model = nnx.eval_shape(lambda: cls(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+        model = nnx.eval_shape(build)
         graphdef, abstract = nnx.split(model)
         shardings = dict(nnx.to_flat_state(nnx.get_named_sharding(abstract, mesh)))
     base = dict(nnx.to_flat_state(state))
