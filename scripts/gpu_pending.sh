@@ -36,6 +36,24 @@ sampling() {  # GPU MODEL
 }
 case "${PART:-launch}" in
   launch)
+    # This machine's cost of one kernel launch and of one CUDA-graph replay of 600 kernels
+    # (torch, in the image): is a ~9 ms step launch the runtime's price per driver call?
+    CUDA_VISIBLE_DEVICES=0 python3 - <<'PY' 2>&1 | tee "$out/launch_cost.log"
+import time, torch
+x = torch.zeros(1, device="cuda"); torch.cuda.synchronize()
+for n in (1000, 10000):
+    t = time.perf_counter(); [x.add_(1) for _ in range(n)]; launch = time.perf_counter() - t
+    torch.cuda.synchronize(); total = time.perf_counter() - t
+    print(f"{n} launches: {launch / n * 1e6:.1f} us each to enqueue, {total / n * 1e6:.1f} us each done")
+g = torch.cuda.CUDAGraph(); s = torch.cuda.Stream()
+with torch.cuda.stream(s):
+    with torch.cuda.graph(g):
+        for _ in range(600): x.add_(1)
+torch.cuda.synchronize()
+for _ in range(3):
+    t = time.perf_counter(); g.replay(); enq = time.perf_counter() - t; torch.cuda.synchronize()
+    print(f"graph of 600 kernels: replay enqueued in {enq * 1e3:.2f} ms, done in {(time.perf_counter() - t) * 1e3:.2f} ms")
+PY
     rows="greedy,T0.7 top_p 0.9"
     job 0 launch_host_events 280 -m benchmarks.sampling --model llama-3-8b --num-seqs 512 \
       --rows "$rows" --profile-host --tokenizer "$tok" --out "$out" --name launch_host_events &
