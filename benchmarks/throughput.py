@@ -78,9 +78,24 @@ def run_jaxserve(args) -> dict:
     llm.reset_prefix_cache()  # else the timed run finds these prompts' pages cached
     warmup_s = time.perf_counter() - t0
     compiles_before = engine.runner.num_compiles
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=True)
-    elapsed = time.perf_counter() - t0
+    steps_before = engine.stats["steps"]
+    timed = {}
+
+    def run():
+        t0 = time.perf_counter()
+        timed["outs"] = llm.generate(prompts, params, use_tqdm=True)
+        timed["elapsed"] = time.perf_counter() - t0
+
+    trace = common.trace_device(run)[0] if args.profile else None
+    if trace is None:
+        run()
+    outs, elapsed = timed["outs"], timed["elapsed"]
+    steps = engine.stats["steps"] - steps_before
+    if trace is not None:  # where the device time of the run went (prefill vs decode kernels)
+        busy = (trace.get("busy_ms") or 0.0) / max(steps, 1)
+        print(f"device busy {busy:.1f} ms/step over {steps} steps ({trace.get('busy_fraction')}); "
+              "top ops (ms/step): " + ", ".join(f"{op[:60]} {ms / max(steps, 1):.2f}"
+                                               for op, ms in trace.get("top_ops_ms", [])[:15]))
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     in_tokens = sum(len(p) for p in prompts)
     return {"elapsed_s": elapsed, "requests_per_s": len(prompts) / elapsed,
@@ -92,7 +107,8 @@ def run_jaxserve(args) -> dict:
             "compile_s": engine.runner.compile_seconds, "num_kv_pages": engine.num_kv_pages,
             "attention_impl": engine.runner.attention_impl,
             "max_num_seqs": max_num_seqs,
-            "max_num_batched_tokens": engine.config.max_num_batched_tokens,
+            "max_num_batched_tokens": engine.config.max_num_batched_tokens, "steps": steps,
+            "device_trace": trace,
             "mean_input_len": in_tokens / len(prompts),
             "mean_output_len": out_tokens / len(prompts), "model_config": engine.model_config}
 
@@ -133,6 +149,8 @@ def parse_args(argv=None):
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--quantization", default=None, help="fp8, awq or gptq (vLLM's)")
     p.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8")
+    p.add_argument("--profile", action="store_true",
+                   help="the timed run under the JAX profiler: device busy and top ops per step")
     p.add_argument("--baseline", choices=["hf"], default=None)
     p.add_argument("--hf-batches", default="1,64", help="batch sizes for the transformers baseline")
     p.add_argument("--hf-num-prompts", type=int, default=64)

@@ -61,9 +61,10 @@ def test_script_on_a_sharegpt_file_with_device_defaults(tmp_path):
                                 for i in range(6)]))
     throughput.main(["--model", str(model), "--load-format", "auto", "--dtype", "float32",
                      "--dataset", str(path), "--num-prompts", "6", "--output-len", "5",
-                     "--max-model-len", "64", "--out", str(tmp_path), "--name", "t"])
+                     "--max-model-len", "64", "--out", str(tmp_path), "--name", "t", "--profile"])
     result = json.loads((tmp_path / "t.json").read_text())
     res = result["jaxserve"]
     assert res["output_tokens"] == 6 * 5 and res["compiles_during_timed_run"] == 0
+    assert res["steps"] >= 5 and res["device_trace"] is not None  # --profile: the traced run
     assert (res["max_num_seqs"], res["max_num_batched_tokens"]) == (256, 2048)  # CPU defaults
     assert result["floor"]["output_tokens_per_s"] > 0
