@@ -8,8 +8,8 @@
 #   PART=tp        issue 19: TP=1 vs TP=2 launch/step A/B, TP=2 tokens + batch-1 TPOT; then issue 16's
 #                  fp8 batch-1 latency (GPU 1)
 #   PART=moe       issue 18: Mixtral-8x7B (GPU 0) and Qwen3-30B-A3B (GPU 1), 256 x (512 / 256)
-#   PART=scale     issue 14: workload A at the device defaults (GPU 0), the mixed lognormal workload
-#                  (GPU 1)
+#   PART=scale     issue 14: workload B under the profiler (where its prefill time goes), then A at
+#                  the device defaults (GPU 0); the mixed lognormal workload (GPU 1)
 # Carry .gpu_assets (smollm2_tokenizer) and .whl (bash scripts/build_server_wheels.sh). Results and
 # logs are packed into $OUT/results.tgz (a call brings back only a few files). Record them in
 # benchmarks/RESULTS.md with the commit (JAXSERVE_COMMIT) and these commands.
@@ -85,8 +85,12 @@ PY
       --num-prompts 256 --input-len 512 --output-len 256 --max-num-seqs 256 --out "$out" &
     wait ;;
   scale)
-    job 0 workload_a_defaults 400 -m benchmarks.throughput --model qwen2-7b --tokenizer "$tok" \
-      --num-prompts 1000 --input-len 100 --output-len 200 --out "$out" --name workload_a_defaults &
+    { job 0 workload_b_profile 270 -m benchmarks.throughput --model llama-3-8b --tokenizer "$tok" \
+        --num-prompts 1000 --input-len 512 --output-len 256 --profile --out "$out" \
+        --name workload_b_profile
+      job 0 workload_a_defaults 270 -m benchmarks.throughput --model qwen2-7b --tokenizer "$tok" \
+        --num-prompts 1000 --input-len 100 --output-len 200 --out "$out" --name workload_a_defaults
+    } &
     job 1 mixed_lognormal 400 -m benchmarks.throughput --model qwen2-7b --tokenizer "$tok" \
       --num-prompts 1000 --length-dist lognormal --input-len 280 --output-len 190 \
       --temperature 0.8 --top-p 0.95 --out "$out" --name mixed_lognormal_qwen2_7b &
