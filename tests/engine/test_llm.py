@@ -247,12 +247,22 @@ def test_async_scheduling_gives_the_same_outputs(llm):
     engine.scheduler.allocator.check_integrity()
 
 
-def test_warmup_compiles_every_step_shape_of_both_sampler_variants(model_dir):
+def test_warmup_compiles_every_step_shape_of_both_sampler_variants(model_dir, llm):
+    """Warm-up compiles every step shape and runs each once on padding: nothing compiles later,
+    and the padding runs leave no trace (same greedy text as an engine without warm-up)."""
+    reference = llm
     llm = LLM(str(model_dir), dtype="float32", page_size=4, num_kv_pages=64, max_num_seqs=8,
               max_num_batched_tokens=32, max_model_len=64)
     runner = llm.llm_engine.runner
     runner.full_width_page_table = True  # as with the Pallas kernels on an accelerator
     runner.warmup()
+    # the padding runs wrote nothing into the (zero-initialised) pages
+    assert all(not np.asarray(x).any() for x in runner.kv_cache.k + runner.kv_cache.v)
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = _prompts(4, seed=3)
+    assert ([o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+            == [o.outputs[0].token_ids for o in reference.generate(prompts, greedy,
+                                                                  use_tqdm=False)])
     compiled = runner.num_compiles
     assert compiled == 2 * len(runner.buckets)  # plain and full sampler
     # XLA's measured temporaries of the largest step (logged next to the pool's reserve): at
