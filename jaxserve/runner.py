@@ -6,8 +6,9 @@ kernels, which read only live pages, and bucketed to powers of two for the refer
 follows its width. warmup() (jaxserve/warmup.py) compiles and runs once every bucket of both
 sampler variants (the deferred kind compiles in the background once a request needs it), so a
 steady state never recompiles. The step bodies are jaxserve/step.py's; their host inputs travel
-packed in two buffers (jaxserve/packed_inputs.py). dispatch() returns at once and fetch() waits, so the engine prepares step n+1 while step n runs; tokens sampled by step n feed
-step n+1 on device (Batch.token_src). A deferred step (its token masks follow step n's tokens) is
+packed in two buffers (jaxserve/packed_inputs.py). dispatch() returns at once and fetch() waits,
+so the engine prepares step n+1 while step n runs; tokens sampled by step n feed step n+1 on
+device (Batch.token_src). A deferred step (its token masks follow step n's tokens) is
 dispatched as its forward pass, and sample() adds the sampling once the host has the masks.
 Penalties read a device token history (jaxserve/sampling_inputs.py), written by each step.
 """
