@@ -17,11 +17,7 @@ import json
 import math
 import os
 import platform
-import shlex
-import signal
-import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -31,6 +27,7 @@ import httpx
 import numpy as np
 
 from benchmarks import server_times
+from benchmarks.serve_process import launched_server, reset_prefix_cache
 
 METRICS = ("ttft", "tpot", "itl", "e2el")  # each reported as mean/median/std/p99, in ms
 # Named scenarios: defaults a flag given on the command line still overrides.
@@ -295,20 +292,6 @@ def plot_curve(path: Path, title: str, runs: list[dict]) -> None:
     print(f"wrote {path}")
 
 
-async def reset_prefix_cache(client: httpx.AsyncClient) -> bool:
-    """POST /reset_prefix_cache (jaxserve; vLLM in dev mode) so no run finds an earlier run's (or
-    the warm-up's) prompts cached. Retries while the server finishes the last requests (409)."""
-    for _ in range(50):
-        resp = await client.post("/reset_prefix_cache")
-        if resp.status_code != 409:
-            break
-        await asyncio.sleep(0.1)
-    if resp.status_code != 200:
-        print(f"warning: /reset_prefix_cache answered {resp.status_code}: a run may hit prompts "
-              "cached by the warm-up or an earlier rate")
-    return resp.status_code == 200
-
-
 async def amain(args) -> dict:
     """Warm up, run every rate of the sweep against args.base_url, write JSON + PNG."""
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -352,44 +335,6 @@ async def amain(args) -> dict:
     print(f"wrote {path}")
     plot_curve(path.with_suffix(".png"), name, runs)
     return result
-
-
-@contextlib.contextmanager
-def launched_server(serve_args: str, log_path: Path, timeout: float):
-    """`python -m jaxserve.cli serve ARGS` on a free loopback port; yields its base URL once
-    /health answers 200; SIGTERM (drain) on exit, then kill if it lingers."""
-    with socket.socket() as sock:  # a free port (the server binds it a moment later)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "jaxserve.cli", "serve", *shlex.split(serve_args),
-           "--host", "127.0.0.1", "--port", str(port)]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            t0 = time.monotonic()
-            while not _healthy(base):
-                if proc.poll() is not None or time.monotonic() - t0 > timeout:
-                    raise RuntimeError(f"server exited ({proc.returncode}) or not healthy after "
-                                       f"{timeout:.0f}s:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.5)
-            print(f"server up at {base} after {time.monotonic() - t0:.1f}s (log {log_path})")
-            yield base
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
-
-
-def _healthy(base: str) -> bool:
-    with contextlib.suppress(httpx.HTTPError):
-        return httpx.get(base + "/health", timeout=2).status_code == 200
-    return False
 
 
 def parse_args(argv=None) -> argparse.Namespace:
