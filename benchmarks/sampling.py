@@ -116,7 +116,7 @@ def _host_timers(engine) -> dict[str, float]:
                (engine.runner, "fetch"), (engine.scheduler, "update"),
                (engine.runner, "_inputs"), (engine.runner.sampling, "metadata"),
                (engine.runner.sampling, "penalty_inputs"), (engine.runner, "_key"),
-               (engine, "_record_logprobs"), (engine, "_process_outputs")]
+               (engine.output_processor, "record_logprobs"), (engine, "_process_outputs")]
     for obj, name in targets:
         timers[name] = 0.0
         method = getattr(obj, name)

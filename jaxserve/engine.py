@@ -1,46 +1,30 @@
 """LLMEngine: add_request / step / abort_request over the scheduler and the model runner.
 
 step() is schedule -> dispatch -> (schedule and dispatch the next step) -> fetch -> update, then
-output processing (detokenize, stop strings, logprobs).
+the output processor (jaxserve/output_processor.py: logprobs, detokenization, stop strings,
+RequestOutputs).
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from jaxserve.config import EngineConfig
-from jaxserve.detokenizer import Detokenizer, DetokenizerState
+from jaxserve.detokenizer import Detokenizer
 from jaxserve.input_processor import InputLimits, InputProcessor
 from jaxserve import structured_outputs
 from jaxserve.logprobs import SampleLogprobs
 from jaxserve.lora import LoRAManager, LoRARequest
-from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxserve.output_processor import OutputProcessor, RequestState
+from jaxserve.outputs import RequestOutput
 from jaxserve.request import Sequence
-from jaxserve.sampling_params import RequestOutputKind, SamplingParams
+from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler
 from jaxserve.token_controls import RequestControls, step_inputs
 
 logger = logging.getLogger("jaxserve")
-
-
-@dataclass
-class _RequestState:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seqs: list[Sequence]
-    detok: list[DetokenizerState]
-    arrival_time: float
-    first_token_time: float | None = None
-    sent: dict = field(default_factory=dict)  # DELTA: index -> (tokens, chars, finished) sent
-
-    @property
-    def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
 
 
 class LLMEngine:
@@ -71,7 +55,8 @@ class LLMEngine:
             vocab_size=self.model_config.vocab_size, max_model_len=self.max_model_len,
             page_size=config.page_size, num_kv_pages=self.num_kv_pages,
             max_logprobs=config.max_logprobs), defaults=parts.sampling_defaults)
-        self._requests: dict[str, _RequestState] = {}
+        self.output_processor = OutputProcessor(self.detokenizer, self.scheduler.finish)
+        self._requests = self.output_processor.requests  # the same dict: by request id
         self._rng = np.random.default_rng(config.seed)
         self._inflight = None  # the step dispatched ahead (StepHandle), if any
         self.async_scheduling = True
@@ -110,7 +95,7 @@ class LLMEngine:
             if params.logprobs is not None:
                 seq.logprobs = SampleLogprobs(self.detokenizer.token_text)
             seqs.append(seq)
-        state = _RequestState(request_id, processed.text, list(ids), params, seqs,
+        state = RequestState(request_id, processed.text, list(ids), params, seqs,
                               [self.detokenizer.start(ids) for _ in seqs], arrival)
         self._requests[request_id] = state
         for seq in seqs:
@@ -170,7 +155,7 @@ class LLMEngine:
                 self._inflight.batch))
         self.stats["steps"] += 1
         self.stats["prompt_tokens"] += batch.num_prefill_tokens
-        self._record_logprobs(batch, out)
+        self.output_processor.record_logprobs(batch, out)
         return self._process_outputs(touched)
 
     def _dispatch(self, batch, ahead: bool = False):
@@ -238,103 +223,7 @@ class LLMEngine:
         return (self.runner.deferred_ready.is_set()
                 or not any(s.mask_follows_tokens for s in batch.seqs))
 
-    def _record_logprobs(self, batch, out) -> None:
-        """Append this step's logprobs to the sequences that asked and kept their token (one that
-        finished a step earlier drops the token its speculative step sampled)."""
-        for b, seq in enumerate(batch.seqs):
-            if (seq.params.logprobs is not None and batch.sample_mask[b]
-                    and len(seq.logprobs) < len(seq.output_token_ids)):
-                k = seq.params.logprobs
-                seq.logprobs.append(int(out.token_ids[b]), float(out.logprobs[b]),
-                                    int(out.ranks[b]), out.top_ids[b, :k], out.top_logprobs[b, :k])
-            if out.prompt_logprobs is not None and seq.params.prompt_logprobs is not None:
-                self._record_prompt_logprobs(batch, b, seq, out)
-
-    def _record_prompt_logprobs(self, batch, b, seq, out) -> None:
-        text = self.detokenizer.token_text
-        k = seq.params.prompt_logprobs
-        if not seq.prompt_logprobs:
-            seq.prompt_logprobs.append(None)  # the first prompt token has no logprob
-        for t in range(batch.cu_q_lens[b], batch.cu_q_lens[b + 1]):
-            nxt = int(batch.positions[t]) + 1
-            if nxt >= seq.num_prompt_tokens or len(seq.prompt_logprobs) > nxt:
-                continue
-            token = seq.prompt_token_ids[nxt]
-            entry = {int(i): Logprob(float(lp), r + 1, text(int(i))) for r, (i, lp) in
-                     enumerate(zip(out.prompt_top_ids[t, :k], out.prompt_top_logprobs[t, :k]))}
-            entry.setdefault(token, Logprob(float(out.prompt_logprobs[t]), None, text(token)))
-            seq.prompt_logprobs.append(entry)
-
     def _process_outputs(self, touched: list[Sequence]) -> list[RequestOutput]:
-        """Text, stop strings and RequestOutputs for the sequences that got a token. FINAL_ONLY
-        requests without stop strings are detokenized once, when they finish."""
-        now = time.monotonic()
-        changed: dict[str, _RequestState] = {}
-        for seq in touched:
-            state = self._requests.get(seq.request_id)
-            if state is None:
-                continue
-            if state.first_token_time is None:
-                state.first_token_time = now
-            streamed = seq.params.output_kind is not RequestOutputKind.FINAL_ONLY
-            if seq.is_finished or streamed or seq.params.stop_strings:
-                self._detokenize(state, seq)
-            if seq.is_finished or streamed:
-                changed[seq.request_id] = state
-        outputs = []
-        for rid, state in changed.items():
-            finished = state.finished
-            if finished or state.params.output_kind is not RequestOutputKind.FINAL_ONLY:
-                outputs.append(self._request_output(state))
-            if finished:
-                del self._requests[rid]
+        """The RequestOutputs of the requests this step advanced (the output processor)."""
         self.stats["generation_tokens"] += len(touched)
-        return outputs
-
-    def _detokenize(self, state: _RequestState, seq: Sequence) -> None:
-        detok = state.detok[seq.index]
-        self.detokenizer.step(detok, seq.output_token_ids[detok.consumed:],
-                              seq.params.skip_special_tokens, final=seq.is_finished)
-        for stop in seq.params.stop_strings:
-            idx = detok.text.find(stop, max(0, detok.stop_checked - len(stop) + 1))
-            if idx >= 0:
-                keep = idx + len(stop) if seq.params.include_stop_str_in_output else idx
-                detok.text = detok.text[:keep]
-                if seq.is_finished:
-                    seq.finish_reason, seq.stop_reason = "stop", stop
-                else:
-                    self.scheduler.finish(seq, "stop", stop)
-                break
-        detok.stop_checked = len(detok.text)
-
-    def _request_output(self, state: _RequestState) -> RequestOutput:
-        completions = []
-        for seq, detok in zip(state.seqs, state.detok):
-            text = detok.text
-            stops = seq.params.stop_strings
-            if stops and not seq.is_finished:  # hold back a possible stop-string prefix
-                text = text[:max(0, len(text) - max(map(len, stops)) + 1)]
-            logprobs = cumulative = None
-            if seq.params.logprobs is not None:
-                logprobs, cumulative = seq.logprobs.view(), seq.logprobs.cumulative_logprob
-            tokens = list(seq.output_token_ids)
-            if seq.params.output_kind is RequestOutputKind.DELTA:  # only what is new
-                sent_tokens, sent_chars, sent_finish = state.sent.get(seq.index, (0, 0, False))
-                if len(tokens) == sent_tokens and len(text) == sent_chars and \
-                        seq.is_finished == sent_finish:
-                    continue
-                state.sent[seq.index] = (len(tokens), len(text), seq.is_finished)
-                text, tokens = text[sent_chars:], tokens[sent_tokens:]
-                logprobs = logprobs[sent_tokens:] if logprobs is not None else None
-            completions.append(CompletionOutput(
-                index=seq.index, text=text, token_ids=tokens,
-                cumulative_logprob=cumulative, logprobs=logprobs,
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
-        first = state.seqs[0]
-        prompt_lp = first.prompt_logprobs if state.params.prompt_logprobs is not None else None
-        metrics = {"arrival_time": state.arrival_time, "first_token_time": state.first_token_time}
-        return RequestOutput(request_id=state.request_id, prompt=state.prompt,
-                             prompt_token_ids=state.prompt_token_ids, outputs=completions,
-                             finished=state.finished, prompt_logprobs=prompt_lp,
-                             num_cached_tokens=first.num_cached_prompt_tokens, metrics=metrics)
-
+        return self.output_processor.process(touched)

@@ -130,7 +130,7 @@ class CoreEngine(LLMEngine):
                 state.first_token_time = now
             text = None
             if seq.params.stop_strings:
-                self._detokenize(state, seq)  # may finish it ("stop")
+                self.output_processor.detokenize(state, seq)  # may finish it ("stop")
                 detok_text = state.detok[seq.index].text  # cut at a stop string: may shrink
                 start = min(sent[seq.index][1], len(detok_text))
                 text, sent[seq.index][1] = (start, detok_text[start:]), len(detok_text)
