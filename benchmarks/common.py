@@ -127,13 +127,51 @@ def measure_matmul_rate(n: int = 8192, dtype=jnp.bfloat16) -> float:
     return 2 * n**3 / (us * 1e-6)
 
 
-def param_count(mc) -> int:
-    """Parameters of a Llama-family ModelConfig (embeddings counted once if tied)."""
+def param_split(mc) -> tuple[int, int, int]:
+    """(params every token reads, params of one expert summed over the sparse layers, sparse
+    layers) of a Llama-family ModelConfig or a MoEConfig (models/moe.py: routers and shared
+    experts count as read by every token); embeddings counted once if tied."""
     D, F, V, H = mc.hidden_size, mc.intermediate_size, mc.vocab_size, mc.head_dim
     kv_heads = mc.num_kv_heads // mc.kv_replication
-    attn = D * H * (2 * mc.num_q_heads + 2 * kv_heads)
-    layer = attn + 3 * D * F + 2 * D
-    return mc.num_layers * layer + V * D * (1 if mc.tie_word_embeddings else 2) + D
+    attn = D * H * (2 * mc.num_q_heads + 2 * kv_heads) + 2 * D
+    attn += 2 * H if mc.qk_norm else 0  # Qwen3
+    attn += H * (mc.num_q_heads + 2 * kv_heads) if mc.qkv_bias else 0  # Qwen2
+    always, sparse = V * D * (1 if mc.tie_word_embeddings else 2) + D, 0
+    for i in range(mc.num_layers):
+        always += attn
+        if getattr(mc, "num_experts", 0) and mc.is_sparse(i):
+            sparse += 1
+            always += D * mc.num_experts  # the router
+            if mc.shared_expert_intermediate_size:
+                always += 3 * D * mc.shared_expert_intermediate_size + D
+        else:
+            always += 3 * D * F
+    per_expert = 3 * D * mc.moe_intermediate_size if sparse else 0
+    return always, per_expert * sparse, sparse
+
+
+def param_count(mc) -> int:
+    """All parameters (every expert of a MoE)."""
+    always, expert, _ = param_split(mc)
+    return always + expert * getattr(mc, "num_experts", 0)
+
+
+def active_params(mc) -> int:
+    """Parameters one token computes with (its top-k experts of a MoE)."""
+    always, expert, _ = param_split(mc)
+    return always + expert * getattr(mc, "num_experts_per_tok", 0)
+
+
+def weight_bytes_read(mc, itemsize: int, tokens: int) -> float:
+    """Expected weight bytes a step of `tokens` tokens reads: everything of a dense model; of a
+    MoE, the shared part plus the experts its tokens route to, E * (1 - (1 - k/E)^tokens) per
+    layer under uniform routing (k at one token, all E in a large batch)."""
+    always, expert, _ = param_split(mc)
+    if not expert:
+        return always * itemsize
+    E, k = mc.num_experts, mc.num_experts_per_tok
+    touched = E * (1.0 - (1.0 - k / E) ** tokens)
+    return (always + expert * touched) * itemsize
 
 
 def kv_bytes_per_token(mc, itemsize: int) -> int:
@@ -144,8 +182,8 @@ def workload_floor(mc, itemsize: int, *, num_prompts: int, input_len: int, outpu
                    batch: int, bandwidth: float, flops: float) -> dict:
     """Seconds the workload needs at best: per step max(bytes / bandwidth, flops / rate), summed over
     the prefill of each wave of `batch` prompts and its output_len decode steps."""
-    params = param_count(mc)
-    w_bytes, kv_tok = params * itemsize, kv_bytes_per_token(mc, itemsize)
+    params, active = param_count(mc), active_params(mc)  # MoE: FLOPs follow the active ones
+    kv_tok = kv_bytes_per_token(mc, itemsize)
     total, prefill_s, decode_s = 0.0, 0.0, 0.0
     remaining = num_prompts
     while remaining > 0:
@@ -153,15 +191,18 @@ def workload_floor(mc, itemsize: int, *, num_prompts: int, input_len: int, outpu
         remaining -= b
         tokens = b * input_len
         attn_flops = 4 * mc.num_layers * mc.num_q_heads * mc.head_dim * b * input_len**2 / 2
-        prefill_s += max((w_bytes + tokens * kv_tok) / bandwidth, (2 * params * tokens + attn_flops) / flops)
+        prefill_s += max((weight_bytes_read(mc, itemsize, tokens) + tokens * kv_tok) / bandwidth,
+                         (2 * active * tokens + attn_flops) / flops)
+        w_bytes = weight_bytes_read(mc, itemsize, b)  # per decode step of b sequences
         for step in range(output_len):
             ctx = input_len + step
             read = w_bytes + b * ctx * kv_tok
-            step_flops = 2 * params * b + 4 * mc.num_layers * mc.num_q_heads * mc.head_dim * b * ctx
+            step_flops = 2 * active * b + 4 * mc.num_layers * mc.num_q_heads * mc.head_dim * b * ctx
             decode_s += max(read / bandwidth, step_flops / flops)
     total = prefill_s + decode_s
     return {"seconds": total, "prefill_seconds": prefill_s, "decode_seconds": decode_s,
-            "output_tokens_per_s": num_prompts * output_len / total, "params": params}
+            "output_tokens_per_s": num_prompts * output_len / total, "params": params,
+            "active_params": active}
 
 
 def environment() -> dict:

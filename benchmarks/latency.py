@@ -66,11 +66,11 @@ def main(argv=None):
     for b in batches:  # warm-up: compile every bucket the timed runs touch
         measure(engine, b, args.input_len, 4, seed=1000 + b)
     mc, itemsize = engine.model_config, 2 if args.dtype == "bfloat16" else 4
-    w_bytes = common.param_count(mc) * itemsize
     rows = []
     for b in batches:
         r = measure(engine, b, args.input_len, args.output_len, seed=b)
         ctx = args.input_len + args.output_len / 2
+        w_bytes = common.weight_bytes_read(mc, itemsize, b)  # MoE: the experts b tokens touch
         r["tpot_floor_s"] = (w_bytes + b * ctx * common.kv_bytes_per_token(mc, itemsize)) / bw
         rows.append(r)
         print(f"batch {b:4d}: TTFT {1e3 * r['ttft_s']:.1f} ms, TPOT {1e3 * r['tpot_s']:.2f} ms "
