@@ -165,12 +165,17 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray,
         rotated = apply_rope(x[..., :rotary], positions, inv_freq, attn_factor)
         return jnp.concatenate([rotated, x[..., rotary:]], axis=-1)
     angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]  # [T, H/2]
-    cos = (jnp.cos(angles) * attn_factor)[:, None, :]  # [T, 1, H/2]
-    sin = (jnp.sin(angles) * attn_factor)[:, None, :]
+    cos = jnp.cos(angles) * attn_factor
+    sin = jnp.sin(angles) * attn_factor
+    cos2 = jnp.concatenate([cos, cos], axis=-1)[:, None, :]  # [T, 1, H]
+    sin2 = jnp.concatenate([-sin, sin], axis=-1)[:, None, :]
+    # [x1, x2] * cos2 + [x2, x1] * sin2 = [x1 cos - x2 sin, x2 cos + x1 sin]. The halves are
+    # swapped by reversing a size-2 axis, an indexing op XLA fuses with the arithmetic: one pass
+    # over q / k. (Concatenating the two rotated halves was a separate f32 kernel on the H200,
+    # "wrapped_concatenate", 0.81 ms per 512-token Llama-3-8B step.)
     xf = x.astype(jnp.float32)
-    x1, x2 = jnp.split(xf, 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
+    swapped = xf.reshape(*x.shape[:-1], 2, x.shape[-1] // 2)[..., ::-1, :].reshape(x.shape)
+    return (xf * cos2 + swapped * sin2).astype(x.dtype)
 
 
 class Attention(nnx.Module):
