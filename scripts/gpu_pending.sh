@@ -5,8 +5,9 @@
 #                  (--profile-host) on GPU 0; Mosaic GPU custom calls kept out of XLA's command
 #                  buffers on GPU 1 (A/B of dispatch ms); then issue 15's structured cost (GPU 1)
 #   PART=sampling  issue 13's four sampling tables (met at 9b86482 / 531d3ba: re-run after sampler work)
-#   PART=tp        issue 19: TP=1 vs TP=2 launch/step A/B, TP=2 tokens + batch-1 TPOT; then issue 16's
-#                  fp8 batch-1 latency (GPU 1)
+#   PART=tp        issue 19: TP=1 vs TP=2 launch/step A/B, TP=2 tokens + batch-1 TPOT (both GPUs)
+#   PART=quant     issue 16: batch-1 decode bf16 / fp8 / AWQ (GPU 0), workload B with fp8 weights
+#                  (GPU 1; bf16 is PART=scale's)
 #   PART=moe       issue 18: Mixtral-8x7B (GPU 0) and Qwen3-30B-A3B (GPU 1), 256 x (512 / 256)
 #   PART=scale     issue 14: workload B under the profiler (where its prefill time goes), then A at
 #                  the device defaults (GPU 0); the mixed lognormal workload (GPU 1)
@@ -74,10 +75,17 @@ PY
     done
     export JAXSERVE_TEST_GPU=1 JAXSERVE_TEST_TOKENIZER=$tok
     job 0,1 tp_tokens_tpot 240 -m pytest \
-      tests/test_distributed.py -k gpu -s -q -p no:cacheprovider
-    job 1 latency_fp8 230 -m benchmarks.latency --model llama-3-8b --load-format dummy \
-      --tokenizer "$tok" --batch-sizes 1 --input-len 128 --output-len 128 --quantization fp8 \
-      --out "$out" ;;
+      tests/test_distributed.py -k gpu -s -q -p no:cacheprovider ;;
+  quant)
+    for q in none fp8 awq; do
+      job 0 "latency_$q" 170 -m benchmarks.latency --model llama-3-8b --load-format dummy \
+        --tokenizer "$tok" --batch-sizes 1 --input-len 128 --output-len 128 \
+        $([ $q = none ] || echo --quantization $q) --out "$out"
+    done &
+    job 1 workload_b_fp8 400 -m benchmarks.throughput --model llama-3-8b --tokenizer "$tok" \
+      --num-prompts 1000 --input-len 512 --output-len 256 --quantization fp8 --out "$out" \
+      --name workload_b_fp8 &
+    wait ;;
   moe)
     job 0 moe_mixtral 540 -m benchmarks.throughput --model mixtral-8x7b --tokenizer "$tok" \
       --num-prompts 256 --input-len 512 --output-len 256 --max-num-seqs 256 --out "$out" &
@@ -95,5 +103,5 @@ PY
       --num-prompts 1000 --length-dist lognormal --input-len 280 --output-len 190 \
       --temperature 0.8 --top-p 0.95 --out "$out" --name mixed_lognormal_qwen2_7b &
     wait ;;
-  *) echo "PART=launch|sampling|tp|moe|scale" >&2; exit 2 ;;
+  *) echo "PART=launch|sampling|tp|quant|moe|scale" >&2; exit 2 ;;
 esac
