@@ -51,6 +51,7 @@ def main(argv=None):
     p.add_argument("--quantization", default=None, help="fp8, awq or gptq (vLLM's)")
     p.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--name", default=None, help="results file name (default latency_<model>)")
     args = p.parse_args(argv)
     common.log_engine_progress()
     from jaxserve import LLM
@@ -77,7 +78,8 @@ def main(argv=None):
               f"(floor {1e3 * r['tpot_floor_s']:.2f} ms, {r['tpot_s'] / r['tpot_floor_s']:.2f}x)")
     result = {"args": vars(args), "env": common.environment(), "copy_bandwidth_Bps": bw,
               "rows": rows, "compiles": engine.runner.num_compiles}
-    path = common.write_results(f"latency_{common.model_tag(args.model)}", result, args.out)
+    path = common.write_results(args.name or f"latency_{common.model_tag(args.model)}", result,
+                                args.out)
     try:
         common.bar_plot(path.with_suffix(".png"), f"TPOT {args.model}",
                         [f"b{r['batch']}" for r in rows], [1e3 * r["tpot_s"] for r in rows],

@@ -80,7 +80,7 @@ PY
     for q in none fp8 awq; do
       job 0 "latency_$q" 170 -m benchmarks.latency --model llama-3-8b --load-format dummy \
         --tokenizer "$tok" --batch-sizes 1 --input-len 128 --output-len 128 \
-        $([ $q = none ] || echo --quantization $q) --out "$out"
+        $([ $q = none ] || echo --quantization $q) --out "$out" --name "latency_$q"
     done &
     job 1 workload_b_fp8 400 -m benchmarks.throughput --model llama-3-8b --tokenizer "$tok" \
       --num-prompts 1000 --input-len 512 --output-len 256 --quantization fp8 --out "$out" \
