@@ -56,7 +56,6 @@ class LLMEngine:
             page_size=config.page_size, num_kv_pages=self.num_kv_pages,
             max_logprobs=config.max_logprobs), defaults=parts.sampling_defaults)
         self.output_processor = OutputProcessor(self.detokenizer, self.scheduler.finish)
-        self._requests = self.output_processor.requests  # the same dict: by request id
         self._rng = np.random.default_rng(config.seed)
         self._inflight = None  # the step dispatched ahead (StepHandle), if any
         self.async_scheduling = True
@@ -68,7 +67,7 @@ class LLMEngine:
                     params: SamplingParams | None = None, arrival_time: float | None = None,
                     lora_request: LoRARequest | None = None) -> None:
         """Validate and queue a request; raises ValueError (and queues nothing) on bad input."""
-        if request_id in self._requests:
+        if request_id in self.output_processor.requests:
             raise ValueError(f"{request_id=} is already in use")
         if lora_request is None and isinstance(prompt, dict):
             lora_request = prompt.get("lora_request")  # the server's prompts carry their adapter
@@ -97,7 +96,7 @@ class LLMEngine:
             seqs.append(seq)
         state = RequestState(request_id, processed.text, list(ids), params, seqs,
                               [self.detokenizer.start(ids) for _ in seqs], arrival)
-        self._requests[request_id] = state
+        self.output_processor.requests[request_id] = state
         for seq in seqs:
             self.scheduler.add(seq)
 
@@ -108,15 +107,15 @@ class LLMEngine:
 
     def abort_request(self, request_id: str | list[str]) -> None:
         for rid in [request_id] if isinstance(request_id, str) else request_id:
-            if self._requests.pop(rid, None) is not None:
+            if self.output_processor.requests.pop(rid, None) is not None:
                 self.scheduler.abort(rid)
 
     def has_unfinished_requests(self) -> bool:
         """True while requests run, or a step dispatched ahead has not been read yet."""
-        return bool(self._requests) or self._inflight is not None
+        return bool(self.output_processor.requests) or self._inflight is not None
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self._requests)
+        return len(self.output_processor.requests)
 
     def reset_prefix_cache(self) -> bool:
         """Forget the cached pages of finished requests (vLLM's name). Refused (False) while

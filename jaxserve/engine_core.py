@@ -117,7 +117,7 @@ class CoreEngine(LLMEngine):
         news: dict[str, list] = {}
         firsts: dict[str, tuple] = {}
         for seq in touched:
-            state = self._requests.get(seq.request_id)
+            state = self.output_processor.requests.get(seq.request_id)
             if state is None:
                 continue
             sent = self._sent.get(seq.request_id)
@@ -142,8 +142,8 @@ class CoreEngine(LLMEngine):
         deltas = []
         for rid, seq_news in news.items():
             deltas.append((rid, seq_news, firsts.get(rid)))
-            if self._requests[rid].finished:
-                del self._requests[rid]
+            if self.output_processor.requests[rid].finished:
+                del self.output_processor.requests[rid]
                 del self._sent[rid]
         self.stats["generation_tokens"] += len(touched)
         return deltas
@@ -264,7 +264,8 @@ class EngineCore:
         sched = self.engine.scheduler
         waiting = {s.request_id for s in sched.waiting}
         running = {s.request_id for s in sched.running}
-        failed = [rid for rid in self.engine._requests if rid in running or rid not in waiting]
+        requests = self.engine.output_processor.requests
+        failed = [rid for rid in requests if rid in running or rid not in waiting]
         logger.error("engine step failed (%d in a row); aborting its requests %s",
                      self._failed_steps, failed, exc_info=error)
         self.engine.abort_request(failed)

@@ -43,25 +43,23 @@ class PackSpec:
 def pack(args) -> tuple[PackSpec, np.ndarray, np.ndarray, tuple]:
     """args (a pytree) -> (spec, i32[n], f32[m], device leaves)."""
     leaves, treedef = jax.tree.flatten(args)
-    specs, ints, floats, device = [], [], [], []
-    i32_size = f32_size = 0
+    specs, device = [], []
+    parts: dict[str, list] = {"i32": [], "f32": []}  # (offset, flat int32 / float32 values)
+    sizes = {"i32": 0, "f32": 0}
     for x in leaves:
         if isinstance(x, np.ndarray) and (x.dtype in _INT_DTYPES or x.dtype == _F32):
-            if x.dtype == _F32:
-                specs.append(("f32", f32_size, x.shape, "float32"))
-                floats += [x.ravel(), np.zeros(-x.size % ALIGN, np.float32)]
-                f32_size += x.size + (-x.size % ALIGN)
-            else:
-                specs.append(("i32", i32_size, x.shape, x.dtype.name))
-                ints += [x.ravel().view(np.int32) if x.dtype == np.uint32
-                         else x.ravel().astype(np.int32, copy=False),
-                         np.zeros(-x.size % ALIGN, np.int32)]
-                i32_size += x.size + (-x.size % ALIGN)
+            where = "f32" if x.dtype == _F32 else "i32"
+            specs.append((where, sizes[where], x.shape, x.dtype.name))
+            flat = x.ravel().view(np.int32) if x.dtype == np.uint32 else x.ravel()
+            parts[where].append((sizes[where], flat))
+            sizes[where] += -(-x.size // ALIGN) * ALIGN
         else:  # a device array, an abstract one, or a numpy dtype the buffers do not carry
             specs.append(("device", len(device), tuple(x.shape), str(x.dtype)))
             device.append(x)
-    i32 = np.concatenate(ints) if ints else np.zeros(0, np.int32)
-    f32 = np.concatenate(floats) if floats else np.zeros(0, np.float32)
+    i32, f32 = np.zeros(sizes["i32"], np.int32), np.zeros(sizes["f32"], np.float32)
+    for buf, where in ((i32, "i32"), (f32, "f32")):
+        for offset, flat in parts[where]:
+            buf[offset:offset + flat.size] = flat
     return PackSpec(treedef, tuple(specs)), i32, f32, tuple(device)
 
 

@@ -249,23 +249,23 @@ class ModelRunner(StepWarmup):
         pass only; sample(handle, tokens) follows once the masks are known (they depend on the
         token still in flight), while the device computes the forward pass."""
         args, prompt_k = self._inputs(batch, full_sampler=defer, tokens=None if defer else tokens)
-        history = self.sampling.history if args[-1] is not None else None
         if not defer:
-            spec, *buffers = pack(args)
-            exe = self._executable(args, prompt_k, spec=spec)
-            out, self._prev_tokens, prompt, self.kv_cache, history = exe(
-                self.state, self.kv_cache, history, self._prev_tokens, *buffers)
-            if history is not None:
-                self.sampling.history = history
+            out, self._prev_tokens, prompt = self._call(args, prompt_k)
             return StepHandle(batch, out, prompt)
-        fwd_args = args[:5] + args[6:]
-        spec, *buffers = pack(fwd_args)
-        exe = self._executable(fwd_args, prompt_k, "forward", spec)
-        logits, ids, prompt, self.kv_cache, history = exe(
+        logits, ids, prompt = self._call(args[:5] + args[6:], prompt_k, "forward")
+        return StepHandle(batch, None, prompt, logits=(logits, ids))
+
+    def _call(self, args: tuple, prompt_k: int, kind: str = "step") -> tuple:
+        """Run the compiled `kind` ("step" or "forward") on args, packed; keeps the KV cache and
+        token history it returns. -> its first three outputs."""
+        history = self.sampling.history if args[-1] is not None else None
+        spec, *buffers = pack(args)
+        exe = self._executable(args, prompt_k, kind, spec)
+        first, second, prompt, self.kv_cache, history = exe(
             self.state, self.kv_cache, history, self._prev_tokens, *buffers)
         if history is not None:
             self.sampling.history = history
-        return StepHandle(batch, None, prompt, logits=(logits, ids))
+        return first, second, prompt
 
     def sample(self, handle: StepHandle, tokens: TokenInputs | None = None) -> StepHandle:
         """Dispatch the sampling of a deferred step with its token controls."""

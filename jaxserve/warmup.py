@@ -57,15 +57,9 @@ class StepWarmup:
         slowest = 0.0
         for batch, full in batches:
             args, prompt_k = self._inputs(batch, full_sampler=full)
-            history = self.sampling.history if args[-1] is not None else None
-            spec, *buffers = pack(args)
-            exe = self._executable(args, prompt_k, spec=spec)
             t0 = time.perf_counter()
-            out, self._prev_tokens, _, self.kv_cache, history = exe(
-                self.state, self.kv_cache, history, self._prev_tokens, *buffers)
+            out, self._prev_tokens, _ = self._call(args, prompt_k)
             jax.block_until_ready(out)
-            if history is not None:
-                self.sampling.history = history
             slowest = max(slowest, time.perf_counter() - t0)
         return slowest
 
