@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On an nvidia-h200-x2 machine: the GPU bars still unmeasured after 2026-11-29's sessions, batched
+# On an nvidia-h200-x2 (one part) or -x4 (two parts side by side, PART="a b") machine: the GPU bars still unmeasured after 2026-11-29's sessions, batched
 # as two lanes (one per GPU) or one two-GPU job per call, each call under ~9 minutes.
 #   PART=launch    the ~9 ms launch of each step (issues 13/15/20): XLA's host events per step
 #                  (--profile-host) on GPU 0; Mosaic GPU custom calls kept out of XLA's command
@@ -35,11 +35,13 @@ sampling() {  # GPU MODEL
   job "$1" "sampling_$2_1024" 285 -m benchmarks.sampling --model "$2" --load-format dummy \
     --num-seqs 1024 --num-prompts 1024 --tokenizer "$tok" --out "$out"
 }
-case "${PART:-launch}" in
+part() {  # PART A B: one part on the GPU pair A, B
+  local A=$2 B=$3
+  case "$1" in
   launch)
     # This machine's cost of one kernel launch and of one CUDA-graph replay of 600 kernels
     # (torch, in the image): is a ~9 ms step launch the runtime's price per driver call?
-    CUDA_VISIBLE_DEVICES=0 python3 - <<'PY' 2>&1 | tee "$out/launch_cost.log"
+    CUDA_VISIBLE_DEVICES=$A python3 - <<'PY' 2>&1 | tee "$out/launch_cost.log"
 import time, torch
 x = torch.zeros(1, device="cuda"); torch.cuda.synchronize()
 for n in (1000, 10000):
@@ -56,52 +58,61 @@ for _ in range(3):
     print(f"graph of 600 kernels: replay enqueued in {enq * 1e3:.2f} ms, done in {(time.perf_counter() - t) * 1e3:.2f} ms")
 PY
     rows="greedy,T0.7 top_p 0.9"
-    job 0 launch_host_events 280 -m benchmarks.sampling --model llama-3-8b --num-seqs 512 \
+    job $A launch_host_events 280 -m benchmarks.sampling --model llama-3-8b --num-seqs 512 \
       --rows "$rows" --profile-host --tokenizer "$tok" --out "$out" --name launch_host_events &
     { XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CONDITIONAL \
-        job 1 launch_no_custom_call_graphs 250 -m benchmarks.sampling --model llama-3-8b \
+        job $B launch_no_custom_call_graphs 250 -m benchmarks.sampling --model llama-3-8b \
         --num-seqs 512 --rows "$rows" --profile --tokenizer "$tok" --out "$out" \
         --name launch_no_custom_call_graphs
-      job 1 structured 280 -m benchmarks.structured --model llama-3-8b --load-format dummy \
+      job $B structured 280 -m benchmarks.structured --model llama-3-8b --load-format dummy \
         --num-prompts 256 --tokenizer "$tok" --out "$out"; } &
     wait ;;
   sampling)
-    sampling 0 qwen2-7b & sampling 1 llama-3-8b & wait ;;
+    sampling $A qwen2-7b & sampling $B llama-3-8b & wait ;;
   tp)
     for args in "1" "2" "2 --vocab-split-sampler"; do
       set -- $args
-      job 0,1 "tp_collectives_tp$1${2:+_old}" 60 -m benchmarks.tp_collectives --model llama-3-8b \
+      job $A,$B "tp_collectives_tp$1${2:+_old}" 60 -m benchmarks.tp_collectives --model llama-3-8b \
         --tensor-parallel-size "$@" --time 200
     done
     export JAXSERVE_TEST_GPU=1 JAXSERVE_TEST_TOKENIZER=$tok
-    job 0,1 tp_tokens_tpot 240 -m pytest \
+    job $A,$B tp_tokens_tpot 240 -m pytest \
       tests/test_distributed.py -k gpu -s -q -p no:cacheprovider ;;
   quant)
     for q in none fp8 awq; do
-      job 0 "latency_$q" 170 -m benchmarks.latency --model llama-3-8b --load-format dummy \
+      job $A "latency_$q" 170 -m benchmarks.latency --model llama-3-8b --load-format dummy \
         --tokenizer "$tok" --batch-sizes 1 --input-len 128 --output-len 128 \
         $([ $q = none ] || echo --quantization $q) --out "$out" --name "latency_$q"
     done &
-    job 1 workload_b_fp8 400 -m benchmarks.throughput --model llama-3-8b --tokenizer "$tok" \
+    job $B workload_b_fp8 400 -m benchmarks.throughput --model llama-3-8b --tokenizer "$tok" \
       --num-prompts 1000 --input-len 512 --output-len 256 --quantization fp8 --out "$out" \
       --name workload_b_fp8 &
     wait ;;
   moe)
-    job 0 moe_mixtral 540 -m benchmarks.throughput --model mixtral-8x7b --tokenizer "$tok" \
+    job $A moe_mixtral 540 -m benchmarks.throughput --model mixtral-8x7b --tokenizer "$tok" \
       --num-prompts 256 --input-len 512 --output-len 256 --max-num-seqs 256 --out "$out" &
-    job 1 moe_qwen3_30b 540 -m benchmarks.throughput --model qwen3-30b-a3b --tokenizer "$tok" \
+    job $B moe_qwen3_30b 540 -m benchmarks.throughput --model qwen3-30b-a3b --tokenizer "$tok" \
       --num-prompts 256 --input-len 512 --output-len 256 --max-num-seqs 256 --out "$out" &
     wait ;;
   scale)
-    { job 0 workload_b_profile 270 -m benchmarks.throughput --model llama-3-8b --tokenizer "$tok" \
+    { job $A workload_b_profile 270 -m benchmarks.throughput --model llama-3-8b --tokenizer "$tok" \
         --num-prompts 1000 --input-len 512 --output-len 256 --profile --out "$out" \
         --name workload_b_profile
-      job 0 workload_a_defaults 270 -m benchmarks.throughput --model qwen2-7b --tokenizer "$tok" \
+      job $A workload_a_defaults 250 -m benchmarks.throughput --model qwen2-7b --tokenizer "$tok" \
         --num-prompts 1000 --input-len 100 --output-len 200 --out "$out" --name workload_a_defaults
     } &
-    job 1 mixed_lognormal 400 -m benchmarks.throughput --model qwen2-7b --tokenizer "$tok" \
+    job $B mixed_lognormal 400 -m benchmarks.throughput --model qwen2-7b --tokenizer "$tok" \
       --num-prompts 1000 --length-dist lognormal --input-len 280 --output-len 190 \
       --temperature 0.8 --top-p 0.95 --out "$out" --name mixed_lognormal_qwen2_7b &
     wait ;;
-  *) echo "PART=launch|sampling|tp|quant|moe|scale" >&2; exit 2 ;;
-esac
+    *) echo "PART=launch|sampling|tp|quant|moe|scale" >&2; exit 2 ;;
+  esac
+}
+# PART may name several parts ("launch scale"): each gets the next GPU pair (a 4-GPU machine runs two).
+gpu=0
+for p in ${PART:-launch}; do
+  part "$p" $gpu $((gpu + 1)) > "$out/part_$p.out" 2>&1 &
+  gpu=$((gpu + 2))
+done
+wait
+cat "$out"/part_*.out
