@@ -299,9 +299,11 @@ def _logprobs(raw: jax.Array, tokens: jax.Array, k: int):
     return token_lp, ranks, ids.astype(jnp.int32), values - lse[:, None]
 
 
+@jax.jit
 def sample(logits: jax.Array, md: SamplingMetadata) -> SamplerOutput:
     """f32[B, V] logits -> SamplerOutput. Logprobs are of the raw (unpenalized) distribution; when
-    no row asked (num_logprobs < 0) they are zeros and [B, 0]."""
+    no row asked (num_logprobs < 0) they are zeros and [B, 0]. Its own jit so that the step shapes
+    whose rows match (token buckets >= max_num_seqs) trace its unrolled rounds once (start-up)."""
     with jax.named_scope("sample"):
         raw = logits.astype(jnp.float32)
         logits = apply_token_controls(raw, md)  # vLLM's order: bias and masks, then penalties

@@ -4,6 +4,7 @@
 #   PART=launch    the ~9 ms launch of each step (issues 13/15/20): XLA's host events per step
 #                  (--profile-host) on GPU 0; Mosaic GPU custom calls kept out of XLA's command
 #                  buffers on GPU 1 (A/B of dispatch ms); then issue 15's structured cost (GPU 1)
+#   PART=skiptemp  XLA's command-buffer update mode ALWAYS_UPDATE vs SKIP_TEMP (A/B, one per GPU)
 #   PART=sampling  issue 13's four sampling tables (met at 9b86482 / 531d3ba: re-run after sampler work)
 #   PART=tp        issue 19: TP=1 vs TP=2 launch/step A/B, TP=2 tokens + batch-1 TPOT (both GPUs)
 #   PART=quant     issue 16: batch-1 decode bf16 / fp8 / AWQ (GPU 0), workload B with fp8 weights
@@ -67,6 +68,20 @@ PY
       job $B structured 280 -m benchmarks.structured --model llama-3-8b --load-format dummy \
         --num-prompts 256 --tokenizer "$tok" --out "$out"; } &
     wait ;;
+  skiptemp)
+    # XLA's command-buffer update mode: ALWAYS_UPDATE (default) on A, SKIP_TEMP (temporaries at
+    # stable virtual addresses, so CUDA graphs are not re-patched each step) on B, side by side:
+    # batch-1 decode, then greedy / top_p at 512 sequences with the host's per-step events.
+    for lane in "$A ALWAYS_UPDATE" "$B SKIP_TEMP"; do
+      set -- $lane
+      { XLA_FLAGS=--xla_gpu_command_buffer_update_mode=$2 job $1 "latency_$2" 160 \
+          -m benchmarks.latency --model llama-3-8b --load-format dummy --tokenizer "$tok" \
+          --batch-sizes 1 --input-len 128 --output-len 128 --out "$out" --name "latency_$2"
+        XLA_FLAGS=--xla_gpu_command_buffer_update_mode=$2 job $1 "update_mode_$2" 250 \
+          -m benchmarks.sampling --model llama-3-8b --num-seqs 512 --rows "greedy,T0.7 top_p 0.9" \
+          --profile-host --tokenizer "$tok" --out "$out" --name "update_mode_$2"; } &
+    done
+    wait ;;
   sampling)
     sampling $A qwen2-7b & sampling $B llama-3-8b & wait ;;
   tp)
@@ -80,7 +95,7 @@ PY
       tests/test_distributed.py -k gpu -s -q -p no:cacheprovider ;;
   quant)
     for q in none fp8 awq; do
-      job $A "latency_$q" 170 -m benchmarks.latency --model llama-3-8b --load-format dummy \
+      job $A "latency_$q" 160 -m benchmarks.latency --model llama-3-8b --load-format dummy \
         --tokenizer "$tok" --batch-sizes 1 --input-len 128 --output-len 128 \
         $([ $q = none ] || echo --quantization $q) --out "$out" --name "latency_$q"
     done &
@@ -105,7 +120,7 @@ PY
       --num-prompts 1000 --length-dist lognormal --input-len 280 --output-len 190 \
       --temperature 0.8 --top-p 0.95 --out "$out" --name mixed_lognormal_qwen2_7b &
     wait ;;
-    *) echo "PART=launch|sampling|tp|quant|moe|scale" >&2; exit 2 ;;
+    *) echo "PART=launch|skiptemp|sampling|tp|quant|moe|scale" >&2; exit 2 ;;
   esac
 }
 # PART may name several parts ("launch scale"): each gets the next GPU pair (a 4-GPU machine runs two).
