@@ -19,25 +19,30 @@ logger = logging.getLogger("jaxserve.runner")
 
 
 class StepWarmup:
+    def warmup_shapes(self) -> list[tuple[int, bool]]:
+        """(token bucket, full sampler) of every fused step, in the order warm-up lowers them:
+        the longest compiles first (the full sampler's took ~2.3x the plain one's, larger buckets
+        a little longer: Llama-3-8B on CPU, benchmarks/startup_trace.py --compile), so that the
+        shape lowered last, whose compile ends the warm-up, is the quickest (plain, decode)."""
+        return [(t_pad, full) for full in (True, False) for t_pad in reversed(self.buckets)]
+
     def warmup(self, run: bool = True) -> None:
         """Compile both sampler variants of every token bucket: each is traced and lowered on
-        this thread (Python, holds the GIL) and compiled in a pool of up to 8 threads as soon as it
-        is lowered (XLA compiles off the GIL), so tracing overlaps compiling. On the H100,
-        Llama-3-8B, 11 buckets: lowering all first, then compiling, took 25 s + 46.5 s. Then
-        (run) each runs once (_run_once)."""
+        this thread (Python, holds the GIL: more threads lowered no faster) and compiled in a
+        pool of up to 8 threads as soon as it is lowered (XLA compiles off the GIL), so tracing
+        overlaps compiling. On the H100, Llama-3-8B, 11 buckets: lowering all first, then
+        compiling, took 25 s + 46.5 s. Then (run) each runs once (_run_once)."""
         start = time.perf_counter()
         workers = max(1, min(len(self.buckets), 8, os.cpu_count() or 1))
         futures, batches = [], []
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for full in (False, True):
-                for t_pad in self.buckets:
-                    batch = self._padding_batch(t_pad)
-                    args, prompt_k = self._inputs(batch, full_sampler=full)
-                    batches.append((batch, full))
-                    key = self._key(args, prompt_k)
-                    if key not in self._executables:
-                        futures.append(pool.submit(self._compile, key,
-                                                   self._lower(args, prompt_k)))
+            for t_pad, full in self.warmup_shapes():
+                batch = self._padding_batch(t_pad)
+                args, prompt_k = self._inputs(batch, full_sampler=full)
+                batches.append((batch, full))
+                key = self._key(args, prompt_k)
+                if key not in self._executables:
+                    futures.append(pool.submit(self._compile, key, self._lower(args, prompt_k)))
             lowered_at = time.perf_counter()
             for f in futures:
                 f.result()  # re-raise a failed compile here

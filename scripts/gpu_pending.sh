@@ -5,6 +5,8 @@
 #                  (--profile-host) on GPU 0; Mosaic GPU custom calls kept out of XLA's command
 #                  buffers on GPU 1 (A/B of dispatch ms); then issue 15's structured cost (GPU 1)
 #   PART=skiptemp  XLA's command-buffer update mode ALWAYS_UPDATE vs SKIP_TEMP (A/B, one per GPU)
+#   PART=serve     issue 20's enterprise serving (GPU 0); fp8 batch-1 with a long start-up limit, AWQ
+#                  batch-1 profiled (GPU 1)
 #   PART=sampling  issue 13's four sampling tables (met at 9b86482 / 531d3ba: re-run after sampler work)
 #   PART=tp        issue 19: TP=1 vs TP=2 launch/step A/B, TP=2 tokens + batch-1 TPOT (both GPUs)
 #   PART=quant     issue 16: batch-1 decode bf16 / fp8 / AWQ (GPU 0), workload B with fp8 weights
@@ -82,6 +84,19 @@ PY
           --profile-host --tokenizer "$tok" --out "$out" --name "update_mode_$2"; } &
     done
     wait ;;
+  serve)
+    # issue 20's enterprise scenario (A), then issue 16's fp8 batch-1 decode with room for its
+    # start-up and AWQ batch-1 under the device profiler (B)
+    job $A enterprise 560 -m benchmarks.serving --preset enterprise --vocab-size 151936 \
+      --out "$out" --launch "qwen2-7b --load-format dummy --tokenizer $tok --max-model-len 1024 \
+      --max-num-seqs 1024 --max-num-batched-tokens 8192" &
+    { job $B latency_fp8_long 330 -m benchmarks.latency --model llama-3-8b --load-format dummy \
+        --tokenizer "$tok" --batch-sizes 1 --input-len 128 --output-len 128 --quantization fp8 \
+        --out "$out" --name latency_fp8_long
+      job $B awq_batch1_profile 220 -m benchmarks.throughput --model llama-3-8b --tokenizer "$tok" \
+        --num-prompts 4 --input-len 128 --output-len 128 --max-num-seqs 1 --quantization awq \
+        --profile --out "$out" --name awq_batch1_profile; } &
+    wait ;;
   sampling)
     sampling $A qwen2-7b & sampling $B llama-3-8b & wait ;;
   tp)
@@ -120,7 +135,7 @@ PY
       --num-prompts 1000 --length-dist lognormal --input-len 280 --output-len 190 \
       --temperature 0.8 --top-p 0.95 --out "$out" --name mixed_lognormal_qwen2_7b &
     wait ;;
-    *) echo "PART=launch|skiptemp|sampling|tp|quant|moe|scale" >&2; exit 2 ;;
+    *) echo "PART=launch|skiptemp|serve|sampling|tp|quant|moe|scale" >&2; exit 2 ;;
   esac
 }
 # PART may name several parts ("launch scale"): each gets the next GPU pair (a 4-GPU machine runs two).
