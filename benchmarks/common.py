@@ -17,6 +17,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def log_engine_progress() -> None:
@@ -180,29 +181,64 @@ def kv_bytes_per_token(mc, itemsize: int) -> int:
 
 def workload_floor(mc, itemsize: int, *, num_prompts: int, input_len: int, output_len: int,
                    batch: int, bandwidth: float, flops: float) -> dict:
-    """Seconds the workload needs at best: per step max(bytes / bandwidth, flops / rate), summed over
-    the prefill of each wave of `batch` prompts and its output_len decode steps."""
+    """requests_floor of num_prompts requests of one length (the issues' fixed-length workloads)."""
+    return requests_floor(mc, itemsize, [(input_len, output_len)] * num_prompts, batch=batch,
+                          bandwidth=bandwidth, flops=flops)
+
+
+def requests_floor(mc, itemsize: int, lengths: list[tuple[int, int]], *, batch: int,
+                   bandwidth: float, flops: float) -> dict:
+    """Seconds a workload of (input_len, output_len) requests needs at best, continuously batched:
+    every prompt's prefill at max(bytes / bandwidth, FLOPs / rate), then decode steps of up to
+    `batch` running requests (a finished one's slot goes to the next waiting one at once), each step
+    at max(bytes / bandwidth, FLOPs / rate) with bytes = the weights its tokens read + every running
+    request's KV. A request decodes output_len steps (the prefill's step gives no extra token here,
+    as in the issues' floors). Mixed lengths count their own tail: the last long outputs decode in
+    small batches, each step still reading all the weights.
+
+    `serial_*` is the same workload with the kernels one after another, as a step runs them: per
+    step the matmuls' max(weight bytes / bandwidth, matmul FLOPs / rate) PLUS attention's KV read
+    (and its FLOPs) on its own, instead of one max over both: a large decode batch is matmul-bound
+    and attention-bound at once, and the first floor counts only the larger of the two."""
     params, active = param_count(mc), active_params(mc)  # MoE: FLOPs follow the active ones
     kv_tok = kv_bytes_per_token(mc, itemsize)
-    total, prefill_s, decode_s = 0.0, 0.0, 0.0
-    remaining = num_prompts
-    while remaining > 0:
-        b = min(batch, remaining)
-        remaining -= b
-        tokens = b * input_len
-        attn_flops = 4 * mc.num_layers * mc.num_q_heads * mc.head_dim * b * input_len**2 / 2
-        prefill_s += max((weight_bytes_read(mc, itemsize, tokens) + tokens * kv_tok) / bandwidth,
-                         (2 * active * tokens + attn_flops) / flops)
-        w_bytes = weight_bytes_read(mc, itemsize, b)  # per decode step of b sequences
-        for step in range(output_len):
-            ctx = input_len + step
-            read = w_bytes + b * ctx * kv_tok
-            step_flops = 2 * active * b + 4 * mc.num_layers * mc.num_q_heads * mc.head_dim * b * ctx
-            decode_s += max(read / bandwidth, step_flops / flops)
-    total = prefill_s + decode_s
+    attn_per_ctx = 4 * mc.num_layers * mc.num_q_heads * mc.head_dim  # FLOPs per (token, ctx) pair
+    ins = np.array([i for i, _ in lengths], dtype=np.float64)
+    outs = np.array([o for _, o in lengths], dtype=np.int64)
+    tokens = float(ins.sum())
+    attn_flops = float((attn_per_ctx * ins**2 / 2).sum())
+    w_prefill = weight_bytes_read(mc, itemsize, int(tokens))
+    prefill_s = max((w_prefill + tokens * kv_tok) / bandwidth, (2 * active * tokens + attn_flops) / flops)
+    serial_prefill_s = (max(w_prefill / bandwidth, 2 * active * tokens / flops)
+                        + max(tokens * kv_tok / bandwidth, attn_flops / flops))
+    decode_s = serial_decode_s = 0.0
+    waiting = list(range(len(lengths)))[::-1]  # pop() takes the next request in order
+    running_ctx, running_left = [], []
+    steps = 0
+    while waiting or running_ctx:
+        while waiting and len(running_ctx) < batch:
+            r = waiting.pop()
+            if outs[r] > 0:
+                running_ctx.append(ins[r])
+                running_left.append(outs[r])
+        if not running_ctx:
+            break
+        ctx, left = np.array(running_ctx), np.array(running_left)
+        b = len(ctx)
+        w_bytes, kv_read = weight_bytes_read(mc, itemsize, b), float(ctx.sum()) * kv_tok
+        mm_flops, at_flops = 2 * active * b, attn_per_ctx * float(ctx.sum())
+        decode_s += max((w_bytes + kv_read) / bandwidth, (mm_flops + at_flops) / flops)
+        serial_decode_s += (max(w_bytes / bandwidth, mm_flops / flops)
+                            + max(kv_read / bandwidth, at_flops / flops))
+        steps += 1
+        keep = left > 1
+        running_ctx, running_left = list(ctx[keep] + 1), list(left[keep] - 1)
+    total, serial = prefill_s + decode_s, serial_prefill_s + serial_decode_s
+    out_tokens = int(outs.sum())
     return {"seconds": total, "prefill_seconds": prefill_s, "decode_seconds": decode_s,
-            "output_tokens_per_s": num_prompts * output_len / total, "params": params,
-            "active_params": active}
+            "output_tokens_per_s": out_tokens / total, "decode_steps": steps,
+            "serial_seconds": serial, "serial_output_tokens_per_s": out_tokens / serial,
+            "params": params, "active_params": active}
 
 
 def environment() -> dict:

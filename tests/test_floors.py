@@ -43,3 +43,51 @@ def test_step_bytes_follow_the_experts_reached():
     dense, _ = _config_and_count("llama-3-8b")
     assert (common.weight_bytes_read(dense, 2, 1) == common.weight_bytes_read(dense, 2, 512)
             == 2 * common.param_count(dense))
+
+
+def _wave_floor(mc, n, i, o, bw, fl):
+    """The issues' formula written out for one wave: prefill, then o decode steps of n sequences."""
+    kv, act = common.kv_bytes_per_token(mc, 2), common.active_params(mc)
+    attn = 4 * mc.num_layers * mc.num_q_heads * mc.head_dim
+    t = max((common.weight_bytes_read(mc, 2, n * i) + n * i * kv) / bw,
+            (2 * act * n * i + attn * n * i * i / 2) / fl)
+    for s in range(o):
+        t += max((common.weight_bytes_read(mc, 2, n) + n * (i + s) * kv) / bw,
+                 (2 * act * n + attn * n * (i + s)) / fl)
+    return t
+
+
+def test_requests_floor_of_one_length_is_the_wave_formula():
+    cfg, _ = _config_and_count("llama-3-8b")
+    bw, fl = 4.3e12, 8.2e14
+    f = common.workload_floor(cfg, 2, num_prompts=64, input_len=100, output_len=20, batch=64,
+                              bandwidth=bw, flops=fl)
+    assert f["seconds"] == pytest.approx(_wave_floor(cfg, 64, 100, 20, bw, fl), rel=1e-9)
+    assert f["decode_steps"] == 20
+    # two waves when the batch holds half: twice the one-wave time of 32
+    f2 = common.workload_floor(cfg, 2, num_prompts=64, input_len=100, output_len=20, batch=32,
+                               bandwidth=bw, flops=fl)
+    assert f2["decode_steps"] == 40
+    assert f2["decode_seconds"] == pytest.approx(
+        2 * (_wave_floor(cfg, 32, 100, 20, bw, fl) - f2["prefill_seconds"] / 2), rel=1e-6)
+    # kernels one after another never take less than the overlapped max; memory-bound batches of
+    # 64 take the same, workload B's 1,000 (matmul-bound and KV-bound at once) clearly more
+    assert f["serial_seconds"] == pytest.approx(f["seconds"])
+    b = common.workload_floor(cfg, 2, num_prompts=1000, input_len=512, output_len=256,
+                              batch=1024, bandwidth=bw, flops=fl)
+    assert b["serial_seconds"] > 1.2 * b["seconds"]
+
+
+def test_mixed_lengths_pay_their_tail():
+    """One long output among short ones: its last steps run at batch 1, still reading every
+    weight, so the floor is slower than the floor of the mean lengths."""
+    cfg, _ = _config_and_count("llama-3-8b")
+    bw, fl = 4.3e12, 8.2e14
+    lengths = [(100, 10)] * 63 + [(100, 640)]  # mean output 19.8
+    mixed = common.requests_floor(cfg, 2, lengths, batch=64, bandwidth=bw, flops=fl)
+    mean = common.workload_floor(cfg, 2, num_prompts=64, input_len=100, output_len=20, batch=64,
+                                 bandwidth=bw, flops=fl)
+    assert mixed["decode_steps"] == 640
+    assert mixed["output_tokens_per_s"] < 0.5 * mean["output_tokens_per_s"]
+    # the 630 batch-1 steps each read all the weights at least once
+    assert mixed["decode_seconds"] > 630 * common.weight_bytes_read(cfg, 2, 1) / bw
