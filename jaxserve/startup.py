@@ -82,8 +82,12 @@ def num_kv_pages_for(config: EngineConfig, model_config: ModelConfig, dtype, max
         logger.info("KV pool sizing: %.2f GiB of %.2f GiB left after the weights are kept for "
                     "one step's temporaries (estimate; warm-up logs XLA's measured peak)",
                     act / 2**30, (stats["bytes_limit"] - stats["bytes_in_use"]) / 2**30)
-    else:
+    elif devices[0].platform == "cpu":
         budget = _CPU_KV_BUDGET_BYTES * config.gpu_memory_utilization
+    else:  # seen with XLA's VMM allocator (--xla_gpu_command_buffer_update_mode=SKIP_TEMP)
+        raise ValueError(f"the {devices[0].platform} allocator reports no memory limit "
+                         f"(memory_stats keys: {sorted(stats)}), so the KV pool cannot be sized "
+                         "from gpu_memory_utilization: set num_kv_pages (--num-kv-pages)")
     return int(budget // per_page)
 
 

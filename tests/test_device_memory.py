@@ -78,3 +78,20 @@ def test_start_up_logs_the_pool_in_sequences_of_max_model_len(tmp_path, caplog):
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("KV cache:")]
     assert "70 pages of 4 tokens (280 tokens" in line
     assert "holds 4 sequences of max_model_len" in line  # 70 // (64 / 4)
+
+
+def test_an_accelerator_without_a_memory_limit_asks_for_num_kv_pages():
+    """XLA's VMM allocator (command-buffer update mode SKIP_TEMP) reports no bytes_limit: sizing the
+    pool from the CPU budget gave an H200 a 1.8 GiB pool (seen 2026-11-29); now a clear error,
+    and num_kv_pages still works."""
+    from jaxserve.config import EngineConfig
+    from jaxserve.startup import num_kv_pages_for
+    from models import config_from_hf
+    from models.presets import get_preset
+
+    mc = config_from_hf(get_preset("llama-3-8b"))
+    with pytest.raises(ValueError, match="num_kv_pages"):
+        num_kv_pages_for(EngineConfig(), mc, "bfloat16", 1024, [_Device("gpu", None)])
+    assert num_kv_pages_for(EngineConfig(num_kv_pages=500), mc, "bfloat16", 1024,
+                            [_Device("gpu", None)]) == 500
+    assert num_kv_pages_for(EngineConfig(), mc, "bfloat16", 1024, [_Device("cpu", None)]) > 0
