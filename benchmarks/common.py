@@ -175,19 +175,29 @@ def weight_bytes_read(mc, itemsize: int, tokens: int) -> float:
     return (always + expert * touched) * itemsize
 
 
+def stored_bytes(engine) -> tuple[float, int]:
+    """(weight ratio, KV itemsize) of a running engine, for floors of quantized runs: the bytes its
+    weights take over the same parameters at 2 bytes each (fp8 ~0.5, AWQ ~0.3 of bf16 for the
+    projections) and the bytes of one cached K or V element (1 for an fp8 KV cache)."""
+    mc = engine.model_config
+    stored = sum(leaf.nbytes for leaf in jax.tree.leaves(engine.runner.state))
+    return stored / (2 * param_count(mc)), engine.runner.kv_cache.k[0].dtype.itemsize
+
+
 def kv_bytes_per_token(mc, itemsize: int) -> int:
     return 2 * mc.num_layers * (mc.num_kv_heads // mc.kv_replication) * mc.head_dim * itemsize
 
 
 def workload_floor(mc, itemsize: int, *, num_prompts: int, input_len: int, output_len: int,
-                   batch: int, bandwidth: float, flops: float) -> dict:
+                   batch: int, bandwidth: float, flops: float, **stored) -> dict:
     """requests_floor of num_prompts requests of one length (the issues' fixed-length workloads)."""
     return requests_floor(mc, itemsize, [(input_len, output_len)] * num_prompts, batch=batch,
-                          bandwidth=bandwidth, flops=flops)
+                          bandwidth=bandwidth, flops=flops, **stored)
 
 
 def requests_floor(mc, itemsize: int, lengths: list[tuple[int, int]], *, batch: int,
-                   bandwidth: float, flops: float) -> dict:
+                   bandwidth: float, flops: float, weight_ratio: float | None = None,
+                   kv_itemsize: int | None = None) -> dict:
     """Seconds a workload of (input_len, output_len) requests needs at best, continuously batched:
     every prompt's prefill at max(bytes / bandwidth, FLOPs / rate), then decode steps of up to
     `batch` running requests (a finished one's slot goes to the next waiting one at once), each step
@@ -199,15 +209,19 @@ def requests_floor(mc, itemsize: int, lengths: list[tuple[int, int]], *, batch: 
     `serial_*` is the same workload with the kernels one after another, as a step runs them: per
     step the matmuls' max(weight bytes / bandwidth, matmul FLOPs / rate) PLUS attention's KV read
     (and its FLOPs) on its own, instead of one max over both: a large decode batch is matmul-bound
-    and attention-bound at once, and the first floor counts only the larger of the two."""
+    and attention-bound at once, and the first floor counts only the larger of the two.
+
+    Quantized runs (stored_bytes): weight bytes scale by weight_ratio (of 2 bytes a parameter), KV
+    bytes follow kv_itemsize; FLOPs stay at the one matmul rate measured (bf16)."""
     params, active = param_count(mc), active_params(mc)  # MoE: FLOPs follow the active ones
-    kv_tok = kv_bytes_per_token(mc, itemsize)
+    kv_tok = kv_bytes_per_token(mc, kv_itemsize or itemsize)
+    w_scale = 1.0 if weight_ratio is None else weight_ratio * 2 / itemsize
     attn_per_ctx = 4 * mc.num_layers * mc.num_q_heads * mc.head_dim  # FLOPs per (token, ctx) pair
     ins = np.array([i for i, _ in lengths], dtype=np.float64)
     outs = np.array([o for _, o in lengths], dtype=np.int64)
     tokens = float(ins.sum())
     attn_flops = float((attn_per_ctx * ins**2 / 2).sum())
-    w_prefill = weight_bytes_read(mc, itemsize, int(tokens))
+    w_prefill = w_scale * weight_bytes_read(mc, itemsize, int(tokens))
     prefill_s = max((w_prefill + tokens * kv_tok) / bandwidth, (2 * active * tokens + attn_flops) / flops)
     serial_prefill_s = (max(w_prefill / bandwidth, 2 * active * tokens / flops)
                         + max(tokens * kv_tok / bandwidth, attn_flops / flops))
@@ -225,7 +239,7 @@ def requests_floor(mc, itemsize: int, lengths: list[tuple[int, int]], *, batch: 
             break
         ctx, left = np.array(running_ctx), np.array(running_left)
         b = len(ctx)
-        w_bytes, kv_read = weight_bytes_read(mc, itemsize, b), float(ctx.sum()) * kv_tok
+        w_bytes, kv_read = w_scale * weight_bytes_read(mc, itemsize, b), float(ctx.sum()) * kv_tok
         mm_flops, at_flops = 2 * active * b, attn_per_ctx * float(ctx.sum())
         decode_s += max((w_bytes + kv_read) / bandwidth, (mm_flops + at_flops) / flops)
         serial_decode_s += (max(w_bytes / bandwidth, mm_flops / flops)

@@ -67,17 +67,21 @@ def main(argv=None):
     for b in batches:  # warm-up: compile every bucket the timed runs touch
         measure(engine, b, args.input_len, 4, seed=1000 + b)
     mc, itemsize = engine.model_config, 2 if args.dtype == "bfloat16" else 4
+    # quantized runs: the floor of the bytes stored (fp8 / int4 weights, an fp8 KV cache)
+    weight_ratio, kv_itemsize = common.stored_bytes(engine)
     rows = []
     for b in batches:
         r = measure(engine, b, args.input_len, args.output_len, seed=b)
         ctx = args.input_len + args.output_len / 2
-        w_bytes = common.weight_bytes_read(mc, itemsize, b)  # MoE: the experts b tokens touch
-        r["tpot_floor_s"] = (w_bytes + b * ctx * common.kv_bytes_per_token(mc, itemsize)) / bw
+        # MoE: the experts b tokens touch
+        w_bytes = weight_ratio * 2 / itemsize * common.weight_bytes_read(mc, itemsize, b)
+        r["tpot_floor_s"] = (w_bytes + b * ctx * common.kv_bytes_per_token(mc, kv_itemsize)) / bw
         rows.append(r)
         print(f"batch {b:4d}: TTFT {1e3 * r['ttft_s']:.1f} ms, TPOT {1e3 * r['tpot_s']:.2f} ms "
               f"(floor {1e3 * r['tpot_floor_s']:.2f} ms, {r['tpot_s'] / r['tpot_floor_s']:.2f}x)")
     result = {"args": vars(args), "env": common.environment(), "copy_bandwidth_Bps": bw,
-              "rows": rows, "compiles": engine.runner.num_compiles}
+              "rows": rows, "compiles": engine.runner.num_compiles,
+              "weight_ratio": weight_ratio, "kv_itemsize": kv_itemsize}
     path = common.write_results(args.name or f"latency_{common.model_tag(args.model)}", result,
                                 args.out)
     try:

@@ -111,7 +111,8 @@ def run_jaxserve(args) -> dict:
             "device_trace": trace,
             "mean_input_len": in_tokens / len(prompts),
             "mean_output_len": out_tokens / len(prompts), "model_config": engine.model_config,
-            "lengths": [(len(p), len(o.outputs[0].token_ids)) for p, o in zip(prompts, outs)]}
+            "lengths": [(len(p), len(o.outputs[0].token_ids)) for p, o in zip(prompts, outs)],
+            "stored": dict(zip(("weight_ratio", "kv_itemsize"), common.stored_bytes(engine)))}
 
 
 def run_hf_baseline(args, batch: int, num_prompts: int) -> dict:
@@ -186,7 +187,8 @@ def main(argv=None):
         bw, rate = common.measure_copy_bandwidth(), common.measure_matmul_rate()
     # The floor of these requests' own lengths (mixed lengths keep their long tail).
     floor = common.requests_floor(mc, 2 if args.dtype == "bfloat16" else 4, res.pop("lengths"),
-                                  batch=res["max_num_seqs"], bandwidth=bw, flops=rate)
+                                  batch=res["max_num_seqs"], bandwidth=bw, flops=rate,
+                                  **res["stored"])
     result = {"args": vars(args), "env": common.environment(), "jaxserve": res, "floor": floor,
               "copy_bandwidth_Bps": bw, "matmul_flops": rate, "baseline": baseline}
     frac = res["output_tokens_per_s"] / floor["output_tokens_per_s"]

@@ -91,3 +91,14 @@ def test_mixed_lengths_pay_their_tail():
     assert mixed["output_tokens_per_s"] < 0.5 * mean["output_tokens_per_s"]
     # the 630 batch-1 steps each read all the weights at least once
     assert mixed["decode_seconds"] > 630 * common.weight_bytes_read(cfg, 2, 1) / bw
+
+
+def test_quantized_floors_count_the_bytes_stored():
+    """fp8 weights (half the bytes of bf16) and an fp8 KV cache (1 byte an element): a batch-1
+    decode step, bound by bytes, takes half the time of the bf16 one."""
+    cfg, _ = _config_and_count("llama-3-8b")
+    bw, fl = 4.3e12, 8.2e14
+    bf16 = common.requests_floor(cfg, 2, [(128, 128)], batch=1, bandwidth=bw, flops=fl)
+    fp8 = common.requests_floor(cfg, 2, [(128, 128)], batch=1, bandwidth=bw, flops=fl,
+                                weight_ratio=0.5, kv_itemsize=1)
+    assert fp8["decode_seconds"] == pytest.approx(bf16["decode_seconds"] / 2, rel=1e-6)
