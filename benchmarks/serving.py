@@ -1,7 +1,8 @@
 """Online serving benchmark, like `vllm bench serve`: streaming OpenAI requests at Poisson arrivals
 against a running server (or one started with --launch "SERVE ARGS"); vLLM's throughput and TTFT/
 TPOT/ITL/E2EL table, JSON and a throughput-latency PNG. No JAX here: on a GPU machine a JAX client
-would grab the device memory the server it launched needs.
+would grab the device memory the server it launched needs. The streams go out over raw HTTP/1.1
+from --num-clients processes (benchmarks/serving_client.py), so the client is not what it measures.
 python -m benchmarks.serving --num-prompts 200 --random-input-len 512 --random-output-len 256 \
     --ignore-eos --sweep-rates 1,4,16,inf [--launch "--model llama-3-8b --load-format dummy ..."]
 Issue 20's 1,000 users (Qwen2-7B, 100 in / 200 out, T 0.7 top_p 0.9, 100..1,000 users):
@@ -18,15 +19,18 @@ import math
 import os
 import platform
 import subprocess
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 import numpy as np
+import orjson
 
 from benchmarks import server_times
+from benchmarks.serving_client import (RequestRecord, Target, default_num_clients, loop_factory,
+                                       split)
+from benchmarks.serving_client import run_load as run_shares
 from benchmarks.serve_process import launched_server, reset_prefix_cache
 
 METRICS = ("ttft", "tpot", "itl", "e2el")  # each reported as mean/median/std/p99, in ms
@@ -46,19 +50,6 @@ class RequestInput:
     prompt: list[int] | str  # token ids (random) or text (ShareGPT)
     prompt_len: int  # tokens, as the client knows it; the server's usage count replaces it
     output_len: int  # max_tokens sent
-
-
-@dataclass
-class RequestRecord:
-    """One request's outcome; times in seconds from perf_counter."""
-
-    prompt_len: int
-    success: bool = False
-    error: str = ""
-    ttft: float = 0.0  # request sent -> first chunk carrying a token
-    e2el: float = 0.0  # request sent -> end of the stream
-    itl: list[float] = field(default_factory=list)  # gaps between chunks that carry tokens
-    output_tokens: int = 0  # usage.completion_tokens (fallback: tokens counted in chunks)
 
 
 def random_requests(args, vocab_size: int) -> list[RequestInput]:
@@ -121,75 +112,17 @@ def request_body(args, model: str, req: RequestInput) -> dict:
     return body | args.extra_body
 
 
-def chunk_tokens(chunk: dict) -> int:
-    """Tokens a completions or chat chunk carries: its logprobs entries when asked for (then held-
-    back text still sends one chunk per token), else 1 if it has text; 0 for role/usage chunks."""
-    choice = (chunk.get("choices") or [{}])[0]
-    logprobs = choice.get("logprobs") or {}
-    if entries := logprobs.get("tokens") or logprobs.get("content"):
-        return len(entries)
-    text = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
-    return 1 if text else 0
-
-
-async def send_request(client: httpx.AsyncClient, endpoint: str, body: dict,
-                       rec: RequestRecord) -> None:
-    """POST one streaming request and fill `rec` from its SSE `data:` lines."""
-    start = last = time.perf_counter()
-    num_chunks, num_tokens, done = 0, 0, False
-    try:
-        async with client.stream("POST", endpoint, json=body) as resp:
-            if resp.status_code != 200:
-                rec.error = f"HTTP {resp.status_code}: {(await resp.aread()).decode()[:300]}"
-                return
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    done = True
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    rec.error = str(chunk["error"].get("message", chunk["error"]))[:300]
-                    return
-                if (tokens := chunk_tokens(chunk)) > 0:
-                    now = time.perf_counter()
-                    if num_chunks == 0:
-                        rec.ttft = now - start
-                    else:
-                        rec.itl.append(now - last)
-                    last, num_chunks, num_tokens = now, num_chunks + 1, num_tokens + tokens
-                if chunk.get("usage"):
-                    rec.output_tokens = chunk["usage"]["completion_tokens"]
-                    rec.prompt_len = chunk["usage"]["prompt_tokens"]
-    except (httpx.HTTPError, json.JSONDecodeError, KeyError) as e:
-        rec.error = f"{type(e).__name__}: {e}"[:300]
-        return
-    rec.e2el = time.perf_counter() - start
-    rec.ttft = rec.ttft or rec.e2el  # no text at all: the first "token" is the whole response
-    rec.output_tokens = rec.output_tokens or num_tokens
-    rec.success, rec.error = done, "" if done else "the stream ended without [DONE]"
-
-
-async def run_load(args, client: httpx.AsyncClient, model: str, requests: list[RequestInput],
-                   rate: float) -> tuple[list[RequestRecord], float]:
-    """Send `requests` at `rate` (req/s, Poisson), at most --max-concurrency in flight."""
-    limit = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
-    records = [RequestRecord(prompt_len=r.prompt_len) for r in requests]
-
-    async def one(req: RequestInput, rec: RequestRecord) -> None:
-        async with limit or contextlib.nullcontext():
-            await send_request(client, args.endpoint, request_body(args, model, req), rec)
-
-    tasks = []
-    start = time.perf_counter()
-    for req, rec, gap in zip(requests, records, arrival_gaps(len(requests), rate, args.seed)):
-        if gap > 0:
-            await asyncio.sleep(gap)
-        tasks.append(asyncio.create_task(one(req, rec)))
-    await asyncio.gather(*tasks)
-    return records, time.perf_counter() - start
+async def run_load(args, model: str, requests: list[RequestInput], rate: float
+                   ) -> tuple[list[RequestRecord], float, int]:
+    """Send `requests` at `rate` (req/s, Poisson), at most --max-concurrency in flight, from
+    --num-clients processes (default: one per 250 streams); records, duration, processes."""
+    bodies = [orjson.dumps(request_body(args, model, r)) for r in requests]
+    offsets = np.cumsum(arrival_gaps(len(requests), rate, args.seed)).tolist()
+    num_clients = args.num_clients or default_num_clients(args.max_concurrency, len(requests))
+    shares = split(bodies, [r.prompt_len for r in requests], offsets, args.max_concurrency,
+                   num_clients)
+    records, duration = await run_shares(Target.of(args.base_url, args.endpoint), shares)
+    return records, duration, len(shares)
 
 
 def _stats(prefix: str, values_s: list[float], percentiles: tuple[float, ...]) -> dict:
@@ -305,18 +238,20 @@ async def amain(args) -> dict:
             raise ValueError(f"no requests: {args.num_prompts=}, {args.dataset_path=}")
         if args.num_warmups:
             warm = [requests[i % len(requests)] for i in range(args.num_warmups)]
-            records, _ = await run_load(args, client, model, warm, math.inf)
-            print(f"warm-up: {sum(r.success for r in records)}/{len(records)} requests ok")
+            records, _, n = await run_load(args, model, warm, math.inf)
+            print(f"warm-up: {sum(r.success for r in records)}/{len(records)} requests ok "
+                  f"({n} client processes)")
         runs = []
         for rate, args.max_concurrency in args.points:
             print(f"rate {rate:g} req/s, max concurrency {args.max_concurrency or 'none'}: "
                   f"{len(requests)} requests")
             reset = await reset_prefix_cache(client)
             before = await server_times.scrape(client)
-            records, duration = await run_load(args, client, model, requests, rate)
+            records, duration, num_clients = await run_load(args, model, requests, rate)
             server = server_times.mean_times_ms(before, await server_times.scrape(client))
             summary = {"request_rate": rate, "max_concurrency": args.max_concurrency,
-                       "prefix_cache_reset": reset, **summarize(records, duration),
+                       "prefix_cache_reset": reset, "num_clients": num_clients,
+                       **summarize(records, duration),
                        "server_mean_ms": server}
             if args.save_detailed:
                 summary["requests"] = [vars(r) for r in records]
@@ -356,6 +291,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma list of max concurrencies, one run each (plot: TTFT/TPOT per users)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="a named scenario's defaults (enterprise: issue 20's 1,000 users)")
+    p.add_argument("--num-clients", type=int, default=None,
+                   help="client processes sharing the streams (default: one per 250)")
     p.add_argument("--num-warmups", type=int, default=1, help="untimed requests, all at once")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ignore-eos", action="store_true")
@@ -387,7 +324,7 @@ def main(argv=None) -> dict:
     log = Path(args.out) / f"{args.name or 'serving'}_server.log"
     with (launched_server(args.launch, log, args.launch_timeout) if args.launch
           else contextlib.nullcontext(args.base_url)) as args.base_url:
-        return asyncio.run(amain(args))
+        return asyncio.run(amain(args), loop_factory=loop_factory())
 
 
 if __name__ == "__main__":

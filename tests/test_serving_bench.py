@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import server_times, serving
+from benchmarks import server_times, serving, serving_client
 from benchmarks.serving import RequestRecord
 from tests.engine.tiny import build_tiny_llama
 
@@ -94,12 +94,26 @@ def test_workload_helpers():
     assert [r.prompt for r in serving.random_requests(args, 100)] == [r.prompt for r in reqs]
     assert not serving.arrival_gaps(5, math.inf, 0).any()
     assert serving.arrival_gaps(20000, 4.0, 0).mean() == pytest.approx(0.25, rel=0.05)
-    assert serving.chunk_tokens({"choices": [{"text": "a", "logprobs": None}]}) == 1
-    assert serving.chunk_tokens({"choices": [{"text": "", "logprobs": {"tokens": ["x", "y"]}}]}) \
+    assert serving_client.chunk_tokens({"choices": [{"text": "a", "logprobs": None}]}) == 1
+    assert serving_client.chunk_tokens({"choices": [{"text": "", "logprobs": {"tokens": ["x", "y"]}}]}) \
         == 2
-    assert serving.chunk_tokens({"choices": [{"delta": {"role": "assistant", "content": ""}}]}) \
+    assert serving_client.chunk_tokens({"choices": [{"delta": {"role": "assistant", "content": ""}}]}) \
         == 0
-    assert serving.chunk_tokens({"choices": [], "usage": {"completion_tokens": 3}}) == 0
+    assert serving_client.chunk_tokens({"choices": [], "usage": {"completion_tokens": 3}}) == 0
+
+
+def test_split_deals_each_request_once():
+    bodies, lens, offsets = [b"%d" % i for i in range(11)], list(range(11)), [0.0] * 11
+    shares = serving_client.split(bodies, lens, offsets, max_concurrency=5, num_clients=3)
+    assert sorted(i for s in shares for i in s.indices) == list(range(11))
+    assert [s.max_concurrency for s in shares] == [2, 2, 1]
+    assert all(s.bodies == [bodies[i] for i in s.indices] for s in shares)
+    # never more processes than streams; the default is one per 250 streams
+    assert len(serving_client.split(bodies, lens, offsets, 2, 8)) == 2
+    assert serving_client.default_num_clients(1000, 2000) == 4
+    assert serving_client.default_num_clients(None, 12) == 1
+    with pytest.raises(ValueError, match="num_clients=0"):
+        serving_client.split(bodies, lens, offsets, None, 0)
 
 
 def _check_run(run: dict, requests: list) -> None:
@@ -151,3 +165,16 @@ def test_main_sweep_and_failures(base_url, tmp_path):
     (run,) = bad["runs"]
     assert run["completed"] == 0 and run["failed"] == 3
     assert "404" in run["errors"][0] and "nope" in run["errors"][0]
+
+
+def test_two_client_processes_merge_every_request_once(base_url, tmp_path):
+    """--num-clients 2: each process sends half; the merged records are every request exactly
+    once, in request order (each has its own output length, checked per position)."""
+    args = _args(base_url, tmp_path, "--num-clients", "2", "--max-concurrency", "6")
+    result = asyncio.run(serving.amain(args))
+    (run,) = result["runs"]
+    assert run["num_clients"] == 2 and len(run["requests"]) == NUM_PROMPTS
+    requests = serving.random_requests(args, args.vocab_size)
+    assert len({r.output_len for r in requests}) > 1  # a misplaced record would show
+    _check_run(run, requests)
+    assert run["duration"] >= max(r["e2el"] for r in run["requests"])
