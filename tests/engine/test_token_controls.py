@@ -251,3 +251,23 @@ def test_deferred_steps_sample_as_the_fused_step(llm):
         assert x.outputs[0].token_ids == y.outputs[0].token_ids
         assert x.outputs[0].cumulative_logprob == pytest.approx(y.outputs[0].cumulative_logprob,
                                                                 abs=1e-5)
+
+
+def test_masked_and_biased_steps_reuse_the_full_variant(model_dir):
+    """A step with its own mask or logit bias runs the full sampler variant's executable (the one
+    warm-up compiles): its controls travel as device arrays shaped like the neutral ones. Packed
+    with the host inputs they changed the step's input layout and compiled every bucket again
+    mid-run (seen in a timed structured-output run on the H200)."""
+    llm = LLM(str(model_dir), dtype="float32", page_size=4, num_kv_pages=64, max_num_seqs=8,
+              max_num_batched_tokens=64, max_model_len=64, enable_prefix_caching=False)
+    runner = llm.llm_engine.runner
+    full = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=1)
+    llm.generate([PROMPT], full, use_tqdm=False)  # the full variant at these buckets
+    compiled = runner.num_compiles
+    for controls in [dict(allowed_token_ids=[3, 7, 11]), dict(logit_bias={5: 3.0}),
+                     dict(allowed_token_ids=[3, 7], logit_bias={7: -2.0})]:
+        out = llm.generate([PROMPT], dataclasses.replace(full, **controls),
+                           use_tqdm=False)[0].outputs[0].token_ids
+        if "allowed_token_ids" in controls:
+            assert set(out) <= set(controls["allowed_token_ids"])
+    assert runner.num_compiles == compiled
