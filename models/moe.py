@@ -1,6 +1,7 @@
 """Mixture-of-experts block shared by Mixtral, Qwen2-MoE and Qwen3-MoE: route each token to its
-top-k experts, run the experts as grouped matmuls (jax.lax.ragged_dot) over the tokens sorted by
-expert, and sum the results back per token with the routing weights. DecoderLayer's `mlp`.
+top-k experts, run the experts as grouped matmuls (kernels_pallas.grouped_matmul: Pallas on GPU,
+ragged_dot elsewhere) over the tokens sorted by expert, and sum the results back per token with the
+routing weights. DecoderLayer's `mlp`.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from flax import nnx
 
 from jaxserve.config import ModelConfig
 from jaxserve.sharding import experts_parallel, num_shards
+from kernels_pallas.grouped_matmul import grouped_matmul
 from models.layers import CausalLM, DecoderLayer, GatedMLP, param
 
 
@@ -67,12 +69,14 @@ def route(logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, ja
 
 
 def grouped_experts(x: jax.Array, weights: jax.Array, expert_ids: jax.Array, w_gate: jax.Array,
-                    w_up: jax.Array, w_down: jax.Array, first_expert: jax.Array) -> jax.Array:
+                    w_up: jax.Array, w_down: jax.Array, first_expert: jax.Array, *,
+                    impl: str = "auto") -> jax.Array:
     """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) over the experts held here, grouped matmuls.
 
     x [T, D], weights f32[T, k], expert_ids i32[T, k], w_gate/w_up [E', D, F], w_down [E', F, D]
     holding experts first_expert .. first_expert + E' - 1 (all E with E' = E on one device).
-    Assignments to other experts sort last, outside every group, and get weight 0.
+    Assignments to other experts sort last, outside every group, and get weight 0. impl: the
+    grouped_matmul implementation ("auto": the Pallas kernel on GPU, ragged_dot elsewhere).
     -> [T, D] in x.dtype (the weighted sum in f32).
     """
     T, k = expert_ids.shape
@@ -83,11 +87,11 @@ def grouped_experts(x: jax.Array, weights: jax.Array, expert_ids: jax.Array, w_g
     order = jnp.argsort(local, stable=True)  # [T*k], rows grouped by expert
     group_sizes = jnp.bincount(local, length=num_local + 1)[:num_local].astype(jnp.int32)
     xs = jnp.take(x, order // k, axis=0)  # [T*k, D]; row r came from token order[r] // k
-    gate = jax.lax.ragged_dot(xs, w_gate, group_sizes)  # [T*k, F]
-    up = jax.lax.ragged_dot(xs, w_up, group_sizes)
-    out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w_down, group_sizes)  # [T*k, D]
-    # Rows past the last group are zeros in XLA's ragged_dot but need not be in a kernel's: select,
-    # never multiply by a zero weight (0 * NaN).
+    gate = grouped_matmul(xs, w_gate, group_sizes, impl=impl)  # [T*k, F]
+    up = grouped_matmul(xs, w_up, group_sizes, impl=impl)
+    out = grouped_matmul(jax.nn.silu(gate) * up, w_down, group_sizes, impl=impl)  # [T*k, D]
+    # Rows past the last group are zeros (ragged_dot's contract, which grouped_matmul keeps), but
+    # select anyway, never multiply by a zero weight (0 * NaN).
     out = jnp.where(held[order][:, None], out, 0)
     unsorted = jnp.zeros_like(out).at[order].set(out).reshape(T, k, -1)  # back to (token, slot)
     w = jnp.where(held.reshape(T, k), weights, 0.0)
