@@ -7,6 +7,8 @@
 #   PART=skiptemp  XLA's command-buffer update mode ALWAYS_UPDATE vs SKIP_TEMP (A/B, one per GPU)
 #   PART=serve     issue 20's enterprise serving (GPU 0); fp8 batch-1 with a long start-up limit, AWQ
 #                  batch-1 profiled (GPU 1)
+#   PART=moe1      issue 18 in under 8 minutes (both MoE models, one GPU each)
+#   PART=servestruct  enterprise serving (A); structured outputs, then cold + warm start (B)
 #   PART=sampling  issue 13's four sampling tables (met at 9b86482 / 531d3ba: re-run after sampler work)
 #   PART=tp        issue 19: TP=1 vs TP=2 launch/step A/B, TP=2 tokens + batch-1 TPOT (both GPUs)
 #   PART=quant     issue 16: batch-1 decode bf16 / fp8 / AWQ (GPU 0), workload B with fp8 weights
@@ -97,6 +99,25 @@ PY
         --num-prompts 4 --input-len 128 --output-len 128 --max-num-seqs 1 --quantization awq \
         --profile --out "$out" --name awq_batch1_profile; } &
     wait ;;
+  moe1)  # issue 18 with the grouped matmul kernel, each model on its own GPU, under ~8 minutes
+    job $A moe_mixtral 450 -m benchmarks.throughput --model mixtral-8x7b --tokenizer "$tok" \
+      --num-prompts 256 --input-len 512 --output-len 256 --max-num-seqs 256 --out "$out" &
+    job $B moe_qwen3_30b 450 -m benchmarks.throughput --model qwen3-30b-a3b --tokenizer "$tok" \
+      --num-prompts 256 --input-len 512 --output-len 256 --max-num-seqs 256 --out "$out" &
+    wait ;;
+  servestruct)  # issue 20 enterprise serving (A); issue 15 structured, then a cold and a warm
+    # start of the same small run (the compilation cache, issue 14) (B)
+    job $A enterprise 460 -m benchmarks.serving --preset enterprise --vocab-size 151936 \
+      --out "$out" --launch "qwen2-7b --load-format dummy --tokenizer $tok --max-model-len 1024 \
+      --max-num-seqs 1024 --max-num-batched-tokens 8192" &
+    { job $B structured 280 -m benchmarks.structured --model llama-3-8b --load-format dummy \
+        --num-prompts 256 --tokenizer "$tok" --out "$out"
+      for run in cold warm; do
+        job $B "restart_$run" 90 -m benchmarks.throughput --model qwen2-7b --tokenizer "$tok" \
+          --num-prompts 64 --input-len 128 --output-len 32 --max-num-seqs 64 \
+          --max-num-batched-tokens 2048 --out "$out" --name "restart_$run"
+      done; } &
+    wait ;;
   sampling)
     sampling $A qwen2-7b & sampling $B llama-3-8b & wait ;;
   tp)
@@ -135,7 +156,7 @@ PY
       --num-prompts 1000 --length-dist lognormal --input-len 280 --output-len 190 \
       --temperature 0.8 --top-p 0.95 --out "$out" --name mixed_lognormal_qwen2_7b &
     wait ;;
-    *) echo "PART=launch|skiptemp|serve|sampling|tp|quant|moe|scale" >&2; exit 2 ;;
+    *) echo "PART=launch|skiptemp|serve|moe1|servestruct|sampling|tp|quant|moe|scale" >&2; exit 2 ;;
   esac
 }
 # PART may name several parts ("launch scale"): each gets the next GPU pair (a 4-GPU machine runs two).
