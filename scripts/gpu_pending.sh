@@ -69,7 +69,7 @@ PY
         job $B launch_no_custom_call_graphs 250 -m benchmarks.sampling --model llama-3-8b \
         --num-seqs 512 --rows "$rows" --profile --tokenizer "$tok" --out "$out" \
         --name launch_no_custom_call_graphs
-      job $B structured 280 -m benchmarks.structured --model llama-3-8b --load-format dummy \
+      job $B structured 250 -m benchmarks.structured --model llama-3-8b --load-format dummy \
         --num-prompts 256 --tokenizer "$tok" --out "$out"; } &
     wait ;;
   skiptemp)
@@ -100,9 +100,9 @@ PY
         --profile --out "$out" --name awq_batch1_profile; } &
     wait ;;
   moe1)  # issue 18 with the grouped matmul kernel, each model on its own GPU, under ~8 minutes
-    job $A moe_mixtral 450 -m benchmarks.throughput --model mixtral-8x7b --tokenizer "$tok" \
+    job $A moe_mixtral 460 -m benchmarks.throughput --model mixtral-8x7b --tokenizer "$tok" \
       --num-prompts 256 --input-len 512 --output-len 256 --max-num-seqs 256 --out "$out" &
-    job $B moe_qwen3_30b 450 -m benchmarks.throughput --model qwen3-30b-a3b --tokenizer "$tok" \
+    job $B moe_qwen3_30b 460 -m benchmarks.throughput --model qwen3-30b-a3b --tokenizer "$tok" \
       --num-prompts 256 --input-len 512 --output-len 256 --max-num-seqs 256 --out "$out" &
     wait ;;
   servestruct)  # issue 20 enterprise serving (A); issue 15 structured, then a cold and a warm
@@ -110,10 +110,10 @@ PY
     job $A enterprise 460 -m benchmarks.serving --preset enterprise --vocab-size 151936 \
       --out "$out" --launch "qwen2-7b --load-format dummy --tokenizer $tok --max-model-len 1024 \
       --max-num-seqs 1024 --max-num-batched-tokens 8192" &
-    { job $B structured 280 -m benchmarks.structured --model llama-3-8b --load-format dummy \
+    { job $B structured 250 -m benchmarks.structured --model llama-3-8b --load-format dummy \
         --num-prompts 256 --tokenizer "$tok" --out "$out"
       for run in cold warm; do
-        job $B "restart_$run" 90 -m benchmarks.throughput --model qwen2-7b --tokenizer "$tok" \
+        job $B "restart_$run" $([ $run = cold ] && echo 130 || echo 80) -m benchmarks.throughput --model qwen2-7b --tokenizer "$tok" \
           --num-prompts 64 --input-len 128 --output-len 32 --max-num-seqs 64 \
           --max-num-batched-tokens 2048 --out "$out" --name "restart_$run"
       done; } &
