@@ -2,7 +2,7 @@
 jax.lax.ragged_dot vs a dense masked reference, at Mixtral-8x7B and Qwen3-30B-A3B expert shapes.
 
 python -m benchmarks.grouped_matmul [--out DIR] [--tokens 1,256,4096,16384] [--block-m auto,16,64]
-                                    [--models mixtral,qwen3-moe] [--iters 20] [--quick]
+                                    [--models mixtral,qwen3-moe] [--iters 20] [--no-layer] [--quick]
 For each model, token count T (M = T * top_k rows, routed uniformly at random to distinct experts
 per token) and projection ("up": [M, D] x [E, D, F], the gate/up shape; "down": [M, F] x [E, F, D]):
 wall time per call (jax.block_until_ready after `iters` back-to-back calls, one warm-up call
@@ -10,7 +10,10 @@ first), TFLOP/s of the useful 2*M*K*N, GB/s of the distinct experts' weights rea
 result's relative error against the dense one (so a miscompiled kernel shows). "dense" runs every
 expert over every row and keeps each row's own expert (E times the flops; skipped above
 --dense-max-tflop). A method that fails (ragged_dot's dense lowering runs out of memory at these
-shapes on XLA:GPU) records its error and the run goes on. Writes grouped_matmul.json to --out.
+shapes on XLA:GPU) records its error and the run goes on. Then (proj "layer") one whole MoE block,
+models.moe.grouped_experts (routing sort, gate/up/down, weighted sum), with impl pallas vs xla
+(ragged_dot), relative error against models.moe.experts_reference where --dense-max-tflop allows.
+Writes grouped_matmul.json to --out.
 --quick: shapes / 16 and few tokens, for a CPU smoke run (kernel interpreted).
 """
 from __future__ import annotations
@@ -25,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas.grouped_matmul.kernel import grouped_matmul_pallas
+from models.moe import experts_reference, grouped_experts, route
 
 # name: (num_experts E, top_k, hidden D, expert ffw F)
 MODELS = {"mixtral": (8, 2, 4096, 14336), "qwen3-moe": (128, 8, 2048, 768)}
@@ -103,6 +107,35 @@ def bench_case(model, T, proj, fns, args, rng):
     return row
 
 
+def bench_layer(model, T, args, rng):
+    """One MoE block's experts (models.moe.grouped_experts) per grouped-matmul impl."""
+    E, top_k, D, F = MODELS[model]
+    if args.quick:
+        D, F = max(64, D // 16), max(64, F // 16)
+    x = jnp.asarray(rng.standard_normal((T, D), np.float32), jnp.bfloat16)
+    w_gate, w_up = (jnp.asarray(rng.standard_normal((E, D, F), np.float32) / np.sqrt(D),
+                                jnp.bfloat16) for _ in "gu")
+    w_down = jnp.asarray(rng.standard_normal((E, F, D), np.float32) / np.sqrt(F), jnp.bfloat16)
+    weights, ids = route(jnp.asarray(rng.standard_normal((T, E), np.float32)), top_k, True)
+    params = (x, weights, ids, w_gate, w_up, w_down)
+    row = {"model": model, "tokens": T, "proj": "layer", "M": T * top_k, "D": D, "F": F, "E": E,
+           "useful_tflop": 6 * T * top_k * D * F / 1e12}
+    outs = {}
+    for impl in ("pallas", "xla"):
+        fn = jax.jit(lambda *a, impl=impl: grouped_experts(*a, jnp.int32(0), impl=impl))
+        try:
+            row[impl + "_us"] = timed_us(fn, params, args.iters)
+            outs[impl] = np.asarray(fn(*params), np.float32)
+        except Exception as e:  # ragged_dot's dense lowering: out of memory while compiling
+            row[impl + "_error"] = repr(e)[:300]
+    if 6 * T * D * F * E / 1e12 <= args.dense_max_tflop:
+        want = np.asarray(jax.jit(experts_reference)(*params), np.float32)
+        for impl, got in outs.items():
+            row[impl + "_rel_err"] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/out")
@@ -112,6 +145,7 @@ def main():
     ap.add_argument("--block-m", default="auto", help="comma list: auto or powers of two >= 16")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--dense-max-tflop", type=float, default=20.0)
+    ap.add_argument("--no-layer", action="store_true", help="skip the whole-MoE-block rows")
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: small shapes")
     args = ap.parse_args()
     interpret = jax.default_backend() != "gpu"
@@ -122,6 +156,9 @@ def main():
     rng = np.random.default_rng(0)
     rows = [bench_case(model, T, proj, fns, args, rng) for model in args.models.split(",")
             for T in tokens for proj in args.projs.split(",")]
+    if not args.no_layer:
+        rows += [bench_layer(model, T, args, rng) for model in args.models.split(",")
+                 for T in tokens]
     result = {"args": vars(args), "backend": jax.default_backend(),
               "device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows}
     os.makedirs(args.out, exist_ok=True)
