@@ -1,7 +1,7 @@
 """Grouped matmul micro-benchmark (issue 18): the Pallas kernel (kernels_pallas/grouped_matmul) vs
 jax.lax.ragged_dot vs a dense masked reference, at Mixtral-8x7B and Qwen3-30B-A3B expert shapes.
 
-python -m benchmarks.grouped_matmul [--out DIR] [--tokens 1,256,4096,16384] [--block-m auto,16,64]
+python -m benchmarks.grouped_matmul [--out DIR] [--tokens 1,256,4096,16384] [--tiles auto,16,64x64]
                                     [--models mixtral,qwen3-moe] [--iters 20] [--no-layer] [--quick]
 For each model, token count T (M = T * top_k rows, routed uniformly at random to distinct experts
 per token) and projection ("up": [M, D] x [E, D, F], the gate/up shape; "down": [M, F] x [E, F, D]):
@@ -62,12 +62,15 @@ def timed_us(fn, args, iters):
     return (time.perf_counter() - start) / iters * 1e6
 
 
-def methods(block_ms, interpret):
+def methods(tiles, interpret):
+    """{name: jitted (lhs, rhs, group_sizes) -> out}; tiles: "auto", "BM" or "BMxBN" each."""
     fns = {}
-    for bm in block_ms:
-        block_m = None if bm == "auto" else int(bm)
-        fns[f"pallas_bm{bm}"] = jax.jit(lambda x, w, s, block_m=block_m: grouped_matmul_pallas(
-            x, w, s, block_m=block_m, interpret=interpret))
+    for tile in tiles:
+        bm, _, bn = tile.partition("x")
+        block_m, block_n = (None if bm == "auto" else int(bm)), (int(bn) if bn else None)
+        fns[f"pallas_{tile}"] = jax.jit(
+            lambda x, w, s, block_m=block_m, block_n=block_n: grouped_matmul_pallas(
+                x, w, s, block_m=block_m, block_n=block_n, interpret=interpret))
     fns["ragged_dot"] = jax.jit(jax.lax.ragged_dot)
     fns["dense"] = jax.jit(dense_masked)
     return fns
@@ -142,7 +145,8 @@ def main():
     ap.add_argument("--models", default="mixtral,qwen3-moe")
     ap.add_argument("--tokens", default="1,256,4096,16384", help="decode and prefill token counts")
     ap.add_argument("--projs", default="up,down")
-    ap.add_argument("--block-m", default="auto", help="comma list: auto or powers of two >= 16")
+    ap.add_argument("--tiles", default="auto",
+                    help="comma list of kernel tiles: auto, BM or BMxBN (powers of two >= 16)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--dense-max-tflop", type=float, default=20.0)
     ap.add_argument("--no-layer", action="store_true", help="skip the whole-MoE-block rows")
@@ -152,7 +156,7 @@ def main():
     tokens = [int(t) for t in args.tokens.split(",")]
     if args.quick:
         tokens, args.iters = [min(t, 16) for t in tokens[:2]], min(args.iters, 2)
-    fns = methods(args.block_m.split(","), interpret)
+    fns = methods(args.tiles.split(","), interpret)
     rng = np.random.default_rng(0)
     rows = [bench_case(model, T, proj, fns, args, rng) for model in args.models.split(",")
             for T in tokens for proj in args.projs.split(",")]
