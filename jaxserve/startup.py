@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import subprocess
 from dataclasses import dataclass
 
 import jax
@@ -47,13 +48,42 @@ _XLA_WORKSPACE_BYTES = 2 << 30
 _LARGE_DEVICE_BYTES = 70 << 30  # vLLM's threshold for its larger batch defaults (H100, H200, MI300)
 
 
+def device_memory(device, gpu_memory_utilization: float) -> tuple[int, int] | None:
+    """(limit, in use) bytes for the KV pool's sizing: the allocator's memory_stats when it reports
+    them (JAX's BFC allocator: its limit is gpu_memory_utilization of the device, see
+    reserve_device_memory); else, on a GPU whose allocator reports none (XLA's VMM allocator, which
+    --xla_gpu_command_buffer_update_mode=SKIP_TEMP selects), gpu_memory_utilization of the device's
+    total (nvidia-smi) and the bytes of the arrays alive on it; None when neither is known."""
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:
+        return stats["bytes_limit"], stats["bytes_in_use"]
+    if device.platform != "gpu":
+        return None
+    total = gpu_total_bytes()
+    if total is None:
+        return None
+    in_use = sum(shard.data.nbytes for array in jax.live_arrays()
+                 for shard in array.addressable_shards if shard.device == device)
+    return int(total * gpu_memory_utilization), in_use
+
+
+def gpu_total_bytes() -> int | None:
+    """The smallest GPU's memory on this host (nvidia-smi), or None without nvidia-smi."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,"
+                              "nounits"], capture_output=True, text=True, timeout=30, check=True)
+        return min(int(line) for line in out.stdout.split()) << 20  # MiB
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
 def batch_defaults(config: EngineConfig, device) -> tuple[int, int]:
     """(max_num_seqs, max_num_batched_tokens) where the config leaves them to the device, as vLLM
     does: offline (`LLM`) on an accelerator with >= 70 GiB, 1024 and 16384; otherwise, and for the
     server (which keeps a smaller step for latency: issue 14), 256 and 2048."""
-    big = (config.usage_context == "llm" and device.platform != "cpu"
-           and (device.memory_stats() or {}).get("bytes_limit", 0)
-           >= _LARGE_DEVICE_BYTES * config.gpu_memory_utilization)
+    memory = device_memory(device, config.gpu_memory_utilization)
+    big = (config.usage_context == "llm" and device.platform != "cpu" and memory is not None
+           and memory[0] >= _LARGE_DEVICE_BYTES * config.gpu_memory_utilization)
     seqs, tokens = (1024, 16384) if big else (256, 2048)
     return (config.max_num_seqs or seqs, config.max_num_batched_tokens or tokens)
 
@@ -66,8 +96,8 @@ def num_kv_pages_for(config: EngineConfig, model_config: ModelConfig, dtype, max
     tp = config.tensor_parallel_size
     per_page = kv_cache_bytes_per_page(model_config.num_layers, config.page_size,
                                        model_config.num_kv_heads, model_config.head_dim, dtype) // tp
-    stats = devices[0].memory_stats() or {}
-    if "bytes_limit" in stats:
+    memory = device_memory(devices[0], config.gpu_memory_utilization)
+    if memory is not None:
         # Room for one step's activations (the MLP's [T, F] intermediates) and the sampler's f32
         # [B, V] logits and temporaries (B <= max_num_seqs rows are sampled per step; the top-k /
         # top-p search keeps several [B, V] buffers live: 8 were seen on the H200, 16 reserved).
@@ -78,16 +108,18 @@ def num_kv_pages_for(config: EngineConfig, model_config: ModelConfig, dtype, max
                + _XLA_WORKSPACE_BYTES)
         # bytes_limit is gpu_memory_utilization of the device (reserve_device_memory), unless the
         # backend started earlier or XLA_PYTHON_CLIENT_MEM_FRACTION was set: then that share.
-        budget = stats["bytes_limit"] - stats["bytes_in_use"] - act
+        limit, in_use = memory
+        budget = limit - in_use - act
         logger.info("KV pool sizing: %.2f GiB of %.2f GiB left after the weights are kept for "
                     "one step's temporaries (estimate; warm-up logs XLA's measured peak)",
-                    act / 2**30, (stats["bytes_limit"] - stats["bytes_in_use"]) / 2**30)
+                    act / 2**30, (limit - in_use) / 2**30)
     elif devices[0].platform == "cpu":
         budget = _CPU_KV_BUDGET_BYTES * config.gpu_memory_utilization
-    else:  # seen with XLA's VMM allocator (--xla_gpu_command_buffer_update_mode=SKIP_TEMP)
-        raise ValueError(f"the {devices[0].platform} allocator reports no memory limit "
-                         f"(memory_stats keys: {sorted(stats)}), so the KV pool cannot be sized "
-                         "from gpu_memory_utilization: set num_kv_pages (--num-kv-pages)")
+    else:
+        raise ValueError(f"the {devices[0].platform} device reports no memory limit (memory_stats: "
+                         f"{sorted(devices[0].memory_stats() or {})}, no nvidia-smi), so the KV "
+                         "pool cannot be sized from gpu_memory_utilization: set num_kv_pages "
+                         "(--num-kv-pages)")
     return int(budget // per_page)
 
 

@@ -41,7 +41,7 @@ class _Device:
         self.platform, self._limit = platform, bytes_limit
 
     def memory_stats(self):
-        return None if self._limit is None else {"bytes_limit": self._limit}
+        return None if self._limit is None else {"bytes_limit": self._limit, "bytes_in_use": 0}
 
 
 def test_batch_defaults_by_device():
@@ -80,18 +80,29 @@ def test_start_up_logs_the_pool_in_sequences_of_max_model_len(tmp_path, caplog):
     assert "holds 4 sequences of max_model_len" in line  # 70 // (64 / 4)
 
 
-def test_an_accelerator_without_a_memory_limit_asks_for_num_kv_pages():
+def test_an_accelerator_without_a_memory_limit(monkeypatch):
     """XLA's VMM allocator (command-buffer update mode SKIP_TEMP) reports no bytes_limit: sizing the
-    pool from the CPU budget gave an H200 a 1.8 GiB pool (seen 2026-11-29); now a clear error,
-    and num_kv_pages still works."""
+    pool from the CPU budget gave an H200 a 1.8 GiB pool (seen 2026-11-29). The device's total
+    (nvidia-smi) times gpu_memory_utilization sizes it instead; with neither, a clear error, and
+    num_kv_pages still works."""
+    from jaxserve import startup
     from jaxserve.config import EngineConfig
-    from jaxserve.startup import num_kv_pages_for
     from models import config_from_hf
     from models.presets import get_preset
 
     mc = config_from_hf(get_preset("llama-3-8b"))
+    vmm = [_Device("gpu", None)]
+    monkeypatch.setattr(startup, "gpu_total_bytes", lambda: None)
     with pytest.raises(ValueError, match="num_kv_pages"):
-        num_kv_pages_for(EngineConfig(), mc, "bfloat16", 1024, [_Device("gpu", None)])
-    assert num_kv_pages_for(EngineConfig(num_kv_pages=500), mc, "bfloat16", 1024,
-                            [_Device("gpu", None)]) == 500
-    assert num_kv_pages_for(EngineConfig(), mc, "bfloat16", 1024, [_Device("cpu", None)]) > 0
+        startup.num_kv_pages_for(EngineConfig(), mc, "bfloat16", 1024, vmm)
+    assert startup.num_kv_pages_for(EngineConfig(num_kv_pages=500), mc, "bfloat16", 1024,
+                                    vmm) == 500
+    assert startup.num_kv_pages_for(EngineConfig(), mc, "bfloat16", 1024,
+                                    [_Device("cpu", None)]) > 0
+    monkeypatch.setattr(startup, "gpu_total_bytes", lambda: 139 << 30)
+    sized = EngineConfig(max_num_seqs=1024, max_num_batched_tokens=16384)
+    with_stats = startup.num_kv_pages_for(sized, mc, "bfloat16", 1024,
+                                          [_Device("gpu", int(0.9 * (139 << 30)))])
+    assert with_stats > 50_000  # ~100 GiB of 128 KiB pages
+    assert startup.num_kv_pages_for(sized, mc, "bfloat16", 1024, vmm) == with_stats
+    assert startup.batch_defaults(EngineConfig(), vmm[0]) == (1024, 16384)
