@@ -100,10 +100,14 @@ PY
         --profile --out "$out" --name awq_batch1_profile; } &
     wait ;;
   moe1)  # issue 18 with the grouped matmul kernel, each model on its own GPU, under ~8 minutes
-    job $A moe_mixtral 460 -m benchmarks.throughput --model mixtral-8x7b --tokenizer "$tok" \
-      --num-prompts 256 --input-len 512 --output-len 256 --max-num-seqs 256 --out "$out" &
-    job $B moe_qwen3_30b 460 -m benchmarks.throughput --model qwen3-30b-a3b --tokenizer "$tok" \
-      --num-prompts 256 --input-len 512 --output-len 256 --max-num-seqs 256 --out "$out" &
+    { JAXSERVE_TEST_GPU=1 job $A grouped_matmul_tests 80 -m pytest -q -p no:cacheprovider \
+        tests/kernels/test_grouped_matmul.py
+      job $A moe_mixtral 370 -m benchmarks.throughput --model mixtral-8x7b --tokenizer "$tok" \
+        --num-prompts 256 --input-len 512 --output-len 256 --max-num-seqs 256 --out "$out"; } &
+    { job $B grouped_matmul_bench 80 -m benchmarks.grouped_matmul --out "$out" \
+        --tiles auto,16,32,64,128,16x64
+      job $B moe_qwen3_30b 370 -m benchmarks.throughput --model qwen3-30b-a3b --tokenizer "$tok" \
+        --num-prompts 256 --input-len 512 --output-len 256 --max-num-seqs 256 --out "$out"; } &
     wait ;;
   servestruct)  # issue 20 enterprise serving (A); issue 15 structured, then a cold and a warm
     # start of the same small run (the compilation cache, issue 14) (B)
