@@ -1,5 +1,5 @@
 """Start-up lowering (issue 14): benchmarks.startup_trace on a tiny preset, the warm-up order, and
-the step lowering one decoder-layer function (and one sampler) shared by the layers."""
+the steps of a bucket sharing one lowering of the decoder layer."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,7 @@ import re
 import pytest
 
 from benchmarks import startup_trace
+from models import layers
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256}
@@ -39,14 +40,32 @@ def test_warmup_lowers_the_longest_compiles_first():
                                       (32, False), (16, False), (8, False)]
 
 
-def test_step_lowers_one_layer_function_called_per_layer():
-    """The layers share one traced body: a jit of their own, lowered once per step shape."""
+def test_steps_of_a_bucket_share_one_lowered_layer():
+    """Both sampler variants of a token bucket call one exported decoder layer (lowered once for
+    all layers and both steps), and each step lowers its sampler once."""
     runner = _runner()
-    args, prompt_k = runner._inputs(runner._padding_batch(16), full_sampler=True)
-    text = runner._lower(args, prompt_k).as_text()
-    assert len(re.findall(r"func\.func private @decoder_layer\b", text)) == 1
-    assert len(re.findall(r"call @decoder_layer\b", text)) == TINY["num_hidden_layers"]
-    assert len(re.findall(r"func\.func private @sample\b", text)) == 1
+    layers._exported.clear()
+    for full in (True, False):
+        args, prompt_k = runner._inputs(runner._padding_batch(16), full_sampler=full)
+        text = runner._lower(args, prompt_k).as_text()
+        calls = re.findall(r"call @call_exported_decoder_layer", text)
+        assert len(calls) == TINY["num_hidden_layers"]
+        assert len(re.findall(r"func\.func private @sample\b", text)) == 1
+    assert len(layers._exported) == 1 and None not in layers._exported.values()
+
+
+def test_layer_with_the_gpu_kernel_exports_for_cuda():
+    """The Pallas GPU attention kernel (Mosaic GPU) lowered for cuda on this CPU-only host: the
+    layer exports (its custom call allowed), rather than falling back to a lowering per step."""
+    runner = startup_trace.abstract_runner(
+        "llama-3-8b", max_num_seqs=8, max_num_batched_tokens=8, max_model_len=256,
+        attention_impl="pallas_gpu", hf_overrides={**TINY, "hidden_size": 256,
+                                                   "num_attention_heads": 2,
+                                                   "num_key_value_heads": 1})  # head_dim 128
+    layers._exported.clear()
+    rows = startup_trace.time_lowering(startup_trace.lower_for(runner, "cuda"))
+    assert [(r["tokens"], r["sampler"]) for r in rows] == [(8, "full"), (8, "plain")]
+    assert len(layers._exported) == 1 and None not in layers._exported.values()
 
 
 def test_unknown_preset_is_a_value_error():
