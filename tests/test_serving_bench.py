@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 
 from benchmarks import server_times, serving, serving_client
@@ -94,12 +95,11 @@ def test_workload_helpers():
     assert [r.prompt for r in serving.random_requests(args, 100)] == [r.prompt for r in reqs]
     assert not serving.arrival_gaps(5, math.inf, 0).any()
     assert serving.arrival_gaps(20000, 4.0, 0).mean() == pytest.approx(0.25, rel=0.05)
-    assert serving_client.chunk_tokens({"choices": [{"text": "a", "logprobs": None}]}) == 1
-    assert serving_client.chunk_tokens({"choices": [{"text": "", "logprobs": {"tokens": ["x", "y"]}}]}) \
-        == 2
-    assert serving_client.chunk_tokens({"choices": [{"delta": {"role": "assistant", "content": ""}}]}) \
-        == 0
-    assert serving_client.chunk_tokens({"choices": [], "usage": {"completion_tokens": 3}}) == 0
+    chunk_tokens = serving_client.chunk_tokens
+    assert chunk_tokens({"choices": [{"text": "a", "logprobs": None}]}) == 1
+    assert chunk_tokens({"choices": [{"text": "", "logprobs": {"tokens": ["x", "y"]}}]}) == 2
+    assert chunk_tokens({"choices": [{"delta": {"role": "assistant", "content": ""}}]}) == 0
+    assert chunk_tokens({"choices": [], "usage": {"completion_tokens": 3}}) == 0
 
 
 def test_split_deals_each_request_once():
@@ -114,6 +114,44 @@ def test_split_deals_each_request_once():
     assert serving_client.default_num_clients(None, 12) == 1
     with pytest.raises(ValueError, match="num_clients=0"):
         serving_client.split(bodies, lens, offsets, None, 0)
+
+
+def test_send_request_reads_chunked_sse():
+    """The raw client against a canned server: HTTP/1.1 chunks that cut an event in two, and
+    text with U+2028 / U+0085, which orjson leaves unescaped and only LF may end a line at
+    (httpx's splitlines() cut such chunks and failed their requests)."""
+    events = [{"choices": [{"text": "a\u2028b\x85"}]}, {"choices": [{"text": "c"}]},
+              {"choices": [], "usage": {"completion_tokens": 2, "prompt_tokens": 3}}]
+    stream = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    pieces = [stream[:9], stream[9:40], stream[40:]]
+
+    async def handle(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        assert orjson.loads(await reader.readexactly(length)) == {"max_tokens": 2}
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        for piece in pieces:
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        writer.close()
+
+    async def run() -> RequestRecord:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        target = serving_client.Target.of(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}",
+                                          "/v1/completions")
+        rec = RequestRecord(prompt_len=0)
+        async with server:
+            await serving_client.send_request(target, b'{"max_tokens":2}', rec)
+        return rec
+
+    rec = asyncio.run(run())
+    assert rec.success, rec.error
+    assert (rec.output_tokens, rec.prompt_len, len(rec.itl)) == (2, 3, 1)
+    assert 0 < rec.ttft <= rec.e2el
+    with pytest.raises(ValueError, match="https://x"):
+        serving_client.Target.of("https://x", "/v1/completions")
 
 
 def _check_run(run: dict, requests: list) -> None:
