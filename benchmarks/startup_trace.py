@@ -13,6 +13,7 @@ same loop under cProfile and prints where the time goes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import gc
 import io
@@ -29,6 +30,7 @@ from benchmarks import common
 from jaxserve.kv_cache import KVCache
 from jaxserve.runner import ModelRunner
 from jaxserve.sharding import ShardingRules, kv_cache_sharding, make_mesh
+from jaxserve.warmup import paused_gc
 from jaxserve.weights import abstract_model
 from models import config_from_hf
 from models.presets import get_preset, preset_names
@@ -81,7 +83,8 @@ def lower_for(runner: ModelRunner, platform: str) -> ModelRunner:
 def time_lowering(runner: ModelRunner, buckets=None, compile: bool = False) -> list[dict]:
     """Per shape, in warm-up's order (StepWarmup.warmup_shapes), the seconds of _inputs, of
     _lower, JAX's trace and to-MLIR durations inside it (the outermost jit's) and of Python's
-    GC; with `compile`, also of compiling it here (serially: a compile's own cost)."""
+    GC (0 under paused_gc); with `compile`, also of compiling it here (serially: a compile's
+    own cost)."""
     events: dict[str, float] = {}
     gc_start = [0.0]
 
@@ -155,6 +158,8 @@ def main(argv=None) -> None:
                         "'{\"num_hidden_layers\": 2}'")
     p.add_argument("--buckets", type=int, nargs="+", default=None,
                    help="lower only these token buckets (default: all of the runner's)")
+    p.add_argument("--pause-gc", action=argparse.BooleanOptionalAction, default=True,
+                   help="pause Python's GC while lowering, as warm-up does (jaxserve.warmup)")
     p.add_argument("--compile", action="store_true",
                    help="also compile each shape here, serially (not with --platform)")
     p.add_argument("--profile", action="store_true", help="cProfile the lowering loop")
@@ -184,7 +189,8 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     if profiler is not None:
         profiler.enable()
-    rows = time_lowering(runner, args.buckets, args.compile)
+    with paused_gc() if args.pause_gc else contextlib.nullcontext():
+        rows = time_lowering(runner, args.buckets, args.compile)
     if profiler is not None:
         profiler.disable()
     total_s = time.perf_counter() - t0

@@ -2,12 +2,14 @@
 the steps of a bucket sharing one lowering of the decoder layer."""
 from __future__ import annotations
 
+import gc
 import json
 import re
 
 import pytest
 
 from benchmarks import startup_trace
+from jaxserve.warmup import paused_gc
 from models import layers
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
@@ -66,6 +68,20 @@ def test_layer_with_the_gpu_kernel_exports_for_cuda():
     rows = startup_trace.time_lowering(startup_trace.lower_for(runner, "cuda"))
     assert [(r["tokens"], r["sampler"]) for r in rows] == [(8, "full"), (8, "plain")]
     assert len(layers._exported) == 1 and None not in layers._exported.values()
+
+
+def test_paused_gc_leaves_the_collector_as_it_found_it():
+    assert gc.isenabled()
+    with paused_gc():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with paused_gc():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
 
 
 def test_unknown_preset_is_a_value_error():
