@@ -8,7 +8,7 @@
 #   PART=serve     issue 20's enterprise serving (GPU 0); fp8 batch-1 with a long start-up limit, AWQ
 #                  batch-1 profiled (GPU 1)
 #   PART=moe1      issue 18 in under 8 minutes (both MoE models, one GPU each)
-#   PART=servestruct  enterprise serving (A); structured outputs, then cold + warm start (B)
+#   PART=servestruct  enterprise serving (A); structured outputs, then AWQ batch-1 SKIP_TEMP (B)
 #   PART=sampling  issue 13's four sampling tables (met at 9b86482 / 531d3ba: re-run after sampler work)
 #   PART=tp        issue 19: TP=1 vs TP=2 launch/step A/B, TP=2 tokens + batch-1 TPOT (both GPUs)
 #   PART=quant     issue 16: batch-1 decode bf16 / fp8 / AWQ (GPU 0), workload B with fp8 weights
@@ -111,18 +111,17 @@ PY
       job $B moe_qwen3_30b 370 -m benchmarks.throughput --model qwen3-30b-a3b --tokenizer "$tok" \
         --num-prompts 256 --input-len 512 --output-len 256 --max-num-seqs 256 --out "$out"; } &
     wait ;;
-  servestruct)  # issue 20 enterprise serving (A); issue 15 structured, then a cold and a warm
-    # start of the same small run (the compilation cache, issue 14) (B)
+  servestruct)  # issue 20 enterprise serving (A); issue 15 structured, then AWQ batch-1 with
+    # XLA's SKIP_TEMP command-buffer mode (the KV pool sized from nvidia-smi under VMM) (B)
     JAXSERVE_EXPORT_LAYERS=0 job $A enterprise 460 -m benchmarks.serving --preset enterprise --vocab-size 151936 \
       --out "$out" --launch "qwen2-7b --load-format dummy --tokenizer $tok --max-model-len 1024 \
       --max-num-seqs 1024 --max-num-batched-tokens 8192" &
     { job $B structured 250 -m benchmarks.structured --model llama-3-8b --load-format dummy \
         --num-prompts 256 --tokenizer "$tok" --out "$out"
-      for run in cold warm; do
-        job $B "restart_$run" $([ $run = cold ] && echo 130 || echo 80) -m benchmarks.throughput --model qwen2-7b --tokenizer "$tok" \
-          --num-prompts 64 --input-len 128 --output-len 32 --max-num-seqs 64 \
-          --max-num-batched-tokens 2048 --out "$out" --name "restart_$run"
-      done; } &
+      XLA_FLAGS=--xla_gpu_command_buffer_update_mode=SKIP_TEMP job $B latency_awq_skip_temp 160 \
+        -m benchmarks.latency --model llama-3-8b --load-format dummy --tokenizer "$tok" \
+        --batch-sizes 1 --input-len 128 --output-len 128 --quantization awq --out "$out" \
+        --name latency_awq_skip_temp; } &
     wait ;;
   sampling)
     sampling $A qwen2-7b & sampling $B llama-3-8b & wait ;;
