@@ -118,7 +118,8 @@ PY
       --max-num-seqs 1024 --max-num-batched-tokens 8192" &
     { job $B structured 250 -m benchmarks.structured --model llama-3-8b --load-format dummy \
         --num-prompts 256 --tokenizer "$tok" --out "$out"
-      XLA_FLAGS=--xla_gpu_command_buffer_update_mode=SKIP_TEMP job $B latency_awq_skip_temp 160 \
+      JAXSERVE_EXPORT_LAYERS=0 XLA_FLAGS=--xla_gpu_command_buffer_update_mode=SKIP_TEMP \
+        job $B latency_awq_skip_temp 160 \
         -m benchmarks.latency --model llama-3-8b --load-format dummy --tokenizer "$tok" \
         --batch-sizes 1 --input-len 128 --output-len 128 --quantization awq --out "$out" \
         --name latency_awq_skip_temp; } &
