@@ -113,16 +113,16 @@ def request_body(args, model: str, req: RequestInput) -> dict:
 
 
 async def run_load(args, model: str, requests: list[RequestInput], rate: float
-                   ) -> tuple[list[RequestRecord], float, int]:
+                   ) -> tuple[list[RequestRecord], float, list[float]]:
     """Send `requests` at `rate` (req/s, Poisson), at most --max-concurrency in flight, from
-    --num-clients processes (default: one per 250 streams); records, duration, processes."""
+    --num-clients processes (default: one per 250 streams); records, duration and each client
+    process's CPU seconds."""
     bodies = [orjson.dumps(request_body(args, model, r)) for r in requests]
     offsets = np.cumsum(arrival_gaps(len(requests), rate, args.seed)).tolist()
     num_clients = args.num_clients or default_num_clients(args.max_concurrency, len(requests))
     shares = split(bodies, [r.prompt_len for r in requests], offsets, args.max_concurrency,
                    num_clients)
-    records, duration = await run_shares(Target.of(args.base_url, args.endpoint), shares)
-    return records, duration, len(shares)
+    return await run_shares(Target.of(args.base_url, args.endpoint), shares)
 
 
 def _stats(prefix: str, values_s: list[float], percentiles: tuple[float, ...]) -> dict:
@@ -238,19 +238,21 @@ async def amain(args) -> dict:
             raise ValueError(f"no requests: {args.num_prompts=}, {args.dataset_path=}")
         if args.num_warmups:
             warm = [requests[i % len(requests)] for i in range(args.num_warmups)]
-            records, _, n = await run_load(args, model, warm, math.inf)
+            records, _, cpus = await run_load(args, model, warm, math.inf)
             print(f"warm-up: {sum(r.success for r in records)}/{len(records)} requests ok "
-                  f"({n} client processes)")
+                  f"({len(cpus)} client processes)")
         runs = []
         for rate, args.max_concurrency in args.points:
             print(f"rate {rate:g} req/s, max concurrency {args.max_concurrency or 'none'}: "
                   f"{len(requests)} requests")
             reset = await reset_prefix_cache(client)
             before = await server_times.scrape(client)
-            records, duration, num_clients = await run_load(args, model, requests, rate)
+            records, duration, cpus = await run_load(args, model, requests, rate)
             server = server_times.mean_times_ms(before, await server_times.scrape(client))
             summary = {"request_rate": rate, "max_concurrency": args.max_concurrency,
-                       "prefix_cache_reset": reset, "num_clients": num_clients,
+                       "prefix_cache_reset": reset, "num_clients": len(cpus),
+                       # CPU seconds per client process; near `duration`: the client is the limit
+                       "client_cpu_s": cpus,
                        **summarize(records, duration),
                        "server_mean_ms": server}
             if args.save_detailed:
@@ -258,6 +260,8 @@ async def amain(args) -> dict:
             print_table(summary)
             if server:
                 print("server means (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in server.items()))
+            print(f"client: {len(cpus)} processes, the busiest at "
+                  f"{100 * max(cpus) / duration:.0f}% of a core")
             runs.append(summary)
     tag = model.rstrip("/").split("/")[-1]
     name = args.name or f"serving_{tag}_{args.random_input_len}_{args.random_output_len}"

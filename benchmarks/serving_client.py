@@ -161,9 +161,11 @@ async def send_request(target: Target, body: bytes, rec: RequestRecord) -> None:
 
 
 async def run_share(target: Target, share: Share, start: float
-                    ) -> tuple[list[RequestRecord], float]:
+                    ) -> tuple[list[RequestRecord], float, float]:
     """Send the share's requests at start + offset (perf_counter, shared by every process of
-    the machine), at most share.max_concurrency in flight; returns its records and end time."""
+    the machine), at most share.max_concurrency in flight; returns its records, end time and
+    the CPU seconds this process spent meanwhile (near the duration: the client is the limit)."""
+    cpu = time.process_time()
     limit = asyncio.Semaphore(share.max_concurrency) if share.max_concurrency else None
     records = [RequestRecord(prompt_len=n) for n in share.prompt_lens]
 
@@ -177,7 +179,7 @@ async def run_share(target: Target, share: Share, start: float
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(body, rec)))
     await asyncio.gather(*tasks)
-    return records, time.perf_counter()
+    return records, time.perf_counter(), time.process_time() - cpu
 
 
 def default_num_clients(max_concurrency: int | None, num_requests: int) -> int:
@@ -219,9 +221,9 @@ def _client_process(target: Target, share: Share, conn) -> None:
 
 
 def _run_processes(target: Target, shares: list[Share]
-                   ) -> tuple[float, list[tuple[list[RequestRecord], float]]]:
+                   ) -> tuple[float, list[tuple[list[RequestRecord], float, float]]]:
     """One spawned process per share; all start at one perf_counter instant once every process
-    is up. Returns that start and each share's (records, end)."""
+    is up. Returns that start and each share's run_share() result."""
     ctx = multiprocessing.get_context("spawn")  # a clean interpreter: no inherited event loop
     procs, conns = [], []
     try:
@@ -251,16 +253,18 @@ def _run_processes(target: Target, shares: list[Share]
                 proc.join()
 
 
-async def run_load(target: Target, shares: list[Share]) -> tuple[list[RequestRecord], float]:
+async def run_load(target: Target, shares: list[Share]
+                   ) -> tuple[list[RequestRecord], float, list[float]]:
     """Run the shares (one: in this event loop; more: one process each); returns every record
-    in request order and the duration from the shared start to the last process's end."""
+    in request order, the duration from the shared start to the last process's end, and each
+    process's CPU seconds."""
     if len(shares) == 1:
         start = time.perf_counter()
         results = [await run_share(target, shares[0], start)]
     else:
         start, results = await asyncio.to_thread(_run_processes, target, shares)
     records: list[RequestRecord | None] = [None] * sum(len(s.indices) for s in shares)
-    for share, (recs, _) in zip(shares, results):
+    for share, (recs, _, _) in zip(shares, results):
         for i, rec in zip(share.indices, recs):
             records[i] = rec
-    return records, max(end for _, end in results) - start
+    return records, max(end for _, end, _ in results) - start, [cpu for *_, cpu in results]

@@ -156,6 +156,7 @@ def test_send_request_reads_chunked_sse():
 
 def _check_run(run: dict, requests: list) -> None:
     assert run["completed"] == NUM_PROMPTS and run["failed"] == 0, run["errors"]
+    assert len(run["client_cpu_s"]) == run["num_clients"]
     wanted = [r.output_len for r in requests]
     assert [r["output_tokens"] for r in run["requests"]] == wanted  # ignore_eos
     assert run["total_output_tokens"] == sum(wanted)
@@ -212,6 +213,7 @@ def test_two_client_processes_merge_every_request_once(base_url, tmp_path):
     result = asyncio.run(serving.amain(args))
     (run,) = result["runs"]
     assert run["num_clients"] == 2 and len(run["requests"]) == NUM_PROMPTS
+    assert len(run["client_cpu_s"]) == 2 and all(c > 0 for c in run["client_cpu_s"])
     requests = serving.random_requests(args, args.vocab_size)
     assert len({r.output_len for r in requests}) > 1  # a misplaced record would show
     _check_run(run, requests)
