@@ -9,6 +9,7 @@
 #                  batch-1 profiled (GPU 1)
 #   PART=moe1      issue 18 in under 8 minutes (both MoE models, one GPU each)
 #   PART=servestruct  enterprise serving (A); structured outputs, then AWQ batch-1 SKIP_TEMP (B)
+#   PART=servemoe  enterprise serving (A); grouped matmul GPU tests + Mixtral-8x7B (B)
 #   PART=sampling  issue 13's four sampling tables (met at 9b86482 / 531d3ba: re-run after sampler work)
 #   PART=tp        issue 19: TP=1 vs TP=2 launch/step A/B, TP=2 tokens + batch-1 TPOT (both GPUs)
 #   PART=quant     issue 16: batch-1 decode bf16 / fp8 / AWQ (GPU 0), workload B with fp8 weights
@@ -124,6 +125,17 @@ PY
         --batch-sizes 1 --input-len 128 --output-len 128 --quantization awq --out "$out" \
         --name latency_awq_skip_temp; } &
     wait ;;
+  servemoe)  # a 2-GPU machine's last call: enterprise serving (A, issue 20); the grouped matmul's
+    # GPU tests, then Mixtral-8x7B (B, issue 18). Layer export off (not yet run on a GPU).
+    export JAXSERVE_EXPORT_LAYERS=0
+    job $A enterprise 460 -m benchmarks.serving --preset enterprise --vocab-size 151936 \
+      --out "$out" --launch "qwen2-7b --load-format dummy --tokenizer $tok --max-model-len 1024 \
+      --max-num-seqs 1024 --max-num-batched-tokens 8192" &
+    { JAXSERVE_TEST_GPU=1 job $B grouped_matmul_tests 80 -m pytest -q -p no:cacheprovider \
+        tests/kernels/test_grouped_matmul.py
+      job $B moe_mixtral 370 -m benchmarks.throughput --model mixtral-8x7b --tokenizer "$tok" \
+        --num-prompts 256 --input-len 512 --output-len 256 --max-num-seqs 256 --out "$out"; } &
+    wait ;;
   sampling)
     sampling $A qwen2-7b & sampling $B llama-3-8b & wait ;;
   tp)
@@ -162,7 +174,7 @@ PY
       --num-prompts 1000 --length-dist lognormal --input-len 280 --output-len 190 \
       --temperature 0.8 --top-p 0.95 --out "$out" --name mixed_lognormal_qwen2_7b &
     wait ;;
-    *) echo "PART=launch|skiptemp|serve|moe1|servestruct|sampling|tp|quant|moe|scale" >&2; exit 2 ;;
+    *) echo "PART=launch|skiptemp|serve|moe1|servestruct|servemoe|sampling|tp|quant|moe|scale" >&2; exit 2 ;;
   esac
 }
 # PART may name several parts ("launch scale"): each gets the next GPU pair (a 4-GPU machine runs two).
