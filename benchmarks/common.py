@@ -20,6 +20,22 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def abstract_state_and_cache(config, dtype, mesh, rules, *, num_pages: int, page_size: int):
+    """(graphdef, state, KV cache) of a model config as ShapeDtypeStructs placed as the engine
+    places them (weights.abstract_model, kv_cache_sharding): a ModelRunner built on them lowers
+    and compiles its steps without any weights in memory."""
+    from jaxserve.kv_cache import KVCache
+    from jaxserve.sharding import kv_cache_sharding
+    from jaxserve.weights import abstract_model
+
+    graphdef, abstract, shardings = abstract_model(config, jnp.dtype(dtype), mesh, rules)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         abstract, shardings)
+    page = jax.ShapeDtypeStruct((num_pages, page_size, config.num_kv_heads, config.head_dim),
+                                jnp.dtype(dtype), sharding=kv_cache_sharding(mesh, rules))
+    return graphdef, state, KVCache(k=[page] * config.num_layers, v=[page] * config.num_layers)
+
+
 def log_engine_progress() -> None:
     """Show jaxserve's INFO lines (start-up stages, each compile) and only warnings from others."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")

@@ -27,11 +27,9 @@ import numpy as np
 from jax import monitoring
 
 from benchmarks import common
-from jaxserve.kv_cache import KVCache
 from jaxserve.runner import ModelRunner
-from jaxserve.sharding import ShardingRules, kv_cache_sharding, make_mesh
+from jaxserve.sharding import ShardingRules, make_mesh
 from jaxserve.warmup import paused_gc
-from jaxserve.weights import abstract_model
 from models import config_from_hf
 from models.presets import get_preset, preset_names
 
@@ -51,12 +49,8 @@ def abstract_runner(model: str, *, max_num_seqs: int, max_num_batched_tokens: in
         raise ValueError(f"{model=} is not a preset; presets: {', '.join(preset_names())}")
     config = config_from_hf(hf, hf_overrides)
     mesh, rules = make_mesh(1), ShardingRules()
-    graphdef, abstract, shardings = abstract_model(config, jnp.dtype(dtype), mesh, rules)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         abstract, shardings)
-    page = jax.ShapeDtypeStruct((num_pages, page_size, config.num_kv_heads, config.head_dim),
-                                jnp.dtype(dtype), sharding=kv_cache_sharding(mesh, rules))
-    kv_cache = KVCache(k=[page] * config.num_layers, v=[page] * config.num_layers)
+    graphdef, state, kv_cache = common.abstract_state_and_cache(
+        config, dtype, mesh, rules, num_pages=num_pages, page_size=page_size)
     return ModelRunner(graphdef, state, kv_cache, vocab_size=config.vocab_size,
                        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                        max_model_len=max_model_len, attention_impl=attention_impl, mesh=mesh)

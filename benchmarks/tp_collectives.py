@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
+
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2,
                 "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
@@ -199,22 +201,16 @@ def abstract_runner(hf_config: dict, *, tensor_parallel_size: int, dtype: str = 
     """A ModelRunner whose state and KV cache are ShapeDtypeStructs placed as the engine places
     them (weights.abstract_model, kv_cache_sharding): it lowers and compiles, never runs.
     materialize: zero arrays on those shardings instead, so the steps can run (--time)."""
-    from jaxserve.kv_cache import KVCache
     from jaxserve.runner import ModelRunner
-    from jaxserve.sharding import ShardingRules, kv_cache_sharding, make_mesh
+    from jaxserve.sharding import ShardingRules, make_mesh
     from jaxserve.startup import attention_impl_for
-    from jaxserve.weights import abstract_model
     from models import config_from_hf
 
     mesh = make_mesh(tensor_parallel_size)
     rules = ShardingRules()
     config = config_from_hf(hf_config, {}).with_kv_replication(tensor_parallel_size)
-    graphdef, abstract, shardings = abstract_model(config, jnp.dtype(dtype), mesh, rules)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         abstract, shardings)
-    page = jax.ShapeDtypeStruct((num_pages, page_size, config.num_kv_heads, config.head_dim),
-                                jnp.dtype(dtype), sharding=kv_cache_sharding(mesh, rules))
-    kv = KVCache(k=[page] * config.num_layers, v=[page] * config.num_layers)
+    graphdef, state, kv = common.abstract_state_and_cache(
+        config, dtype, mesh, rules, num_pages=num_pages, page_size=page_size)
     if materialize:
         zeros = jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (state, kv)),
                         out_shardings=jax.tree.map(lambda a: a.sharding, (state, kv)))
