@@ -5,6 +5,7 @@ The one place that turns an EngineConfig into device state; LLMEngine keeps the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import subprocess
@@ -67,6 +68,7 @@ def device_memory(device, gpu_memory_utilization: float) -> tuple[int, int] | No
     return int(total * gpu_memory_utilization), in_use
 
 
+@functools.cache  # asked by batch_defaults and num_kv_pages_for: run nvidia-smi once
 def gpu_total_bytes() -> int | None:
     """The smallest GPU's memory on this host (nvidia-smi), or None without nvidia-smi."""
     try:
