@@ -5,6 +5,7 @@
 #                  (--profile-host) on GPU 0; Mosaic GPU custom calls kept out of XLA's command
 #                  buffers on GPU 1 (A/B of dispatch ms); then issue 15's structured cost (GPU 1)
 #   PART=skiptemp  XLA's command-buffer update mode ALWAYS_UPDATE vs SKIP_TEMP (A/B, one per GPU)
+#   PART=skiptemp2 the same A/B at batch 1, workload B at the defaults, fp8 batch 1
 #   PART=serve     issue 20's enterprise serving (GPU 0); fp8 batch-1 with a long start-up limit, AWQ
 #                  batch-1 profiled (GPU 1)
 #   PART=moe1      issue 18 in under 8 minutes (both MoE models, one GPU each)
@@ -85,6 +86,23 @@ PY
         XLA_FLAGS=--xla_gpu_command_buffer_update_mode=$2 job $1 "update_mode_$2" 250 \
           -m benchmarks.sampling --model llama-3-8b --num-seqs 512 --rows "greedy,T0.7 top_p 0.9" \
           --profile-host --tokenizer "$tok" --out "$out" --name "update_mode_$2"; } &
+    done
+    wait ;;
+  skiptemp2)
+    # The update-mode A/B where it matters for the defaults (issue 14): batch-1 bf16 decode,
+    # workload B at the device defaults (1,000 x 512 / 256), fp8 batch-1 (issue 16); ALWAYS_UPDATE
+    # on A, SKIP_TEMP on B, side by side (the KV pool under SKIP_TEMP sized from nvidia-smi).
+    for lane in "$A ALWAYS_UPDATE" "$B SKIP_TEMP"; do
+      set -- $lane
+      { export XLA_FLAGS=--xla_gpu_command_buffer_update_mode=$2
+        job $1 "latency_$2" 160 -m benchmarks.latency --model llama-3-8b --load-format dummy \
+          --tokenizer "$tok" --batch-sizes 1 --input-len 128 --output-len 128 --out "$out" \
+          --name "latency_$2"
+        job $1 "workload_b_$2" 250 -m benchmarks.throughput --model llama-3-8b --tokenizer "$tok" \
+          --num-prompts 1000 --input-len 512 --output-len 256 --out "$out" --name "workload_b_$2"
+        job $1 "latency_fp8_$2" 230 -m benchmarks.latency --model llama-3-8b --load-format dummy \
+          --tokenizer "$tok" --batch-sizes 1 --input-len 128 --output-len 128 \
+          --quantization fp8 --out "$out" --name "latency_fp8_$2"; } &
     done
     wait ;;
   serve)
@@ -174,7 +192,7 @@ PY
       --num-prompts 1000 --length-dist lognormal --input-len 280 --output-len 190 \
       --temperature 0.8 --top-p 0.95 --out "$out" --name mixed_lognormal_qwen2_7b &
     wait ;;
-    *) echo "PART=launch|skiptemp|serve|moe1|servestruct|servemoe|sampling|tp|quant|moe|scale" >&2; exit 2 ;;
+    *) echo "PART=launch|skiptemp|skiptemp2|serve|moe1|servestruct|servemoe|sampling|tp|quant|moe|scale" >&2; exit 2 ;;
   esac
 }
 # PART may name several parts ("launch scale"): each gets the next GPU pair (a 4-GPU machine runs two).
