@@ -6,6 +6,7 @@
 #                  buffers on GPU 1 (A/B of dispatch ms); then issue 15's structured cost (GPU 1)
 #   PART=skiptemp  XLA's command-buffer update mode ALWAYS_UPDATE vs SKIP_TEMP (A/B, one per GPU)
 #   PART=skiptemp2 the same A/B at batch 1, workload B at the defaults, fp8 batch 1
+#   PART=launch2   command buffers off vs on (batch 1); Llama-3-8B at 16 req/s; fp8 batch 1 profiled
 #   PART=serve     issue 20's enterprise serving (GPU 0); fp8 batch-1 with a long start-up limit, AWQ
 #                  batch-1 profiled (GPU 1)
 #   PART=moe1      issue 18 in under 8 minutes (both MoE models, one GPU each)
@@ -105,6 +106,24 @@ PY
           --quantization fp8 --out "$out" --name "latency_fp8_$2"; } &
     done
     wait ;;
+  launch2)
+    # XLA command buffers off (every kernel launched on its own) vs on, batch-1 bf16 decode side
+    # by side; then issue 20's Llama-3-8B at 16 req/s (A) and fp8 batch 1 under the profiler (B)
+    { XLA_FLAGS=--xla_gpu_enable_command_buffer= job $A latency_no_command_buffers 160 \
+        -m benchmarks.latency --model llama-3-8b --load-format dummy --tokenizer "$tok" \
+        --batch-sizes 1 --input-len 128 --output-len 128 --out "$out" \
+        --name latency_no_command_buffers
+      job $A serving_16rps 300 -m benchmarks.serving --num-prompts 400 --random-input-len 512 \
+        --random-output-len 256 --ignore-eos --vocab-size 128256 --num-warmups 64 \
+        --sweep-rates 16 --out "$out" --name serving_llama3_8b_16rps \
+        --launch "llama-3-8b --load-format dummy --tokenizer $tok --max-model-len 1024"; } &
+    { job $B latency_command_buffers 160 -m benchmarks.latency --model llama-3-8b \
+        --load-format dummy --tokenizer "$tok" --batch-sizes 1 --input-len 128 --output-len 128 \
+        --out "$out" --name latency_command_buffers
+      job $B fp8_batch1_profile 260 -m benchmarks.throughput --model llama-3-8b --tokenizer "$tok" \
+        --num-prompts 4 --input-len 128 --output-len 128 --max-num-seqs 1 --quantization fp8 \
+        --profile --out "$out" --name fp8_batch1_profile; } &
+    wait ;;
   serve)
     # issue 20's enterprise scenario (A), then issue 16's fp8 batch-1 decode with room for its
     # start-up and AWQ batch-1 under the device profiler (B)
@@ -192,7 +211,7 @@ PY
       --num-prompts 1000 --length-dist lognormal --input-len 280 --output-len 190 \
       --temperature 0.8 --top-p 0.95 --out "$out" --name mixed_lognormal_qwen2_7b &
     wait ;;
-    *) echo "PART=launch|skiptemp|skiptemp2|serve|moe1|servestruct|servemoe|sampling|tp|quant|moe|scale" >&2; exit 2 ;;
+    *) echo "PART=launch|skiptemp|skiptemp2|launch2|serve|moe1|servestruct|servemoe|sampling|tp|quant|moe|scale" >&2; exit 2 ;;
   esac
 }
 # PART may name several parts ("launch scale"): each gets the next GPU pair (a 4-GPU machine runs two).
