@@ -19,7 +19,6 @@ VLLM_FLAGS_NOT_IMPLEMENTED = {
     "--tool-parser-plugin": "only the built-in tool-call parsers (--tool-call-parser)",
     "--structured-outputs-config": "structured outputs are not implemented yet",
     "--guided-decoding-backend": "structured outputs are not implemented yet",
-    "--api-server-count": "one API server process only",
     "--limit-mm-per-prompt": "multimodal inputs are not supported",
     "--mm-processor-kwargs": "multimodal inputs are not supported",
     "--distributed-executor-backend": "one process drives all local devices (jax.sharding)",

@@ -1,8 +1,10 @@
-"""The engine core: LLMEngine's step loop in its own process, talking to the API server over pipes.
+"""The engine core: LLMEngine's step loop in its own process, talking to the API server(s) over pipes.
 
-API server --("add" | "abort" | "reset" | "watchdog" | "stop")--> core: apply commands (answer
-("applied", add acks, gauges)), step() --one ("step", deltas, failed, gauges) message per step-->
-API server (server/core_client.py),
+API server k --("add" | "abort" | "reset" | "watchdog" | "stop")--> core: apply commands (answer
+("applied", add acks, gauges) to k), step() --one ("step", deltas, failed, gauges) message per
+step to each API server with news--> API server (server/core_client.py). With
+`--api-server-count N` the core has N pipe pairs; each request's news goes to the API server that
+added it, and one that hangs up (EOF) has its requests aborted,
 which detokenizes, builds SSE chunks and JSON. The core sends token ids, never per-token text:
 only sequences with stop strings are detokenized here (the stop check needs text), and their
 text deltas ride along. Failure handling is the in-process AsyncEngine's: a step that raises fails
@@ -11,7 +13,9 @@ watchdog's limit sends ("dead",) and exits with EXIT_ENGINE_DEAD (vLLM V1's Engi
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing.connection
 import os
 import queue
 import signal
@@ -150,14 +154,18 @@ class CoreEngine(LLMEngine):
 
 
 class EngineCore:
-    """The core process's loop: read commands between steps, step, send one message per step."""
+    """The core process's loop: read commands between steps, step, send one message per step to
+    each API server (client) whose requests have news."""
 
     def __init__(self, engine: CoreEngine, commands, outputs):
         self.engine = engine
-        self.commands = commands  # multiprocessing Connection (read end)
-        self.outputs = outputs  # multiprocessing Connection (write end)
+        # multiprocessing Connections, one per API server process (a lone one: that server's)
+        self.commands = commands if isinstance(commands, list) else [commands]  # read ends
+        self.outputs = outputs if isinstance(outputs, list) else [outputs]  # write ends
+        self._live = set(range(len(self.commands)))  # clients that have not hung up
+        self._owner: dict[str, int] = {}  # request id -> the client that added it
         # Messages leave through one sender thread: pickling a step's deltas and writing them
-        # into the pipe (which blocks while the API process is behind in reading) stay off the
+        # into the pipes (which block while an API process is behind in reading) stay off the
         # step loop, so a busy API process never stalls the device. One queue keeps the order.
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_loop, name="jaxserve-core-sender",
@@ -168,16 +176,21 @@ class EngineCore:
         self._sent_gauges: tuple | None = None  # those of the last "step" message
         self.fanout = None  # multi-host: followers replay each command and step (distributed.py)
 
-    def send(self, message: tuple) -> None:
-        """Queue a message for the API server; returns at once."""
-        self._outbox.put(message)
+    def send(self, message: tuple, client: int | None = 0) -> None:
+        """Queue a message for API server `client` (None: every one); returns at once."""
+        self._outbox.put((client, message))
 
     def _send_loop(self) -> None:
-        while (message := self._outbox.get()) is not None:
-            try:
-                self.outputs.send(message)
-            except (OSError, ValueError):  # the API server is gone: nobody to tell
-                return
+        gone: set[int] = set()
+        while (item := self._outbox.get()) is not None:
+            client, message = item
+            for k in range(len(self.outputs)) if client is None else (client,):
+                if k in gone:
+                    continue
+                try:
+                    self.outputs[k].send(message)
+                except (OSError, ValueError):  # that API server is gone: nobody to tell
+                    gone.add(k)
 
     def flush(self, timeout: float | None = None) -> None:
         """Send what is queued, then stop the sender thread."""
@@ -185,56 +198,79 @@ class EngineCore:
         self._sender.join(timeout)
 
     def run(self) -> None:
-        """Until "stop" or the API server goes away (EOF); raises when the engine is broken."""
+        """Until "stop" or every API server goes away (EOF); raises when the engine is broken."""
         while self._read_commands(block=not self.engine.has_unfinished_requests()):
             if self.engine.has_unfinished_requests():
                 self._step()
 
     def _read_commands(self, block: bool) -> bool:
+        """Apply what every client sent; False on "stop" or once no client is left."""
+        live = [self.commands[k] for k in sorted(self._live)]
+        ready = multiprocessing.connection.wait(live, None if block else 0)
+        for k in sorted(self._live):
+            if self.commands[k] in ready and not self._read_client(k):
+                return False
+        return bool(self._live)
+
+    def _read_client(self, client: int) -> bool:
         acks, applied = [], False
+        connection = self.commands[client]
         try:
-            if block:
-                self.commands.poll(None)
-            while self.commands.poll(0):
-                command = self.commands.recv()
+            while connection.poll(0):
+                command = connection.recv()
                 if command[0] == "stop":
                     return False
-                ack = self._apply(command)
+                ack = self._apply(command, client)
                 applied = True
                 if ack is not None:
                     acks.append(ack)
         except (EOFError, OSError):
-            logger.info("the API server is gone; the engine core stops")
-            return False
+            self._hang_up(client)
         if applied:  # acks now (a step may take long); gauges change with adds and aborts
-            self.send(("applied", acks, self._gauges()))
+            self.send(("applied", acks, self._gauges()), client)
         return True
 
-    def _apply(self, command: tuple) -> tuple | None:
+    def _hang_up(self, client: int) -> None:
+        """API server `client` is gone: nobody reads its requests any more, abort them."""
+        self._live.discard(client)
+        orphans = [rid for rid, k in self._owner.items() if k == client]
+        if orphans:
+            self.engine.abort_request(orphans)
+        for rid in orphans:
+            del self._owner[rid]
+        logger.info("API server %d is gone (%d requests aborted); %d left", client,
+                    len(orphans), len(self._live))
+
+    def _apply(self, command: tuple, client: int = 0) -> tuple | None:
         if self.fanout is not None:
             self.fanout.send(command)
         kind = command[0]
         if kind == "abort":
             self.engine.abort_request(command[1])
+            for rid in command[1]:
+                self._owner.pop(rid, None)
         elif kind == "reset":
-            self.send(("reset", command[1], self.engine.reset_prefix_cache()))
+            self.send(("reset", command[1], self.engine.reset_prefix_cache()), client)
         elif kind == "watchdog":
             threading.Thread(target=self._watch, args=(command[1],), name="jaxserve-watchdog",
                              daemon=True).start()
         else:
             assert kind == "add", command
-            return self._add(*command[1:])
+            return self._add(*command[1:], client=client)
         return None
 
-    def _add(self, items: list, arrival: float, ticket: int) -> tuple:
+    def _add(self, items: list, arrival: float, ticket: int, client: int = 0) -> tuple:
         """All of one HTTP request's engine requests, or none: (ticket, error, param)."""
         added = []
         try:
             for rid, prompt, params in items:
                 self.engine.add_request(rid, prompt, params, arrival_time=arrival)
                 added.append(rid)
+                self._owner[rid] = client
         except ValueError as e:  # the handler answers 400
             self.engine.abort_request(added)
+            for rid in added:
+                del self._owner[rid]
             return ticket, str(e), getattr(e, "param", None)
         return ticket, None, None
 
@@ -246,14 +282,34 @@ class EngineCore:
             deltas = self.engine.step()
         except Exception as e:  # noqa: BLE001 - fail the step's requests, keep serving
             self._step_started = None
-            self.send(("step", [], self._recover(e), self._gauges()))
+            self._send_step([], self._recover(e), self._gauges())
             return
         self._step_started = None
         self._failed_steps = 0
         gauges = self._gauges()
         if deltas or gauges != self._sent_gauges:  # not while requests wait for free pages
-            self.send(("step", deltas, [], gauges))
+            self._send_step(deltas, [], gauges)
             self._sent_gauges = gauges
+
+    def _send_step(self, deltas: list, failed: list[str], gauges: tuple) -> None:
+        """One "step" message per client with news: its requests' deltas and failures, and the
+        gauges (every client, when they changed). Finished and failed requests leave the owner
+        table."""
+        if len(self.outputs) == 1:
+            self.send(("step", deltas, failed, gauges))
+        else:
+            per_client = {k: ([], []) for k in self._live}
+            for delta in deltas:
+                per_client.setdefault(self._owner.get(delta[0], 0), ([], []))[0].append(delta)
+            for rid in failed:
+                per_client.setdefault(self._owner.get(rid, 0), ([], []))[1].append(rid)
+            changed = gauges != self._sent_gauges
+            for k, (mine, lost) in per_client.items():
+                if mine or lost or changed:
+                    self.send(("step", mine, lost, gauges), k)
+        requests = self.engine.output_processor.requests
+        for rid in [d[0] for d in deltas if d[0] not in requests] + failed:
+            self._owner.pop(rid, None)
 
     def _recover(self, error: Exception) -> list[str]:
         """Abort the requests the failed step ran (freeing their pages) and return their ids;
@@ -288,7 +344,7 @@ class EngineCore:
     def die(self) -> None:
         """Tell the API server (best effort) and leave at once: a thread may be stuck in a
         device call, and interpreter shutdown under it aborts the process."""
-        self.send(("dead",))
+        self.send(("dead",), None)
         self.flush(timeout=5.0)  # the sender may be blocked on a reader that is gone
         logging.shutdown()
         os._exit(EXIT_ENGINE_DEAD)
@@ -304,8 +360,9 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_engine_core(config: EngineConfig, commands, outputs, log_level: int) -> None:
-    """The core process's entry point (multiprocessing spawn target)."""
+def run_engine_core(config: EngineConfig, commands: list, outputs: list, log_level: int) -> None:
+    """The core process's entry point (multiprocessing spawn target); commands and outputs: one
+    pipe end each per API server process."""
     _die_with_parent()
     for sig in (signal.SIGINT, signal.SIGTERM):  # the API server drains, then stops us
         signal.signal(sig, signal.SIG_IGN)
@@ -321,13 +378,16 @@ def run_engine_core(config: EngineConfig, commands, outputs, log_level: int) -> 
         faults.install_from_env(engine)  # a no-op unless JAXSERVE_FAULT_INJECT is set
     except Exception as e:  # noqa: BLE001 - the API server reports it and exits
         logger.debug("engine start-up failed", exc_info=True)
-        outputs.send(("failed", isinstance(e, ValueError), f"{type(e).__name__}: {e}"
-                      if not isinstance(e, ValueError) else str(e)))
+        failed = ("failed", isinstance(e, ValueError), f"{type(e).__name__}: {e}"
+                  if not isinstance(e, ValueError) else str(e))
+        for connection in outputs:
+            with contextlib.suppress(OSError):  # an API server process that is gone already
+                connection.send(failed)
         return
     core = EngineCore(engine, commands, outputs)
     if multihost is not None:
         core.fanout = distributed.CommandFanout.accept(multihost)
-    outputs.send(("ready", EngineFacts.of(engine)))
+    core.send(("ready", EngineFacts.of(engine)), None)
     try:
         core.run()
     except BaseException:  # noqa: BLE001 - a broken engine: the server fails every request

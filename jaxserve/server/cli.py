@@ -11,8 +11,10 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 
@@ -111,6 +113,12 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--uvicorn-log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--disable-uvicorn-access-log", action="store_true")
+    p.add_argument("--api-server-count", type=int, default=1,
+                   help="API server processes accepting on --host/--port (SO_REUSEPORT), each "
+                        "with its own event loop, tokenizer and SSE, all feeding the one engine "
+                        "core (or each --data-parallel-size replica). /metrics merges every "
+                        "process's counters (those of the others up to 1 s old); runtime LoRA "
+                        "loading is refused when N > 1 (use --lora-modules)")
     _add_tool_args(p)
     _add_http_args(p)
     add_engine_args(p)
@@ -158,7 +166,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_request_body_bytes=args.max_request_body_bytes, drain_timeout=args.drain_timeout,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
-        lora_modules=tuple(parse_lora_module(m) for m in args.lora_modules))
+        lora_modules=tuple(parse_lora_module(m) for m in args.lora_modules),
+        api_server_count=args.api_server_count)
 
 
 def _uvicorn_server_class():
@@ -170,8 +179,17 @@ def _uvicorn_server_class():
         def __init__(self, config: uvicorn.Config, gate, drain_timeout: float):
             super().__init__(config)
             self.gate, self.drain_timeout = gate, drain_timeout
+            self.forward = None  # server 0 of --api-server-count: signal the others alike
+            # API servers 1..N-1: a signal to the whole group arrives twice (direct, forwarded)
+            self.debounce = 0.0  # seconds after the first signal in which another is the same
+            self._first_signal = 0.0
 
         def handle_exit(self, sig: int, frame) -> None:
+            if self.forward is not None:
+                self.forward(sig)
+            if self.gate.draining and time.monotonic() - self._first_signal < self.debounce:
+                return
+            self._first_signal = self._first_signal or time.monotonic()
             if self.gate.draining:  # second signal: stop now
                 self.should_exit = self.force_exit = True
                 return
@@ -229,15 +247,19 @@ def serve(args: argparse.Namespace) -> int:
     from jaxserve.config import EngineConfig
     from jaxserve.distributed import DistributedConfig, follow
     from jaxserve.engine import LLMEngine
+    from jaxserve.server.api_servers import ApiServers, bind_socket
     from jaxserve.server.core_client import EngineCoreClient
-    from jaxserve.server.openai import build_app
 
-    config, http = server_config(args), http_options(args)
+    server_config(args)  # bad flags fail before the engine starts
     engine_config = EngineConfig(model=args.model_flag or args.model, usage_context="server",
                                  **engine_kwargs(args))
     multihost = DistributedConfig.from_env(nnodes=args.nnodes, node_rank=args.node_rank,
                                            master_addr=args.master_addr,
                                            master_port=args.master_port)
+    count = args.api_server_count
+    if count > 1 and (args.engine_in_process or multihost is not None):
+        raise ValueError(f"--api-server-count {count} needs the engine core process on this "
+                         "host: it cannot be combined with --engine-in-process or --nnodes > 1")
     if multihost is not None:  # one engine over several processes (jaxserve/distributed.py)
         if engine_config.data_parallel_size > 1 or args.engine_in_process:
             raise ValueError("--nnodes > 1 runs one engine core over all processes: it cannot "
@@ -247,30 +269,80 @@ def serve(args: argparse.Namespace) -> int:
         if args.headless:
             raise ValueError("--headless is for --node-rank > 0; rank 0 serves the API")
         os.environ.update(multihost.to_env())  # the engine core process initializes from it
+    log_level = logging.getLogger().level
     if args.engine_in_process:
         engine = LLMEngine(engine_config)
     elif engine_config.data_parallel_size > 1:  # N core processes behind a router
         from jaxserve.server.dp_router import DataParallelClient
 
-        engine = DataParallelClient.launch(engine_config, logging.getLogger().level)
+        engine = DataParallelClient.launch(engine_config, log_level, num_clients=count)
     else:  # the engine loop in its own process; this one does HTTP, text and JSON
-        engine = EngineCoreClient.launch(engine_config, logging.getLogger().level)
+        engine = EngineCoreClient.launch(engine_config, log_level, num_clients=count)
     logger.info("engine ready in %.1fs: %s, max_model_len=%d, %d KV pages",
                 engine.startup_seconds, engine.model_name, engine.max_model_len,
                 engine.num_kv_pages)
+    servers = sock = None
+    if count > 1:  # bound now: connections made while the engine starts are refused, not queued
+        sock = bind_socket(args.host, args.port)
+        metrics_dir = tempfile.mkdtemp(prefix="jaxserve-metrics-")
+        servers = ApiServers(args, sock.getsockname()[1], engine, log_level, metrics_dir)
+        servers.start()
+    serve_app(engine, args, sock, servers=servers,
+              shared=None if servers is None else (metrics_dir, 0))
+
+
+def _lead(server, servers) -> None:
+    """API server 0: forward exit signals to the others; one dying drains the rest."""
+    from jaxserve.server.api_servers import EXIT_API_SERVER_DIED
+
+    def died(index: int, code: int | None) -> None:
+        logger.critical("API server process %d exited (code %s); draining the others and "
+                        "exiting with code %d", index, code, EXIT_API_SERVER_DIED)
+        server.handle_exit(signal.SIGTERM, None)
+
+    server.forward = servers.signal
+    servers.watch(died)
+
+
+def serve_app(engine, args: argparse.Namespace, sock=None, *, shared=None, on_started=None,
+              servers=None):
+    """Serve `engine` on sock (or --host/--port) until drained or dead, then exit the process.
+    shared: (metrics directory, API server index) with --api-server-count > 1; on_started:
+    called once the app is built; servers: API servers 1..N-1 (server 0 only)."""
+    from jaxserve.server.api_servers import EXIT_API_SERVER_DIED
+    from jaxserve.server.openai import build_app
+
+    config, http = server_config(args), http_options(args)
     server_ref: list = []
-    app = build_app(engine, config, http, on_dead=lambda: _on_dead(server_ref))
+    wait_servers = None if servers is None else (
+        lambda: servers.wait(config.drain_timeout + 15.0))  # they share the core: stop it last
+    app = build_app(engine, config, http, on_dead=lambda: _on_dead(server_ref),
+                    before_stop=wait_servers)
     server = make_server(app, host=args.host, port=args.port, drain_timeout=config.drain_timeout,
                          log_level=args.uvicorn_log_level,
                          access_log=not args.disable_uvicorn_access_log,
                          ssl=(args.ssl_keyfile, args.ssl_certfile) if args.ssl_keyfile else None)
     server_ref.append(server)
+    if on_started is not None:  # an API server other than 0
+        server.debounce = 2.0
+    if shared is not None:
+        app.serving.metrics.share(*shared)
+    if servers is not None:
+        _lead(server, servers)
     # uvicorn handles signals while it runs and then restores these: a signal that arrives during
     # the shutdown after it (engine thread stopping) exits at once, cleanly, instead of killing the
     # process by the default action (exit -15 was seen in CI).
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: _exit_now(0))
-    server.run()
+    if on_started is not None:
+        on_started()
+    server.run(sockets=None if sock is None else [sock])
+    if servers is not None:  # they drain or fail their streams; the core outlives them
+        wait_servers()
+        shutil.rmtree(shared[0], ignore_errors=True)
+        if servers.died and app.serving.async_engine.error is None:
+            app.serving.async_engine.stop(timeout=10.0)
+            _exit_now(EXIT_API_SERVER_DIED)
     # Leave without interpreter finalization, which restores the default signal actions while it
     # joins threads: a signal then killed the process (-15) after a clean drain.
     _exit_now(_shutdown(app.serving.async_engine))

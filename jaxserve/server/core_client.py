@@ -5,7 +5,9 @@ handler --add/abort--> sender thread --pipe--> core process --pipe--> receiver t
 It has AsyncEngine's interface (add, gauges and num_waiting from their shared EngineFrontend;
 abort, reset_prefix_cache, error, on_dead), so OpenAIServing does not know which one it holds. If the core process dies (a broken
 engine, the watchdog, or a kill), every in-flight request fails with EngineDeadError and
-`on_dead` runs once (the CLI exits with EXIT_ENGINE_DEAD).
+`on_dead` runs once (the CLI exits with EXIT_ENGINE_DEAD). With `--api-server-count N` the core
+has N pipe pairs (spawn's num_clients): the API server that started it holds the process, the
+others attach() to theirs (SharedCore: they hang up instead of stopping it).
 """
 from __future__ import annotations
 
@@ -63,6 +65,25 @@ def _widen(connection) -> None:
         fcntl.fcntl(connection.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
 
 
+class SharedCore:
+    """The core process as seen by an API server process that did not start it: it can neither
+    join nor kill it, and its stop() only hangs up (the core aborts that server's requests)."""
+
+    pid = exitcode = None
+
+    def __init__(self):
+        self.alive = True
+
+    def is_alive(self) -> bool:
+        return self.alive
+
+    def join(self, timeout: float | None = None) -> None:
+        self.alive = False
+
+    def kill(self) -> None:
+        self.alive = False
+
+
 class EngineCoreClient(EngineFrontend):
     """Starts the engine core process (launch), then carries requests to it and deltas back."""
 
@@ -84,6 +105,7 @@ class EngineCoreClient(EngineFrontend):
         self.error: BaseException | None = None
         self.step_timeout: float | None = None  # sent to the core's watchdog by start()
         self.on_dead = None
+        self.others: list[tuple] = []  # the other API server processes' pipe ends (spawn)
         self._lock = threading.Lock()
         self._routes: dict[str, _Route] = {}
         self._tickets: dict[int, tuple] = {}  # add ticket -> (stream, future, num_seqs)
@@ -100,25 +122,30 @@ class EngineCoreClient(EngineFrontend):
 
     @classmethod
     def launch(cls, config, log_level: int = logging.INFO, start_timeout: float = 3600.0,
-               env: dict[str, str] | None = None) -> EngineCoreClient:
+               env: dict[str, str] | None = None, num_clients: int = 1) -> EngineCoreClient:
         """Spawn the core process with `config` (an EngineConfig) and wait until its engine is
         built; raises ValueError (bad model or option) or RuntimeError if it cannot start.
-        env: variables set for the core process only (a data-parallel replica's devices)."""
-        return cls.wait_ready(cls.spawn(config, log_level, env), start_timeout)
+        env: variables set for the core process only (a data-parallel replica's devices);
+        num_clients: API server processes it serves (see spawn)."""
+        return cls.wait_ready(cls.spawn(config, log_level, env, num_clients), start_timeout)
 
     @staticmethod
-    def spawn(config, log_level: int = logging.INFO, env: dict[str, str] | None = None) -> tuple:
+    def spawn(config, log_level: int = logging.INFO, env: dict[str, str] | None = None,
+              num_clients: int = 1) -> tuple:
         """Start the core process; wait_ready() it. Call from a thread that outlives the core:
-        Linux's parent-death signal (engine_core._die_with_parent) follows the spawning thread."""
+        Linux's parent-death signal (engine_core._die_with_parent) follows the spawning thread.
+        Returns (process, cmd_write, out_read, others): others are the (cmd_write, out_read)
+        pipe ends of the num_clients - 1 other API server processes (attach())."""
         from jaxserve.engine_core import run_engine_core
 
         ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold JAX
-        cmd_read, cmd_write = ctx.Pipe(duplex=False)
-        out_read, out_write = ctx.Pipe(duplex=False)
-        for end in (cmd_write, out_write):
-            _widen(end)
+        pipes = [(ctx.Pipe(duplex=False), ctx.Pipe(duplex=False)) for _ in range(num_clients)]
+        for (_, cmd_write), (_, out_write) in pipes:
+            _widen(cmd_write)
+            _widen(out_write)
         process = ctx.Process(target=run_engine_core, name="jaxserve-engine-core", daemon=True,
-                              args=(config, cmd_read, out_write, log_level))
+                              args=(config, [c[0] for c, _ in pipes], [o[1] for _, o in pipes],
+                                    log_level))
         with _ENV_LOCK:  # spawn copies os.environ at start(): swap env in for that moment
             saved = {k: os.environ.get(k) for k in env or {}}
             os.environ.update(env or {})
@@ -130,15 +157,23 @@ class EngineCoreClient(EngineFrontend):
                         os.environ.pop(k, None)
                     else:
                         os.environ[k] = v
-        cmd_read.close()  # ours closed: the core's death reads as EOF here
-        out_write.close()
+        for (cmd_read, _), (_, out_write) in pipes:
+            cmd_read.close()  # ours closed: the core's death reads as EOF here
+            out_write.close()
         logger.info("engine core process %d started", process.pid)
-        return process, cmd_write, out_read
+        others = [(c[1], o[0]) for c, o in pipes[1:]]
+        return process, pipes[0][0][1], pipes[0][1][0], others
+
+    @classmethod
+    def attach(cls, pipes: tuple, start_timeout: float = 3600.0) -> EngineCoreClient:
+        """The client of another API server process's core, over its (cmd_write, out_read)."""
+        return cls.wait_ready((SharedCore(), *pipes, []), start_timeout)
 
     @classmethod
     def wait_ready(cls, spawned: tuple, start_timeout: float = 3600.0) -> EngineCoreClient:
-        """The client of a spawn()ed core once its engine is built (raises as launch)."""
-        process, cmd_write, out_read = spawned
+        """The client of a spawn()ed core once its engine is built (raises as launch); its
+        `others` keeps the other API servers' pipe ends (api_servers.py hands them out)."""
+        process, cmd_write, out_read, others = spawned
         try:
             if not out_read.poll(start_timeout):
                 process.kill()
@@ -151,7 +186,9 @@ class EngineCoreClient(EngineFrontend):
         if message[0] == "failed":
             process.join(5)
             raise (ValueError if message[1] else RuntimeError)(message[2])
-        return cls(process, cmd_write, out_read, message[1])
+        client = cls(process, cmd_write, out_read, message[1])
+        client.others = others
+        return client
 
     # ---- the asyncio side (AsyncEngine's interface) --------------------------------------------
     def start(self) -> None:
@@ -221,6 +258,9 @@ class EngineCoreClient(EngineFrontend):
     def _send_loop(self) -> None:
         while True:
             command = self._sendq.get()
+            if command[0] == "stop" and isinstance(self.process, SharedCore):
+                self._commands.close()  # hang up: the core's owner stops it
+                return
             try:
                 self._commands.send(command)
             except (OSError, ValueError):  # the core is gone: the receiver reports it

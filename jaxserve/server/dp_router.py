@@ -74,14 +74,15 @@ class DataParallelClient:
 
     @classmethod
     def launch(cls, config, log_level: int = logging.INFO, start_timeout: float = 3600.0,
-               environ=None) -> DataParallelClient:
+               environ=None, num_clients: int = 1) -> DataParallelClient:
         """Start config.data_parallel_size core processes at once (from this thread: their
         parent-death signal follows it), each with data_parallel_size=1 on its own devices; if
-        one cannot start, stop the others and raise its error (ValueError: bad model or option)."""
+        one cannot start, stop the others and raise its error (ValueError: bad model or option).
+        num_clients: API server processes each core serves (--api-server-count)."""
         size = config.data_parallel_size
         one = dataclasses.replace(config, data_parallel_size=1)
         envs = [replica_env(rank, config.tensor_parallel_size, environ) for rank in range(size)]
-        spawned = [EngineCoreClient.spawn(one, log_level, env) for env in envs]
+        spawned = [EngineCoreClient.spawn(one, log_level, env, num_clients) for env in envs]
         started, errors = [], []
         for item in spawned:  # they build their engines in parallel; collect them in order
             try:

@@ -76,12 +76,24 @@ class LoRAAdapters:
                  "max_model_len": max_model_len} for name, lora in self.by_name.items()]
 
 
-def add_lora_routes(app, adapters: LoRAAdapters) -> None:
-    """vLLM's runtime adapter routes; registered only under --enable-lora."""
+def _refuse_with_several_api_servers(api_server_count: int) -> None:
+    """Each API server process keeps its own adapter table: one that changed at run time would
+    disagree with the others (and their adapter ids would collide in the prefix cache)."""
+    if api_server_count > 1:
+        raise APIError(400, f"runtime LoRA loading is not supported with --api-server-count "
+                            f"{api_server_count}: each API server process holds its own adapter "
+                            "table; start the server with --lora-modules instead",
+                       code="unsupported_with_api_server_count")
+
+
+def add_lora_routes(app, adapters: LoRAAdapters, api_server_count: int = 1) -> None:
+    """vLLM's runtime adapter routes; registered only under --enable-lora, refused (400) with
+    several API server processes."""
     from fastapi.responses import PlainTextResponse
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> PlainTextResponse:
+        _refuse_with_several_api_servers(api_server_count)
         try:
             adapters.add(body.lora_name, body.lora_path)
         except ValueError as e:
@@ -90,6 +102,7 @@ def add_lora_routes(app, adapters: LoRAAdapters) -> None:
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> PlainTextResponse:
+        _refuse_with_several_api_servers(api_server_count)
         adapters.remove(body.lora_name)
         return PlainTextResponse(
             f"Success: LoRA adapter '{body.lora_name}' removed successfully.")

@@ -3,12 +3,17 @@
 The engine thread (or the engine core client's receiver thread) observes TTFT, inter-token
 latency, token counts and, with the engine core process, each request's queue / prefill / decode
 time after each step; the HTTP side renders. One lock guards both, so a scrape never sees half an
-update.
+update. With `--api-server-count N` each process also writes its counters to a shared directory
+every second (share()), and a scrape of any process adds the others' latest.
 """
 from __future__ import annotations
 
 import bisect
+import glob
+import json
+import os
 import threading
+import time
 from dataclasses import dataclass, field
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
@@ -33,6 +38,12 @@ class Histogram:
         self.counts[bisect.bisect_left(self.buckets, value)] += 1
         self.total += value
         self.num += 1
+
+    def add(self, counts: list[int], total: float, num: int) -> None:
+        """Another process's histogram of the same buckets (state())."""
+        self.counts = [a + b for a, b in zip(self.counts, counts)]
+        self.total += total
+        self.num += num
 
     def lines(self, name: str, labels: str) -> list[str]:
         out, running = [], 0
@@ -60,6 +71,56 @@ class ServerMetrics:
         self.queue = Histogram(TTFT_BUCKETS)  # arrival -> first scheduled
         self.prefill = Histogram(TTFT_BUCKETS)  # first scheduled -> first token
         self.decode = Histogram(E2E_BUCKETS)  # first token -> finished
+        self._shared: tuple[str, int] | None = None  # (directory, this process's index)
+
+    _HISTOGRAMS = ("ttft", "itl", "e2e", "queue", "prefill", "decode")
+
+    def state(self) -> dict:
+        """The counters and histograms as JSON-able data (what share() writes)."""
+        with self._lock:
+            return {"prompt_tokens": self.prompt_tokens,
+                    "generation_tokens": self.generation_tokens, "finished": dict(self.finished),
+                    **{h: [list(getattr(self, h).counts), getattr(self, h).total,
+                           getattr(self, h).num] for h in self._HISTOGRAMS}}
+
+    def share(self, directory: str, index: int, period: float = 1.0) -> None:
+        """Write state() to directory/<index>.json every `period` seconds (a daemon thread);
+        render() then adds every other <n>.json there (API server processes of one server)."""
+        self._shared = (directory, index)
+
+        def publish() -> None:
+            path = os.path.join(directory, f"{index}.json")
+            while True:
+                with open(path + ".tmp", "w") as f:
+                    json.dump(self.state(), f)
+                os.replace(path + ".tmp", path)  # a reader never sees half a file
+                time.sleep(period)
+
+        threading.Thread(target=publish, name="jaxserve-metrics-share", daemon=True).start()
+
+    def _merged(self) -> ServerMetrics:
+        """This process's metrics plus the other processes' latest shared state."""
+        if self._shared is None:
+            return self
+        directory, index = self._shared
+        total = ServerMetrics("")
+        total.labels = self.labels
+        states = [self.state()]
+        for path in glob.glob(os.path.join(directory, "*.json")):
+            if os.path.basename(path) != f"{index}.json":
+                try:
+                    with open(path) as f:
+                        states.append(json.load(f))
+                except (OSError, ValueError):  # gone with its process
+                    continue
+        for state in states:
+            total.prompt_tokens += state["prompt_tokens"]
+            total.generation_tokens += state["generation_tokens"]
+            for reason, count in state["finished"].items():
+                total.finished[reason] = total.finished.get(reason, 0) + count
+            for h in self._HISTOGRAMS:
+                getattr(total, h).add(*state[h])
+        return total
 
     def on_tokens(self, num_new: int, ttft: float | None, itl: float | None) -> None:
         with self._lock:
@@ -88,7 +149,11 @@ class ServerMetrics:
                 self.decode.observe(decode)
 
     def render(self, gauges: dict[str, float]) -> str:
-        """gauges: num_running, num_waiting, kv_cache_usage (a fraction) from the engine thread."""
+        """gauges: num_running, num_waiting, kv_cache_usage (a fraction) from the engine thread
+        (the engine core's: the same for every API server process)."""
+        merged = self._merged()
+        if merged is not self:
+            return merged.render(gauges)
         lab = self.labels
         lines = []
 

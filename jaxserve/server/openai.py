@@ -211,16 +211,20 @@ def _add_info_routes(app: FastAPI, serving: OpenAIServing, started: int) -> None
 
 
 def build_app(engine, config: ServerConfig, http: HTTPOptions | None = None,
-              on_dead=None) -> Gate:
+              on_dead=None, before_stop=None) -> Gate:
     """The ASGI app for `engine`: an EngineCoreClient (the engine core process), or an LLMEngine
     nobody else steps (then a thread of this process steps it). Starts its threads;
-    `on_dead()` runs once if the engine breaks (the CLI exits so a supervisor restarts it)."""
+    `on_dead()` runs once if the engine breaks (the CLI exits so a supervisor restarts it);
+    `before_stop()` runs (in a thread) at shutdown before the engine is stopped (API server 0
+    waits there for the other API server processes, which share the engine core)."""
     http = http or HTTPOptions()
     serving = OpenAIServing(engine, config)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         yield
+        if before_stop is not None:
+            await asyncio.to_thread(before_stop)
         serving.async_engine.stop()
 
     app = FastAPI(title="jaxserve", version=jaxserve.__version__, lifespan=lifespan,
@@ -235,7 +239,7 @@ def build_app(engine, config: ServerConfig, http: HTTPOptions | None = None,
     _add_generation_routes(app, serving)
     _add_info_routes(app, serving, int(time.time()))
     if serving.loras.enabled:
-        add_lora_routes(app, serving.loras)
+        add_lora_routes(app, serving.loras, config.api_server_count)
     serving.async_engine.step_timeout = http.step_timeout
     serving.async_engine.on_dead = on_dead
     serving.async_engine.start()

@@ -68,8 +68,11 @@ class ServerConfig:
     tool_call_parser: str | None = None  # a jaxserve.tool_parsers.TOOL_PARSERS name
     reasoning_parser: str | None = None  # a jaxserve.reasoning.REASONING_PARSERS name
     lora_modules: tuple[tuple[str, str], ...] = ()  # (name, PEFT directory) per adapter
+    api_server_count: int = 1  # API server processes (api_servers.py) sharing the engine core
 
     def __post_init__(self):
+        if self.api_server_count < 1:
+            raise ValueError(f"--api-server-count {self.api_server_count} must be at least 1")
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
         if self.tool_call_parser is not None:
