@@ -15,6 +15,7 @@ a scrape of any one adds the others' (at most 1 s old). Lifetimes:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -106,7 +107,8 @@ class ApiServers:
         self.stopping = True
         for process in self.processes:
             if process.is_alive():
-                os.kill(process.pid, sig)
+                with contextlib.suppress(ProcessLookupError):  # it exited just now
+                    os.kill(process.pid, sig)
 
     def wait(self, timeout: float) -> None:
         """Let them finish (drain, fail their streams), then kill what is left."""

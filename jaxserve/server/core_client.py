@@ -192,7 +192,7 @@ class EngineCoreClient(EngineFrontend):
 
     # ---- the asyncio side (AsyncEngine's interface) --------------------------------------------
     def start(self) -> None:
-        if self.step_timeout:
+        if self.step_timeout and not isinstance(self.process, SharedCore):  # one watchdog
             self._send(("watchdog", self.step_timeout))
         for thread in self._threads:
             thread.start()

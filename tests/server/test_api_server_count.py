@@ -3,7 +3,8 @@
 Over the CLI (tiny model): 64 concurrent greedy streams equal LLM.generate, both processes served
 some (their request logs), /metrics of either process counts all 64; killing API server 1 drains
 server 0, which exits 1. Killing the core ends every open stream on both processes with an
-error event, and the server exits EXIT_ENGINE_DEAD. Runtime LoRA loading is refused with N > 1.
+error event, and the server exits EXIT_ENGINE_DEAD. Runtime LoRA loading is refused with N > 1,
+and N < 1 is a ValueError naming it.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from jaxserve.server.api_servers import EXIT_API_SERVER_DIED
 from jaxserve.server.cli import EXIT_ENGINE_DEAD
@@ -172,3 +174,10 @@ def test_runtime_lora_loading_is_refused_with_several_api_servers():
         resp = client.post(route, json=body)
         assert resp.status_code == 400, resp.text
         assert "--api-server-count 2" in resp.json()["error"]["message"]
+
+
+def test_api_server_count_below_one_is_refused():
+    from jaxserve.server.serving import ServerConfig
+
+    with pytest.raises(ValueError, match="--api-server-count 0"):
+        ServerConfig(api_server_count=0)
