@@ -166,7 +166,8 @@ class EngineCore:
         self._owner: dict[str, int] = {}  # request id -> the client that added it
         # Messages leave through one sender thread: pickling a step's deltas and writing them
         # into the pipes (which block while an API process is behind in reading) stay off the
-        # step loop, so a busy API process never stalls the device. One queue keeps the order.
+        # step loop, so a busy API process never stalls the device. One queue keeps the order;
+        # with several API servers, one that falls 1 MiB (PIPE_BYTES) behind delays the others.
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_loop, name="jaxserve-core-sender",
                                         daemon=True)
