@@ -5,7 +5,8 @@ Owns the compiled steps, the shape buckets and the KV cache. Token counts are bu
 kernels, which read only live pages, and bucketed to powers of two for the reference, whose cost
 follows its width. warmup() (jaxserve/warmup.py) compiles and runs once every bucket of both
 sampler variants (the deferred kind compiles in the background once a request needs it), so a
-steady state never recompiles. The step bodies are jaxserve/step.py's; their host inputs travel
+steady state never recompiles; a restart loads them from jaxserve/executable_cache.py, unlowered.
+The step bodies are jaxserve/step.py's; their host inputs travel
 packed in two buffers (jaxserve/packed_inputs.py). dispatch() returns at once and fetch() waits,
 so the engine prepares step n+1 while step n runs; tokens sampled by step n feed step n+1 on
 device (Batch.token_src). A deferred step (its token masks follow step n's tokens) is
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve import executable_cache
 from jaxserve.batch import Batch
 from jaxserve.kv_cache import AttentionMetadata, KVCache
 from jaxserve.lora import NO_LORA_SLOT
@@ -110,6 +112,9 @@ class ModelRunner(StepWarmup):
         self.max_logprobs = min(max_logprobs, vocab_size)  # logprobs=-1: the whole vocabulary
         self.num_compiles = 0
         self.compile_seconds = 0.0
+        self.num_lowerings = 0  # steps traced and lowered (a cache load skips it)
+        self.num_cache_loads = 0  # steps loaded from the executable cache
+        self.executable_cache = executable_cache.from_env(mesh, graphdef)  # None: off
         self.peak_temp_bytes = 0  # the most temporary memory any compiled step needs
         self._executables: dict[tuple, object] = {}
         self._lock = threading.Lock()
@@ -201,23 +206,60 @@ class ModelRunner(StepWarmup):
         return StepKey(kind=kind, num_tokens=num_tokens, page_table_width=width,
                        prompt_logprobs_k=prompt_k, inputs=spec or pack(args)[0])
 
-    def _lower(self, args: tuple, prompt_k: int, kind: str = "step"):
+    def _leading(self, args: tuple, kind: str, leading: tuple | None = None) -> tuple:
+        """The array arguments before the packed ones: (state, kv_cache, history, prev tokens),
+        the runner's own unless `leading` (abstract ones) is given; none for "sample"."""
+        if kind == "sample":
+            return ()
+        if leading is not None:
+            return leading
+        history = self.sampling.history if args[-1] is not None else None
+        return self.state, self.kv_cache, history, self._prev_tokens
+
+    def _lower(self, args: tuple, prompt_k: int, kind: str = "step",
+               leading: tuple | None = None):
         """args: _inputs()'s for "step"; without smd for "forward"; (logits, smd, history ids,
         prev tokens) for "sample" (arrays or ShapeDtypeStructs)."""
+        with self._lock:
+            self.num_lowerings += 1
         with self._mesh_context():
             if kind == "sample":
                 return self._jit_sample.lower(*pack(args))
-            history = self.sampling.history if args[-1] is not None else None
             jit = self._jit if kind == "step" else self._jit_forward
-            return jit.lower(self.graphdef, self.state, self.kv_cache, history,
-                             self._prev_tokens, *pack(args), prompt_k)
+            return jit.lower(self.graphdef, *self._leading(args, kind, leading), *pack(args),
+                             prompt_k)
 
     def _executable(self, args: tuple, prompt_k: int, kind: str = "step",
-                    spec: PackSpec | None = None):
+                    spec: PackSpec | None = None, leading: tuple | None = None):
+        """The compiled `kind` for args: from memory, else the executable cache, else lowered
+        and compiled (then stored in the cache)."""
         key = self._key(args, prompt_k, kind, spec)
-        return self._executables.get(key) or self._compile(key, self._lower(args, prompt_k, kind))
+        exe = self._executables.get(key)
+        if exe is None:
+            disk_key = self._disk_key(key, args, leading)
+            exe = self._load(key, disk_key) or self._compile(
+                key, self._lower(args, prompt_k, kind, leading), disk_key)
+        return exe
 
-    def _compile(self, key: StepKey, lowered) -> object:
+    def _disk_key(self, key: StepKey, args: tuple, leading: tuple | None = None) -> str | None:
+        """The executable cache's key of step `key` on args (None when the cache is off)."""
+        if self.executable_cache is None:
+            return None
+        dynamic = (*self._leading(args, key.kind, leading), *pack(args)[1:])
+        return self.executable_cache.key(key, dynamic)
+
+    def _load(self, key: StepKey, disk_key: str | None):
+        """The executable cache's entry for key, kept in memory, or None."""
+        exe = disk_key and self.executable_cache.load(disk_key)
+        if exe is None:
+            return None
+        with self._lock:
+            self._executables[key] = exe
+            self.peak_temp_bytes = max(self.peak_temp_bytes, _temp_bytes(exe))
+            self.num_cache_loads += 1
+        return exe
+
+    def _compile(self, key: StepKey, lowered, disk_key: str | None = None) -> object:
         start = time.perf_counter()
         exe = lowered.compile()
         seconds = time.perf_counter() - start
@@ -230,6 +272,8 @@ class ModelRunner(StepWarmup):
             logger.info("compiled %s #%d (%d tokens, page table %s, %s) in %.1fs", key.kind,
                         self.num_compiles, key.num_tokens, key.page_table_width,
                         "prompt logprobs" if key.prompt_logprobs_k >= 0 else "plain", seconds)
+        if disk_key is not None:
+            self.executable_cache.store(disk_key, exe)
         return exe
 
     def _padding_batch(self, t_pad: int) -> Batch:

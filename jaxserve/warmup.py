@@ -1,7 +1,8 @@
 """Warm-up of a ModelRunner's steps, as a mixin (ModelRunner inherits it; it uses the runner's
-_inputs / _key / _lower / _compile / _padding_batch and its state): every token bucket's fused
-step compiled at start-up and run once; the deferred (forward, then sample) kind compiled in the
-background when the first request that needs it arrives."""
+_inputs / _key / _disk_key / _load / _lower / _compile / _executable / _padding_batch and its
+state): every token bucket's fused step compiled (or loaded from the executable cache) at
+start-up and run once; the deferred (forward, then sample) kind compiled in the background when
+the first request that needs it arrives."""
 from __future__ import annotations
 
 import contextlib
@@ -15,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 import jax
 
 from jaxserve.batch import Batch
-from jaxserve.packed_inputs import pack
 
 logger = logging.getLogger("jaxserve.runner")
 
@@ -44,32 +44,41 @@ class StepWarmup:
         return [(t_pad, full) for full in (True, False) for t_pad in reversed(self.buckets)]
 
     def warmup(self, run: bool = True) -> None:
-        """Compile both sampler variants of every token bucket: each is traced and lowered on
-        this thread (Python, holds the GIL: more threads lowered no faster) and compiled in a
-        pool of up to 8 threads as soon as it is lowered (XLA compiles off the GIL), so tracing
-        overlaps compiling. On the H100, Llama-3-8B, 11 buckets: lowering all first, then
-        compiling, took 25 s + 46.5 s. Then (run) each runs once (_run_once)."""
+        """Compile both sampler variants of every token bucket. First each is looked up in the
+        executable cache (jaxserve/executable_cache.py; loads run in a pool): a hit is neither
+        traced, lowered nor compiled. Each miss is traced and lowered on this thread (Python,
+        holds the GIL: more threads lowered no faster) and compiled in a pool of up to 8 threads
+        as soon as it is lowered (XLA compiles off the GIL), so tracing overlaps compiling. On
+        the H100, Llama-3-8B, 11 buckets: lowering all first, then compiling, took 25 s + 46.5 s.
+        Then (run) each runs once (_run_once)."""
         start = time.perf_counter()
         workers = max(1, min(len(self.buckets), 8, os.cpu_count() or 1))
-        futures, batches = [], []
+        todo, batches = [], []  # (args, prompt_k, StepKey, cache key) of the shapes not in memory
+        for t_pad, full in self.warmup_shapes():
+            batch = self._padding_batch(t_pad)
+            args, prompt_k = self._inputs(batch, full_sampler=full)
+            batches.append((batch, full))
+            key = self._key(args, prompt_k)
+            if key not in self._executables:
+                todo.append((args, prompt_k, key, self._disk_key(key, args)))
         with ThreadPoolExecutor(max_workers=workers) as pool, paused_gc():
-            for t_pad, full in self.warmup_shapes():
-                batch = self._padding_batch(t_pad)
-                args, prompt_k = self._inputs(batch, full_sampler=full)
-                batches.append((batch, full))
-                key = self._key(args, prompt_k)
-                if key not in self._executables:
-                    futures.append(pool.submit(self._compile, key, self._lower(args, prompt_k)))
+            loaded = list(pool.map(lambda t: self._load(t[2], t[3]), todo))
+            loaded_at = time.perf_counter()
+            futures = [pool.submit(self._compile, key, self._lower(args, prompt_k), disk_key)
+                       for (args, prompt_k, key, disk_key), exe in zip(todo, loaded)
+                       if exe is None]
             lowered_at = time.perf_counter()
             for f in futures:
                 f.result()  # re-raise a failed compile here
         compiled_at = time.perf_counter()
         slowest = self._run_once(batches) if run else 0.0
-        logger.info("warm-up: %d step shapes in %.1fs (the last lowered after %.1fs, each run "
-                    "once in %.1fs, the slowest first run %.2fs); the largest step's "
-                    "temporaries: %.2f GiB (XLA's memory analysis)", len(futures),
-                    time.perf_counter() - start, lowered_at - start,
-                    time.perf_counter() - compiled_at, slowest, self.peak_temp_bytes / 2**30)
+        logger.info("warm-up: %d step shapes in %.1fs: %d from the executable cache in %.1fs, %d "
+                    "compiled (the last lowered after %.1fs); each run once in %.1fs, the slowest "
+                    "first run %.2fs; the largest step's temporaries: %.2f GiB (XLA's memory "
+                    "analysis)", len(todo), time.perf_counter() - start,
+                    len(todo) - len(futures), loaded_at - start, len(futures),
+                    lowered_at - start, time.perf_counter() - compiled_at, slowest,
+                    self.peak_temp_bytes / 2**30)
 
     def _run_once(self, batches: list[tuple[Batch, bool]]) -> float:
         """Run each warm-up step once on its padding batch (no sequence: every KV write goes to
@@ -113,20 +122,14 @@ class StepWarmup:
                     h = self.sampling.history
                     history = jax.ShapeDtypeStruct(h.shape, h.dtype, sharding=h.sharding)
                 fwd_args = args[:5] + args[6:]
-                with self._mesh_context():
-                    lowered = self._jit_forward.lower(self.graphdef, state, kv_cache, history,
-                                                      prev_tokens, *pack(fwd_args), prompt_k)
-                key = self._key(fwd_args, prompt_k, "forward")
-                forward = self._executables.get(key) or self._compile(key, lowered)
-                # out_info carries no shardings; the sample step must take the forward's
-                # (left to the compiler, they differed at TP > 1: a sharding mismatch at call).
+                forward = self._executable(fwd_args, prompt_k, "forward",
+                                           leading=(state, kv_cache, history, prev_tokens))
+                # The sample step must take the forward's output shardings (left to the
+                # compiler, they differed at TP > 1: a sharding mismatch at call).
                 logits, ids = jax.tree.map(
                     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                    lowered.out_info[:2], forward.output_shardings[:2])
-                sample_args = (logits, args[5], ids, prev_tokens)
-                key = self._key(sample_args, -1, "sample")
-                if key not in self._executables:
-                    self._compile(key, self._lower(sample_args, -1, "sample"))
+                    forward.out_info[:2], forward.output_shardings[:2])
+                self._executable((logits, args[5], ids, prev_tokens), -1, "sample")
         except Exception:  # never fatal: the engine compiles what it needs on the spot
             logger.exception("background warm-up of deferred steps failed")
         finally:
