@@ -4,7 +4,7 @@ Over the CLI (tiny model): 64 concurrent greedy streams equal LLM.generate, both
 some (their request logs), /metrics of either process counts all 64; killing API server 1 drains
 server 0, which exits 1. Killing the core ends every open stream on both processes with an
 error event, and the server exits EXIT_ENGINE_DEAD. Runtime LoRA loading is refused with N > 1,
-and N < 1 is a ValueError naming it.
+and N < 1 is a ValueError naming it. EngineCore's routing over two clients' pipes, no model.
 """
 from __future__ import annotations
 
@@ -181,3 +181,51 @@ def test_api_server_count_below_one_is_refused():
 
     with pytest.raises(ValueError, match="--api-server-count 0"):
         ServerConfig(api_server_count=0)
+
+
+class _FakeEngine:
+    """What EngineCore reads of a CoreEngine, for routing without a model."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.requests: dict[str, object] = {}
+        self.aborted: list[str] = []
+        self.output_processor = SimpleNamespace(requests=self.requests)
+        self.scheduler = SimpleNamespace(num_running=0, num_waiting=0, kv_cache_usage=0.0)
+
+    def add_request(self, rid, prompt, params, arrival_time):
+        self.requests[rid] = prompt
+
+    def abort_request(self, rids):
+        for rid in [rids] if isinstance(rids, str) else rids:
+            self.requests.pop(rid, None)
+            self.aborted.append(rid)
+
+
+def test_core_routes_news_to_the_adding_server_and_aborts_a_gone_servers_requests():
+    """Two clients' pipes into one EngineCore: each add is acknowledged to its sender, a step's
+    deltas go to the server that added each request, and a server that hangs up has its
+    requests aborted while the other keeps its own."""
+    from multiprocessing import Pipe
+
+    from jaxserve.engine_core import EngineCore
+
+    cmds, outs = [Pipe(duplex=False) for _ in range(2)], [Pipe(duplex=False) for _ in range(2)]
+    engine = _FakeEngine()
+    core = EngineCore(engine, [c[0] for c in cmds], [o[1] for o in outs])
+    for client, rid in ((0, "a"), (1, "b"), (1, "c")):
+        cmds[client][1].send(("add", [(rid, {"prompt_token_ids": [1]}, None)], 0.0, 7))
+    assert core._read_commands(block=False)  # noqa: SLF001
+    for client in (0, 1):
+        assert outs[client][0].recv()[:2] == ("applied", [(7, None, None)] * (client + 1))
+    deltas = [(rid, [(0, [5], None, None, None, None)], None) for rid in "abc"]  # RequestDelta
+    core._send_step(deltas, [], (3, 0, 0.1))  # noqa: SLF001
+    assert [d[0] for d in outs[0][0].recv()[1]] == ["a"]
+    assert [d[0] for d in outs[1][0].recv()[1]] == ["b", "c"]
+    cmds[1][1].close()  # API server 1 is gone
+    assert core._read_commands(block=False)  # noqa: SLF001
+    assert sorted(engine.aborted) == ["b", "c"] and list(engine.requests) == ["a"]
+    cmds[0][1].close()
+    assert not core._read_commands(block=False)  # noqa: SLF001 - no server left: stop
+    core.flush(timeout=5.0)
