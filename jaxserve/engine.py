@@ -29,11 +29,13 @@ logger = logging.getLogger("jaxserve")
 
 class LLMEngine:
     supports_structured_outputs = True  # read by the server: constrained requests reach the engine
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, parts=None):
+        """parts: startup.EngineParts already built (benchmarks/host_step.py passes a runner
+        without a device); default: built from `config`."""
         from jaxserve.startup import build_engine_parts  # imports jax; keeps this module light
 
         start = time.perf_counter()
-        parts = build_engine_parts(config)
+        parts = parts or build_engine_parts(config)
         self.config = config = parts.config  # batch limits left to the device are filled in
         self.model_config = parts.model_config
         self.model_name = parts.model_name
@@ -174,6 +176,9 @@ class LLMEngine:
         """Grammar rows of the step's mask, filled in parallel at the tokenizer's width (the
         model's vocabulary may be padded past it: those tokens stay forbidden)."""
         words = rows[0][0].num_words
+        if words == mask.shape[1]:  # no padded vocabulary: straight into the mask's rows
+            structured_outputs.fill_bitmasks(rows, mask)
+            return
         tmp = np.empty((len(rows), words), np.int32)
         structured_outputs.fill_bitmasks([(m, i) for i, (m, _) in enumerate(rows)], tmp)
         for i, (_, b) in enumerate(rows):
@@ -181,15 +186,17 @@ class LLMEngine:
             mask[b, words:] = 0
 
     def _advance_grammars(self, touched: list[Sequence]) -> None:
-        """Feed each constrained sequence's new token to its grammar; a grammar that is complete
-        (nothing but EOS may follow) finishes the sequence."""
-        for seq in touched:
-            if seq.matcher is None:
-                continue
-            token = seq.output_token_ids[-1]
-            if not seq.matcher.accept(token):  # the mask forbade it: a bug, not the request's
+        """Feed each constrained sequence's new token to its grammar (all of them in one parallel
+        call); a grammar that is complete (nothing but EOS may follow) finishes the sequence."""
+        seqs = [seq for seq in touched if seq.matcher is not None]
+        if not seqs:
+            return
+        accepted = structured_outputs.accept_tokens(
+            [(seq.matcher, seq.output_token_ids[-1]) for seq in seqs])
+        for seq, ok in zip(seqs, accepted):
+            if not ok:  # the mask forbade it: a bug, not the request's
                 logger.error("request %s: token %d outside its grammar; finishing it",
-                             seq.request_id, token)
+                             seq.request_id, seq.output_token_ids[-1])
                 self.scheduler.finish(seq, "abort")
             elif seq.matcher.is_terminated() and not seq.is_finished:
                 self.scheduler.finish(seq, "stop")

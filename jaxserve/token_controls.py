@@ -103,10 +103,13 @@ def step_inputs(seqs, vocab_size: int, fill_grammar_rows) -> TokenInputs:
     tokens of bad words whose prefix ends its output, minus stop tokens while under min_tokens
     (counting the token in flight, which the step's sample follows)."""
     mask = bias_ids = bias_values = None
-    grammar_rows = []
+    grammar_rows, todo = [], []  # todo: the rows with controls or under min_tokens
     for b, seq in enumerate(seqs):
         c = seq.controls
         under_min = len(seq.output_token_ids) + seq.num_pending < seq.params.min_tokens
+        if c is None and not under_min:
+            continue
+        todo.append((b, seq, c, under_min))
         if (c is None or not c.masks) and not under_min:
             continue
         if mask is None:
@@ -115,8 +118,7 @@ def step_inputs(seqs, vocab_size: int, fill_grammar_rows) -> TokenInputs:
             grammar_rows.append((seq.matcher, b))
     if grammar_rows:
         fill_grammar_rows(grammar_rows, mask)
-    for b, seq in enumerate(seqs):
-        c = seq.controls
+    for b, seq, c, under_min in todo:
         if mask is not None:
             if c is not None and c.static_row is not None:
                 mask[b] &= c.static_row
@@ -125,7 +127,7 @@ def step_inputs(seqs, vocab_size: int, fill_grammar_rows) -> TokenInputs:
                 clear_bits(mask[b], [last for prefix, last in c.bad_sequences
                                      if len(prefix) <= len(out)
                                      and tuple(out[len(out) - len(prefix):]) == prefix])
-            if len(seq.output_token_ids) + seq.num_pending < seq.params.min_tokens:
+            if under_min:
                 clear_bits(mask[b], seq.eos_token_ids | set(seq.params.stop_token_ids))
         if c is not None and c.bias is not None:
             if bias_ids is None:
