@@ -39,6 +39,10 @@ ENV_DIR = "JAXSERVE_EXECUTABLE_CACHE_DIR"
 _FORMAT = 1  # bump when the entry layout changes
 # Environment variables read by XLA, JAX or their plugins at compile time.
 _ENV_PREFIXES = ("XLA_", "JAX_", "LIBTPU_", "TPU_", "NVIDIA_", "CUDA_", "NCCL_")
+# jaxserve's own that change a step's program or its devices (not the secrets and ports that
+# change at every launch: they would make every restart miss).
+_ENV_JAXSERVE = ("JAXSERVE_EXPORT_LAYERS", "JAXSERVE_LOCAL_DEVICE_IDS", "JAXSERVE_DISTRIBUTED",
+                 "JAXSERVE_NUM_PROCESSES", "JAXSERVE_PROCESS_ID", "JAXSERVE_DP_RANK")
 _PACKAGES = ("jaxserve", "models", "kernels_pallas")
 _LIBRARIES = ("jax", "jaxlib", "flax", "numpy", "ml_dtypes", "jax-cuda12-plugin",
               "jax-cuda12-pjrt", "jax-cuda13-plugin", "jax-cuda13-pjrt", "libtpu")
@@ -103,10 +107,8 @@ def _versions() -> list[str]:
 def environment(mesh) -> str:
     """Everything outside the step's arguments that changes its compiled program."""
     devices = jax.devices()
-    config = {k: v for k, v in jax.config.values.items()
-              if isinstance(v, (str, int, float, bool, type(None)))}
-    env = {k: v for k, v in os.environ.items()
-           if k.startswith(_ENV_PREFIXES) and not k.startswith("JAXSERVE_")}
+    config = sorted((k, stable_repr(v)) for k, v in jax.config.values.items())
+    env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES) or k in _ENV_JAXSERVE}
     mesh_desc = None
     if mesh is not None:
         mesh_desc = (dict(mesh.shape), [d.id for d in mesh.devices.flat],
@@ -117,7 +119,7 @@ def environment(mesh) -> str:
         f"backend {jax.default_backend()} {devices[0].client.platform_version}",
         f"devices {[(d.id, d.device_kind, d.process_index) for d in devices]}",
         f"process {jax.process_index()} of {jax.process_count()}",
-        f"mesh {mesh_desc}", f"env {sorted(env.items())}", f"config {sorted(config.items())}"]))
+        f"mesh {mesh_desc}", f"env {sorted(env.items())}", f"config {config}"]))
 
 
 class ExecutableCache:

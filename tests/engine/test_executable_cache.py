@@ -132,7 +132,11 @@ def test_the_key_covers_the_sources_and_the_environment(sources, tmp_path, monke
     assert source_hash(same) == source_hash(sources) != source_hash(edited)  # content, not place
     before = environment(None)
     monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_dump_to=/tmp/x")
-    assert environment(None) != before
+    flags = environment(None)
+    monkeypatch.setenv("JAXSERVE_EXPORT_LAYERS", "0")  # jaxserve's switch of the layers' lowering
+    layers = environment(None)
+    monkeypatch.setenv("JAXSERVE_COMMAND_AUTHKEY", "new at every launch")  # not in the key
+    assert len({before, flags, layers}) == 3 and environment(None) == layers
 
 
 def _entry_is_valid(path: Path) -> bool:
