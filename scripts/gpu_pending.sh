@@ -7,6 +7,7 @@
 #   PART=skiptemp  XLA's command-buffer update mode ALWAYS_UPDATE vs SKIP_TEMP (A/B, one per GPU)
 #   PART=skiptemp2 the same A/B at batch 1, workload B at the defaults, fp8 batch 1
 #   PART=launch2   command buffers off vs on (batch 1); Llama-3-8B at 16 req/s; fp8 batch 1 profiled
+#   PART=verify    enterprise x4 API servers + fp8 workload B (A); offline ratio, cold/warm restart, structured (B)
 #   PART=serve     issue 20's enterprise serving (GPU 0); fp8 batch-1 with a long start-up limit, AWQ
 #                  batch-1 profiled (GPU 1)
 #   PART=moe1      issue 18 in under 8 minutes (both MoE models, one GPU each)
@@ -124,6 +125,29 @@ PY
         --num-prompts 4 --input-len 128 --output-len 128 --max-num-seqs 1 --quantization fp8 \
         --profile --out "$out" --name fp8_batch1_profile; } &
     wait ;;
+  verify)
+    # Session 9's last call. A: issue 20's enterprise serving with 4 API-server processes, then
+    # issue 16's workload B with fp8 weights. B: the same engine offline on the enterprise prompts
+    # (the served/offline ratio), workload B cold then restarted over the executable cache
+    # (issue 14's warm restart), structured outputs (issue 15).
+    { job $A enterprise_api4 330 -m benchmarks.serving --preset enterprise --vocab-size 151936 \
+        --sweep-concurrency 250,1000 --out "$out" --name enterprise_api4 --launch "qwen2-7b \
+        --load-format dummy --tokenizer $tok --max-model-len 1024 --max-num-seqs 1024 \
+        --max-num-batched-tokens 8192 --api-server-count 4"
+      job $A workload_b_fp8 250 -m benchmarks.throughput --model llama-3-8b --tokenizer "$tok" \
+        --num-prompts 1000 --input-len 512 --output-len 256 --quantization fp8 --out "$out" \
+        --name workload_b_fp8; } &
+    { job $B enterprise_offline 200 -m benchmarks.throughput --model qwen2-7b --tokenizer "$tok" \
+        --num-prompts 2000 --input-len 100 --output-len 200 --max-model-len 1024 \
+        --max-num-seqs 1024 --max-num-batched-tokens 8192 --temperature 0.7 --top-p 0.9 \
+        --out "$out" --name enterprise_offline
+      for run in cold warm; do
+        job $B "workload_b_$run" 170 -m benchmarks.throughput --model llama-3-8b --tokenizer "$tok" \
+          --num-prompts 1000 --input-len 512 --output-len 256 --out "$out" --name "workload_b_$run"
+      done
+      job $B structured 200 -m benchmarks.structured --model llama-3-8b --load-format dummy \
+        --num-prompts 256 --tokenizer "$tok" --out "$out"; } &
+    wait ;;
   serve)
     # issue 20's enterprise scenario (A), then issue 16's fp8 batch-1 decode with room for its
     # start-up and AWQ batch-1 under the device profiler (B)
@@ -211,7 +235,7 @@ PY
       --num-prompts 1000 --length-dist lognormal --input-len 280 --output-len 190 \
       --temperature 0.8 --top-p 0.95 --out "$out" --name mixed_lognormal_qwen2_7b &
     wait ;;
-    *) echo "PART=launch|skiptemp|skiptemp2|launch2|serve|moe1|servestruct|servemoe|sampling|tp|quant|moe|scale" >&2; exit 2 ;;
+    *) echo "PART=launch|skiptemp|skiptemp2|launch2|verify|serve|moe1|servestruct|servemoe|sampling|tp|quant|moe|scale" >&2; exit 2 ;;
   esac
 }
 # PART may name several parts ("launch scale"): each gets the next GPU pair (a 4-GPU machine runs two).
