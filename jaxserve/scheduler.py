@@ -39,6 +39,46 @@ def _token_slice(seq: Sequence, start: int, end: int) -> list[int]:
     return prompt[start:] + seq.output_token_ids[:end - n]
 
 
+def _advance_chunks(chunks: list[tuple[Sequence, int]]) -> tuple[np.ndarray, ...]:
+    """_build_batch's pass over the sequences: (token_ids i32[T], token_src i32[T], sample_mask
+    bool[B], starts i32[B], prompt lens i32[B]); advances each sequence past its chunk, and one
+    that samples gets a pending token (its row in this step: last_row)."""
+    starts, prompt_lens = [], []
+    one_idx, one_ids, src_idx, src_rows, sampled = [], [], [], [], []
+    token_ids = np.zeros(sum(n for _, n in chunks), dtype=np.int32)
+    off = 0
+    for b, (seq, num_new) in enumerate(chunks):
+        start = seq.num_computed_tokens
+        end = start + num_new
+        num_prompt = len(seq.prompt_token_ids)
+        seq_tokens = num_prompt + len(seq.output_token_ids)
+        starts.append(start)
+        prompt_lens.append(num_prompt)
+        known = min(end, seq_tokens) - start
+        if known == 1:
+            one_idx.append(off)
+            one_ids.append(_token_slice(seq, start, start + 1)[0])
+        elif known > 0:
+            token_ids[off:off + known] = _token_slice(seq, start, start + known)
+        if known < num_new:  # the pending token: read from the step in flight
+            assert num_new - known == 1 and seq.last_row >= 0, (seq, num_new, known)
+            src_idx.append(off + known)
+            src_rows.append(seq.last_row)
+        seq.num_computed_tokens = end
+        if end == seq_tokens + seq.num_pending:
+            sampled.append(b)
+            seq.num_pending += 1
+            seq.last_row = b
+        off += num_new
+    token_ids[one_idx] = one_ids
+    token_src = np.full(off, -1, dtype=np.int32)
+    token_src[src_idx] = src_rows
+    sample_mask = np.zeros(len(chunks), dtype=bool)
+    sample_mask[sampled] = True
+    return (token_ids, token_src, sample_mask, np.array(starts, np.int32),
+            np.array(prompt_lens, np.int32))
+
+
 class Scheduler:
     """FCFS continuous batching over a PageAllocator.
 
@@ -256,51 +296,19 @@ class Scheduler:
     def _build_batch(self, chunks: list[tuple[Sequence, int]]) -> Batch:
         """Flatten (seq, chunk length) pairs into the Batch arrays (see batch.py for the fields),
         then advance each sequence past its chunk (its sampled token becomes pending). One Python
-        pass over the sequences; the page table is a gather of their PageRows."""
+        pass over the sequences (_advance_chunks); the page table is a gather of their PageRows."""
         ps, num_seqs = self.page_size, len(chunks)
         seqs = [seq for seq, _ in chunks]
-        lens = [n for _, n in chunks]
-        starts, prompt_lens = [], []
-        one_idx, one_ids, src_idx, src_rows, sampled = [], [], [], [], []
-        token_ids = np.zeros(sum(lens), dtype=np.int32)
-        off = 0
-        for b, (seq, num_new) in enumerate(chunks):
-            start = seq.num_computed_tokens
-            end = start + num_new
-            num_prompt = len(seq.prompt_token_ids)
-            seq_tokens = num_prompt + len(seq.output_token_ids)
-            starts.append(start)
-            prompt_lens.append(num_prompt)
-            known = min(end, seq_tokens) - start
-            if known == 1:
-                one_idx.append(off)
-                one_ids.append(_token_slice(seq, start, start + 1)[0])
-            elif known > 0:
-                token_ids[off:off + known] = _token_slice(seq, start, start + known)
-            if known < num_new:  # the pending token: read from the step in flight
-                assert num_new - known == 1 and seq.last_row >= 0, (seq, num_new, known)
-                src_idx.append(off + known)
-                src_rows.append(seq.last_row)
-            seq.num_computed_tokens = end
-            if end == seq_tokens + seq.num_pending:
-                sampled.append(b)
-                seq.num_pending += 1
-                seq.last_row = b
-            off += num_new
-        num_tokens = off
-        token_ids[one_idx] = one_ids
-        token_src = np.full(num_tokens, -1, dtype=np.int32)
-        token_src[src_idx] = src_rows
-        sample_mask = np.zeros(num_seqs, dtype=bool)
-        sample_mask[sampled] = True
-        lens, starts = np.array(lens, np.int32), np.array(starts, np.int32)
+        lens = np.fromiter((n for _, n in chunks), np.int32, num_seqs)
+        token_ids, token_src, sample_mask, starts, prompt_lens = _advance_chunks(chunks)
+        num_tokens = len(token_ids)
         cu_q_lens = np.zeros(num_seqs + 1, dtype=np.int32)
         np.cumsum(lens, out=cu_q_lens[1:])
         page_table = self.page_rows.gather(self.page_rows.rows(seqs))
         positions = np.arange(num_tokens, dtype=np.int32) - np.repeat(cu_q_lens[:-1] - starts, lens)
         rows = np.repeat(np.arange(num_seqs), lens)
         slot_mapping = page_table[rows, positions // ps] * ps + positions % ps
-        num_decode = int(np.count_nonzero((lens == 1) & (starts >= np.array(prompt_lens))))
+        num_decode = int(np.count_nonzero((lens == 1) & (starts >= prompt_lens)))
         return Batch(
             seqs=seqs, token_ids=token_ids, token_src=token_src,
             positions=positions, slot_mapping=slot_mapping.astype(np.int32), cu_q_lens=cu_q_lens,
