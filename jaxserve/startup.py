@@ -9,6 +9,7 @@ import functools
 import logging
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 
 import jax
@@ -224,7 +225,7 @@ def enable_compilation_cache() -> None:
         return
     path = os.path.join(os.path.expanduser("~"), ".cache", "jaxserve", "xla")
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # dummy fillers too
     logger.info("compilation cache: %s", path)
 
 
@@ -235,10 +236,13 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         raise ValueError(f"data_parallel_size={config.data_parallel_size} runs replicas behind "
                          "`jaxserve serve` only; one engine (LLM, --engine-in-process) needs 1")
     reserve_device_memory(config.gpu_memory_utilization)
-    enable_compilation_cache()
+    start = time.perf_counter()
+    enable_compilation_cache()  # starts the backend
 
     tp = config.tensor_parallel_size
     mesh = make_mesh(tp)
+    logger.info("backend %s up, mesh of %d device(s) in %.1fs", jax.default_backend(),
+                mesh.devices.size, time.perf_counter() - start)
     seqs, tokens = batch_defaults(config, mesh.devices.flat[0])
     if (seqs, tokens) != (config.max_num_seqs, config.max_num_batched_tokens):
         logger.info("max_num_seqs=%d, max_num_batched_tokens=%d (the device's defaults where not "

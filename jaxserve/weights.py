@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -93,12 +94,17 @@ def load_model(model: str | None, *, load_format: str = "auto", dtype: str = "au
     formats = _gguf_formats(ckpt, config) if method and method.name == "gguf" else None
     graphdef, abstract, shardings = abstract_model(config, param_dtype, mesh, rules,
                                                    formats=formats)
+    start = time.perf_counter()
     if load_format == "dummy":
         state = _random_state(abstract, shardings, seed)
     else:
         state = _checkpoint_state(ckpt, config, abstract, shardings, method)
+    jax.block_until_ready(jax.tree.leaves(state))
+    weights_s, start = time.perf_counter() - start, time.perf_counter()
     tok = load_tokenizer(_tokenizer_path(tokenizer, download_dir) or ckpt.tokenizer_path
                          or embedded_gguf_path())
+    logger.info("weights on device in %.1fs (%s), tokenizer loaded in %.1fs", weights_s,
+                load_format, time.perf_counter() - start)
     # The checkpoint's own eos ids win (config.json / generation_config.json / GGUF metadata);
     # the tokenizer's eos_token is only a fallback.
     eos = set(ckpt.eos_token_ids) or ({tok.eos_token_id} - {None})
@@ -280,8 +286,11 @@ def _random_state(abstract: nnx.State, shardings: nnx.State, seed: int) -> nnx.S
     specs = [(var.get_value().shape, var.get_value().dtype, targets[path].get_value(),
               path.endswith(".scale")) for path, var in params]
     unique = list(dict.fromkeys(specs))
+    start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=min(8, len(unique))) as pool:
         fills = dict(zip(unique, pool.map(lambda s: _filler(*s).lower(key).compile(), unique)))
+    logger.info("dummy weights: %d fillers compiled in %.1fs", len(unique),
+                time.perf_counter() - start)
     for i, ((path, var), spec) in enumerate(tqdm(list(zip(params, specs)), desc="dummy weights",
                                                  unit="tensor")):
         var.set_value(fills[spec](jax.random.fold_in(key, i)))

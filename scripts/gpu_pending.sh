@@ -8,6 +8,7 @@
 #   PART=skiptemp2 the same A/B at batch 1, workload B at the defaults, fp8 batch 1
 #   PART=launch2   command buffers off vs on (batch 1); Llama-3-8B at 16 req/s; fp8 batch 1 profiled
 #   PART=verify    enterprise x4 API servers + fp8 workload B (A); offline ratio, cold/warm restart, structured (B)
+#   PART=final     structured A/B of the host-path cuts (.old carried), start-up stages cold/warm
 #   PART=serve     issue 20's enterprise serving (GPU 0); fp8 batch-1 with a long start-up limit, AWQ
 #                  batch-1 profiled (GPU 1)
 #   PART=moe1      issue 18 in under 8 minutes (both MoE models, one GPU each)
@@ -148,6 +149,20 @@ PY
       job $B structured 200 -m benchmarks.structured --model llama-3-8b --load-format dummy \
         --num-prompts 256 --tokenizer "$tok" --out "$out"; } &
     wait ;;
+  final)
+    # Session 9's last call: issue 15's structured outputs side by side, the host-path cuts
+    # (e6997c5, this tree, A) against the tree before them (.old = git archive 70111e2, B); then
+    # workload B started twice on A (64 prompts: the start-up's stages, cold then warm restart).
+    job $A structured 200 -m benchmarks.structured --model llama-3-8b --load-format dummy \
+      --num-prompts 256 --tokenizer "$tok" --out "$out" &
+    ( cd .old && PYTHONPATH=$PWD:/tmp/site job $B structured_before 200 -m benchmarks.structured \
+        --model llama-3-8b --load-format dummy --num-prompts 256 --tokenizer "$tok" \
+        --out "$out/before" ) &
+    wait
+    for run in cold warm; do
+      job $A "restart_$run" 130 -m benchmarks.throughput --model llama-3-8b --tokenizer "$tok" \
+        --num-prompts 64 --input-len 512 --output-len 256 --out "$out" --name "restart_$run"
+    done ;;
   serve)
     # issue 20's enterprise scenario (A), then issue 16's fp8 batch-1 decode with room for its
     # start-up and AWQ batch-1 under the device profiler (B)
@@ -235,7 +250,7 @@ PY
       --num-prompts 1000 --length-dist lognormal --input-len 280 --output-len 190 \
       --temperature 0.8 --top-p 0.95 --out "$out" --name mixed_lognormal_qwen2_7b &
     wait ;;
-    *) echo "PART=launch|skiptemp|skiptemp2|launch2|verify|serve|moe1|servestruct|servemoe|sampling|tp|quant|moe|scale" >&2; exit 2 ;;
+    *) echo "PART=launch|skiptemp|skiptemp2|launch2|verify|final|serve|moe1|servestruct|servemoe|sampling|tp|quant|moe|scale" >&2; exit 2 ;;
   esac
 }
 # PART may name several parts ("launch scale"): each gets the next GPU pair (a 4-GPU machine runs two).
