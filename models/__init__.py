@@ -51,8 +51,32 @@ def architecture_of(hf: dict) -> str:
     return archs[0]
 
 
+def merge_hf_overrides(hf: dict, hf_overrides: dict | None) -> dict:
+    """hf_overrides merged on top of config.json. A transformers-5 config keeps its rope in
+    `rope_parameters`, which the readers prefer to the 4.x `rope_theta` / `rope_scaling` keys, so
+    overrides of those two go into it (else they would be silently ignored); a per-layer-type
+    `rope_parameters` (Gemma 3) is ambiguous for them: override `rope_parameters` itself."""
+    overrides = dict(hf_overrides or {})
+    params = hf.get("rope_parameters")
+    rope_keys = [k for k in ("rope_theta", "rope_scaling") if k in overrides]
+    if params and rope_keys and "rope_parameters" not in overrides:
+        if any(isinstance(v, dict) for v in params.values()):
+            raise ValueError(f"hf_overrides {rope_keys} cannot apply to a config whose "
+                             f"rope_parameters are per layer type ({sorted(params)}): override "
+                             "rope_parameters instead")
+        merged = dict(params)
+        if "rope_scaling" in overrides:
+            merged = {"rope_theta": params.get("rope_theta"), **(overrides["rope_scaling"] or {})}
+            if merged["rope_theta"] is None:
+                del merged["rope_theta"]
+        if "rope_theta" in overrides:
+            merged["rope_theta"] = overrides["rope_theta"]
+        overrides["rope_parameters"] = merged
+    return {**hf, **overrides}
+
+
 def config_from_hf(hf: dict, hf_overrides: dict | None = None) -> ModelConfig:
     """HF config.json dict (with hf_overrides merged on top) -> ModelConfig."""
-    hf = {**hf, **(hf_overrides or {})}
+    hf = merge_hf_overrides(hf, hf_overrides)
     module, _ = _module(architecture_of(hf))
     return module.config_from_hf(hf)

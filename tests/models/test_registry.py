@@ -60,6 +60,24 @@ def test_hf_overrides():
     assert cfg.num_layers == 2 and cfg.hidden_size == 8192
 
 
+def test_rope_overrides_reach_transformers5_rope_parameters():
+    """A 5.x config's rope_parameters win over top-level rope keys: overriding rope_theta or
+    rope_scaling must still change the model (it was silently ignored)."""
+    hf = {**get_preset("llama-3-8b"), **SMALL}
+    hf.pop("rope_scaling", None)
+    hf["rope_parameters"] = {"rope_type": "default", "rope_theta": 500000.0}
+    hf.pop("rope_theta", None)
+    assert models.config_from_hf(hf).rope_theta == 500000.0
+    assert models.config_from_hf(hf, {"rope_theta": 1e6}).rope_theta == 1e6
+    linear = {"rope_type": "linear", "factor": 2.0}
+    cfg = models.config_from_hf(hf, {"rope_scaling": linear})
+    assert cfg.rope_theta == 500000.0 and dict(cfg.rope_scaling)["factor"] == 2.0
+    nested = {**hf, "rope_parameters": {"full_attention": {"rope_theta": 1e6},
+                                        "sliding_attention": {"rope_theta": 1e4}}}
+    with pytest.raises(ValueError, match="rope_theta.*per layer type"):
+        models.merge_hf_overrides(nested, {"rope_theta": 5.0})
+
+
 @pytest.mark.parametrize("name", ["mistral-7b", "Qwen/Qwen2-7B"])
 def test_dummy_preset_builds(name):
     loaded = load_model(name, load_format="dummy", hf_overrides=SMALL)
