@@ -27,16 +27,10 @@ from types import SimpleNamespace
 import numpy as np
 
 from benchmarks import common
+from benchmarks.structured import SCHEMA  # issue 15's run
 
 PHASES = ("schedule", "batch", "launch", "masks", "grammar_masks", "update", "grammar_advance",
           "output", "other")
-SCHEMA = {"type": "object", "properties": {  # benchmarks/structured.py's, issue 15's run
-    "name": {"type": "string", "maxLength": 24},
-    "age": {"type": "integer", "minimum": 0, "maximum": 120},
-    "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 6},
-    "address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
-                "required": ["city"], "additionalProperties": False}},
-    "required": ["name", "age", "tags", "address"], "additionalProperties": False}
 ROWS = ("greedy", "T0.7 top_p0.9", "logprobs=5", "50% JSON schema", "stop strings")
 
 
