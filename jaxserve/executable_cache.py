@@ -12,11 +12,14 @@ When in doubt a value goes into the key: a wrong hit would be a silently wrong a
 
 JAXSERVE_EXECUTABLE_CACHE=0 turns it off, =1 on (also on CPU, as tests do); unset, it is on for
 accelerators only. JAXSERVE_EXECUTABLE_CACHE_DIR moves it from ~/.cache/jaxserve/executables.
+JAXSERVE_EXECUTABLE_CACHE_MAX_GB (default 16) caps its size: a store past it removes the least
+recently used entries (a load marks an entry used).
 Entries: sha256 of the payload, then the pickled (device ids, executable, in/out pytree defs);
 written to a temporary file and renamed, so a reader never sees half an entry.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -36,6 +39,8 @@ logger = logging.getLogger("jaxserve.runner")
 
 ENV_SWITCH = "JAXSERVE_EXECUTABLE_CACHE"
 ENV_DIR = "JAXSERVE_EXECUTABLE_CACHE_DIR"
+ENV_MAX_GB = "JAXSERVE_EXECUTABLE_CACHE_MAX_GB"
+_DEFAULT_MAX_GB = 16.0  # every source edit keys new entries: without a cap the cache only grows
 _FORMAT = 1  # bump when the entry layout changes
 # Environment variables read by XLA, JAX or their plugins at compile time.
 _ENV_PREFIXES = ("XLA_", "JAX_", "LIBTPU_", "TPU_", "NVIDIA_", "CUDA_", "NCCL_")
@@ -122,12 +127,25 @@ def environment(mesh) -> str:
         f"mesh {mesh_desc}", f"env {sorted(env.items())}", f"config {config}"]))
 
 
+def max_bytes() -> int:
+    """The cache's size cap in bytes (JAXSERVE_EXECUTABLE_CACHE_MAX_GB, default 16)."""
+    raw = os.environ.get(ENV_MAX_GB, "").strip() or str(_DEFAULT_MAX_GB)
+    try:
+        gb = float(raw)
+    except ValueError:
+        gb = -1.0
+    if not gb > 0:
+        raise ValueError(f"{ENV_MAX_GB}={raw!r} must be a positive number of GB")
+    return int(gb * 2**30)
+
+
 class ExecutableCache:
     """Serialized executables in `directory`, keyed by key(); load() and store() never raise."""
 
-    def __init__(self, directory: Path, context: str):
+    def __init__(self, directory: Path, context: str, limit: int | None = None):
         self.directory = Path(directory)
         self.context = context  # environment() and the model's graphdef
+        self.limit = max_bytes() if limit is None else limit
 
     def key(self, static, dynamic) -> str:
         """static: the StepKey and static args; dynamic: every array argument (or its abstract
@@ -150,6 +168,8 @@ class ExecutableCache:
         except OSError as e:
             logger.warning("executable cache: cannot read %s (%s): compiling", path, e)
             return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # used now: the last to be evicted
         try:
             if hashlib.sha256(data[32:]).digest() != data[:32]:
                 raise ValueError("checksum mismatch")
@@ -178,9 +198,32 @@ class ExecutableCache:
             except BaseException:
                 os.unlink(tmp)
                 raise
+            self._evict(keep=self._path(key))
         except Exception as e:  # noqa: BLE001 (never fatal: the next start compiles again)
             logger.warning("executable cache: cannot store %s (%s: %s)", self._path(key),
                            type(e).__name__, e)
+
+
+    def _evict(self, keep: Path) -> None:
+        """Remove the least recently used entries (not `keep`) until the cache fits its cap."""
+        entries = []
+        for path in self.directory.glob("*.exe"):
+            if path.name.startswith(".tmp-"):  # another process's write in progress
+                continue
+            with contextlib.suppress(OSError):  # another process may remove it meanwhile
+                st = path.stat()
+                entries.append((st.st_mtime, st.st_size, path))
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in sorted(entries, key=lambda e: e[0]):
+            if total <= self.limit:
+                break
+            if path == keep:
+                continue
+            with contextlib.suppress(OSError):
+                path.unlink()
+                total -= size
+                logger.info("executable cache: removed %s (least recently used; cap %.1f GB)",
+                            path.name, self.limit / 2**30)
 
 
 def from_env(mesh, graphdef) -> ExecutableCache | None:

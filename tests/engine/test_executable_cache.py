@@ -158,3 +158,30 @@ def test_corrupt_entries_are_compiled_again(model_dir, sources, cold, tmp_path):
     assert lowered == compiled == 2 and loaded == first["total"][1] - 2
     assert result["tokens"] == first["tokens"]
     assert _entry_is_valid(flipped) and _entry_is_valid(truncated)  # rewritten
+
+
+def test_the_cache_evicts_least_recently_used_entries_past_its_cap(tmp_path, monkeypatch):
+    """Every source edit keys new entries: past JAXSERVE_EXECUTABLE_CACHE_MAX_GB a store removes
+    the entries used longest ago (a load counts as a use), never the one just written."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxserve.executable_cache import ENV_MAX_GB, ExecutableCache, max_bytes
+
+    compiled = [jax.jit(lambda x, k=k: x * 2 + k).lower(jnp.ones(3)).compile() for k in (1, 2, 3)]
+    cache = ExecutableCache(tmp_path / "c", "ctx", limit=1 << 40)
+    cache.store("a", compiled[0])
+    cache.store("b", compiled[1])
+    sizes = {p.name: p.stat().st_size for p in (tmp_path / "c").glob("*.exe")}
+    cache.limit = sizes["a.exe"] + 2 * sizes["b.exe"] - 1  # room for two entries, not three
+    os.utime(tmp_path / "c" / "a.exe", (1000, 1000))
+    os.utime(tmp_path / "c" / "b.exe", (2000, 2000))
+    assert cache.load("a") is not None  # a is now the most recently used
+    cache.store("c", compiled[2])
+    assert sorted(p.name for p in (tmp_path / "c").glob("*.exe")) == ["a.exe", "c.exe"]
+    assert int(cache.load("c")(jnp.ones(3))[0]) == 5
+    monkeypatch.setenv(ENV_MAX_GB, "0.5")
+    assert max_bytes() == 2**29
+    monkeypatch.setenv(ENV_MAX_GB, "lots")
+    with pytest.raises(ValueError, match="JAXSERVE_EXECUTABLE_CACHE_MAX_GB='lots'"):
+        max_bytes()
