@@ -9,6 +9,7 @@
 #   PART=launch2   command buffers off vs on (batch 1); Llama-3-8B at 16 req/s; fp8 batch 1 profiled
 #   PART=verify    enterprise x4 API servers + fp8 workload B (A); offline ratio, cold/warm restart, structured (B)
 #   PART=final     structured A/B of the host-path cuts (.old carried), start-up stages cold/warm
+#   PART=next      fp8 batch-1 profile + 16 x 16k prefill (A); Qwen3-30B-A3B profiled (B)
 #   PART=serve     issue 20's enterprise serving (GPU 0); fp8 batch-1 with a long start-up limit, AWQ
 #                  batch-1 profiled (GPU 1)
 #   PART=moe1      issue 18 in under 8 minutes (both MoE models, one GPU each)
@@ -163,6 +164,21 @@ PY
       job $A "restart_$run" 130 -m benchmarks.throughput --model llama-3-8b --tokenizer "$tok" \
         --num-prompts 64 --input-len 512 --output-len 256 --out "$out" --name "restart_$run"
     done ;;
+  next)
+    # Left by session 9 for the next: fp8 batch 1 under the profiler with few buckets (issue 16),
+    # 16 x 16k-token prompts after start-up (issue 14) on A; Qwen3-30B-A3B profiled (its decode
+    # share of the floor, issue 18) on B.
+    { job $A fp8_batch1_profile 250 -m benchmarks.throughput --model llama-3-8b --tokenizer "$tok" \
+        --num-prompts 4 --input-len 128 --output-len 128 --max-num-seqs 1 \
+        --max-num-batched-tokens 256 --quantization fp8 --profile --out "$out" \
+        --name fp8_batch1_profile
+      job $A long_prefill 250 -m benchmarks.throughput --model llama-3.1-8b --tokenizer "$tok" \
+        --num-prompts 16 --input-len 16000 --output-len 128 --max-model-len 16384 --out "$out" \
+        --name long_prefill_16x16k; } &
+    job $B qwen3_30b_profile 500 -m benchmarks.throughput --model qwen3-30b-a3b --tokenizer "$tok" \
+      --num-prompts 256 --input-len 512 --output-len 256 --max-num-seqs 256 --profile \
+      --out "$out" --name qwen3_30b_profile &
+    wait ;;
   serve)
     # issue 20's enterprise scenario (A), then issue 16's fp8 batch-1 decode with room for its
     # start-up and AWQ batch-1 under the device profiler (B)
@@ -250,7 +266,7 @@ PY
       --num-prompts 1000 --length-dist lognormal --input-len 280 --output-len 190 \
       --temperature 0.8 --top-p 0.95 --out "$out" --name mixed_lognormal_qwen2_7b &
     wait ;;
-    *) echo "PART=launch|skiptemp|skiptemp2|launch2|verify|final|serve|moe1|servestruct|servemoe|sampling|tp|quant|moe|scale" >&2; exit 2 ;;
+    *) echo "PART=launch|skiptemp|skiptemp2|launch2|verify|final|next|serve|moe1|servestruct|servemoe|sampling|tp|quant|moe|scale" >&2; exit 2 ;;
   esac
 }
 # PART may name several parts ("launch scale"): each gets the next GPU pair (a 4-GPU machine runs two).
